@@ -1,0 +1,45 @@
+"""The contract between the engine and the parts that plugins register.
+
+Each kind is built from a recipe mapping ``{name: ..., **kwargs}``. Besides the recipe's kwargs the
+engine passes *context* arguments, but only those the factory's signature names:
+
+===============  ==========================================================================
+kind             context arguments the engine may pass
+===============  ==========================================================================
+generator        ``in_channels`` (1), ``out_channels`` (1)
+head             ``in_channels`` (channels of the feature it reads), ``num_classes`` (DRFs)
+refiner          ``in_channels`` (1)
+discriminator    ``in_channels`` (image channels, 1)
+loss             none
+source           ``drfs`` (the recipe's DRF list)
+scheme           see ``lowdose_toolkit.schemes``
+===============  ==========================================================================
+
+Context names may not be set in a recipe. Engine-level keys that are read by the engine and not
+passed to a factory: heads ``input`` (feature name) and ``target`` (batch key, default
+``drf_class``); losses ``weight`` and ``on`` (``coarse``, ``refined``, ``pred`` or a head name).
+
+Module contracts (all tensors are ``[B, C, D, H, W]``):
+
+* generator: ``forward(x) -> y`` and ``forward_features(x) -> (y, {feature_name: tensor})``;
+  attribute ``feature_channels: dict[str, int]`` naming what heads may read (at least
+  ``bottleneck`` for encoder-decoder networks). Any spatial size must work.
+* head: ``forward(feature) -> prediction`` (e.g. logits ``[B, num_classes]``).
+* refiner: ``forward(coarse) -> refined`` of the same shape.
+* discriminator: ``forward(image, condition=None) -> patch logits``; attribute ``conditional``.
+* loss: ``forward(pred, target) -> scalar``; an adversarial loss has ``adversarial = True`` and
+  ``forward(logits, real: bool) -> scalar``. A loss may expose ``record: dict`` (e.g. which weights
+  the perceptual network used); the engine writes it into the run record.
+* source: ``records() -> list[SubjectRecord]`` (see ``lowdose_toolkit.records``).
+"""
+
+CONTEXT_ARGS: dict[str, tuple[str, ...]] = {
+    "generator": ("in_channels", "out_channels"),
+    "head": ("in_channels", "num_classes"),
+    "refiner": ("in_channels",),
+    "discriminator": ("in_channels",),
+    "loss": (),
+    "source": ("drfs",),
+    "scheme": (),
+}
+KINDS: tuple[str, ...] = tuple(CONTEXT_ARGS)

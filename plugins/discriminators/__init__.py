@@ -1,0 +1,1 @@
+"""Built-in parts of lowdose-toolkit."""
