@@ -12,7 +12,8 @@ refiner          ``in_channels`` (1)
 discriminator    ``in_channels`` (image channels, 1)
 loss             none
 source           ``drfs`` (the recipe's DRF list)
-scheme           see ``lowdose_toolkit.schemes``
+scheme           ``model``, ``discriminator``, ``losses``, ``optimizer``, ``wrap``, ``precision``,
+                 ``device``, ``registry`` (see ``lowdose_toolkit.schemes.Scheme``)
 ===============  ==========================================================================
 
 Context names may not be set in a recipe. Engine-level keys that are read by the engine and not
@@ -40,6 +41,6 @@ CONTEXT_ARGS: dict[str, tuple[str, ...]] = {
     "discriminator": ("in_channels",),
     "loss": (),
     "source": ("drfs",),
-    "scheme": (),
+    "scheme": ("model", "discriminator", "losses", "optimizer", "wrap", "precision", "device", "registry"),
 }
 KINDS: tuple[str, ...] = tuple(CONTEXT_ARGS)

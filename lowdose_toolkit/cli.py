@@ -1,0 +1,168 @@
+"""The ``ldt`` command line. Heavy imports (torch) happen inside commands so ``ldt --help`` is fast."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import typer
+
+from lowdose_toolkit import __version__
+
+app = typer.Typer(
+    name="ldt",
+    help="lowdose-toolkit: recover standard-dose PET from low-dose PET (CG-3DSRGAN and baselines).\n\n"
+    "Add --debug anywhere to see tracebacks.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+
+SET_HELP = "Override a recipe key, e.g. --set train.epochs=2 (value parsed as YAML). Repeatable."
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"lowdose-toolkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """lowdose-toolkit (ldt)."""
+
+
+@app.command("plugins")
+def plugins_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
+    """List installed plugins and the parts they register."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from lowdose_toolkit.plugins import get_plugin_manager, get_registry
+
+    registry = get_registry()
+    failures = get_plugin_manager().failures
+    rows = [
+        {"kind": e.kind, "name": e.name, "plugin": e.plugin, "version": e.version, "doc": e.doc}
+        for e in registry.entries()
+    ]
+    if as_json:
+        typer.echo(json.dumps({"parts": rows, "failures": [f.__dict__ for f in failures]}, indent=2))
+        return
+    table = Table(title="lowdose-toolkit parts")
+    for col in ("kind", "name", "plugin", "version", "doc"):
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        table.add_row(*(row[c] for c in ("kind", "name", "plugin", "version", "doc")))
+    console = Console()
+    console.print(table)
+    for failure in failures:
+        console.print(f"[yellow]warning:[/] {failure}")
+
+
+@app.command("check")
+def check_cmd(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
+    """Validate a recipe and build every part (no data is loaded, nothing is trained)."""
+    from lowdose_toolkit.commands.check import check
+
+    check(recipe, set_)
+
+
+@app.command("run")
+def run_cmd(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    out: Path | None = typer.Option(None, "--out", help="Run directory (default: runs/<name>-<time>)."),
+    resume: Path | None = typer.Option(None, "--resume", help="Resume the run in this directory."),
+) -> None:
+    """Train a recipe: data -> model -> training -> run directory, then evaluate on the test split."""
+    from lowdose_toolkit.commands.run import run
+
+    run(recipe, set_, out, resume)
+
+
+@app.command("infer")
+def infer_cmd(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint (.pt) or run directory."),
+    inputs: list[str] = typer.Argument(..., help="NIfTI files, folders, globs, DICOM folders or a manifest CSV."),
+    out: Path = typer.Option(..., "--out", help="Output folder (never an input folder)."),
+    patch_size: int | None = typer.Option(None, "--patch-size", help="Sliding-window patch (default: recipe)."),
+    overlap: float | None = typer.Option(None, "--overlap", help="Overlap: voxels, or a fraction < 1."),
+    batch_size: int | None = typer.Option(None, "--batch-size"),
+    blending: str | None = typer.Option(None, "--blending", help="hann | average | crop"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
+    amp: str = typer.Option("auto", "--amp", help="auto (the recipe's) | none | bf16 | fp16 (CUDA only)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
+) -> None:
+    """Denoise whole volumes with a trained model (sliding window, affine and header kept)."""
+    from lowdose_toolkit.commands.infer import infer
+
+    raise typer.Exit(infer(checkpoint, inputs, out, patch_size, overlap, batch_size, blending, device, amp, overwrite))
+
+
+def _register_optional_commands() -> None:
+    """Commands implemented in their own modules (imported lazily themselves)."""
+    import importlib
+
+    modules = {}
+    for name in ("evaluate", "prepare", "simulate"):
+        try:
+            modules[name] = importlib.import_module(f"lowdose_toolkit.commands.{name}")
+        except ModuleNotFoundError as exc:  # pragma: no cover - a broken install
+            if exc.name != f"lowdose_toolkit.commands.{name}":
+                raise
+    if "evaluate" in modules:
+        app.command("evaluate")(modules["evaluate"].evaluate)
+        app.command("table")(modules["evaluate"].table)
+    if "simulate" in modules:
+        app.command("simulate")(modules["simulate"].simulate)
+    if "prepare" in modules:
+        app.add_typer(modules["prepare"].prepare_app, name="prepare")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: user errors print one red line and exit 2; ``--debug`` shows tracebacks."""
+    from lowdose_toolkit.errors import UserError
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("LDT_DEBUG", "") not in ("", "0")
+    args = [a for a in args if a != "--debug"]
+    _register_optional_commands()
+    try:
+        app(args=args, prog_name="ldt")  # standalone: usage errors print their help and exit 2
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except UserError as exc:
+        if debug:
+            raise
+        _error(str(exc))
+        return 2
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the last line of defence for users
+        if debug:
+            raise
+        _error(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)")
+        return 1
+    return 0
+
+
+def _error(message: str) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(message)}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

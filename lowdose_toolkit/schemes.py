@@ -1,0 +1,136 @@
+"""Base class of training schemes (the training algorithm: supervised, paired GAN, cycle GAN).
+
+A scheme owns its optimizers and gradient scalers and performs one training step on a batch
+``{"low", "full", "drf", "drf_class"}`` of patches. The engine owns everything around it: data,
+schedulers, validation, checkpoints, distribution. Scheme factories receive the context arguments
+listed in :mod:`lowdose_toolkit.parts` by name; recipe keys of ``train.scheme`` are their own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowdose_toolkit.errors import RecipeError
+from lowdose_toolkit.model import IMAGE_OUTPUTS, LossTerm, LowDoseModel
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+def identity(module: nn.Module) -> nn.Module:
+    """The default ``wrap``: no wrapping (single process)."""
+    return module
+
+
+class Scheme:
+    """Shared machinery: optimizers with GradScalers, autocast, and the weighted non-adversarial losses.
+
+    Args:
+        model: Generator + heads + refiner.
+        discriminator: The discriminator, or None.
+        losses: The recipe's weighted loss terms.
+        optimizer: Makes an optimizer (the recipe's ``train.optimizer``) for a parameter list.
+        wrap: Wraps a network for distributed training (DistributedDataParallel) or returns it.
+        precision: ``none``, ``bf16`` or ``fp16`` (autocast; only on CUDA).
+        device: The device batches live on.
+    """
+
+    #: Names of the optimizers, in the order the engine schedules them.
+    phases: tuple[str, ...] = ("generator",)
+
+    def __init__(
+        self,
+        model: LowDoseModel,
+        discriminator: nn.Module | None,
+        losses: list[LossTerm],
+        optimizer: OptimizerFactory,
+        wrap: Callable[[nn.Module], nn.Module] = identity,
+        precision: str = "none",
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.model = model
+        self.discriminator = discriminator
+        self.losses = losses
+        self.device = torch.device(device)
+        self.precision = precision if self.device.type == "cuda" else "none"
+        self.make_optimizer = optimizer
+        self.wrap = wrap
+        self.net = wrap(model)
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.scalers: dict[str, torch.amp.GradScaler] = {}
+        self.use_refiner = True
+
+    # ------------------------------------------------------------------ helpers for subclasses
+    def add_optimizer(self, name: str, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+        """Create and keep an optimizer (and its GradScaler, active for fp16 only)."""
+        params = [p for p in params if p.requires_grad]
+        if not params:
+            raise RecipeError(f"train.scheme: optimizer {name!r} has no trainable parameters")
+        opt = self.make_optimizer(params)
+        self.optimizers[name] = opt
+        self.scalers[name] = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        return opt
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """Autocast for the configured precision (a no-op on CPU / ``none``)."""
+        if self.precision == "none":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def backward_step(self, name: str, loss: torch.Tensor) -> None:
+        """Zero grads, backward (scaled for fp16), step the optimizer ``name``."""
+        opt, scaler = self.optimizers[name], self.scalers[name]
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    def synthesis_losses(
+        self, out: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Weighted sum of the non-adversarial terms; terms on an output not produced are skipped."""
+        total = torch.zeros((), device=self.device)
+        values: dict[str, float] = {}
+        for term in self.losses:
+            if term.adversarial or term.on not in out:
+                continue
+            if term.on in IMAGE_OUTPUTS:
+                target = batch["full"]
+            else:
+                key = self.model.head_targets[term.on]
+                if key not in batch:
+                    raise RecipeError(f"losses: head {term.on!r} predicts {key!r}, which the data does not provide")
+                target = batch[key]
+            value = term.loss(out[term.on].float(), target)
+            total = total + term.weight * value
+            values[term.name] = float(value.detach())
+        return total, values
+
+    def set_trainable(self, module: nn.Module | None, flag: bool) -> None:
+        """Switch ``requires_grad`` of every parameter of ``module``."""
+        if module is not None:
+            for p in module.parameters():
+                p.requires_grad_(flag)
+
+    # ------------------------------------------------------------------ interface
+    def train_step(self, batch: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """One optimisation step; returns the loss values (floats) by name."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
+            "scalers": {n: s.state_dict() for n, s in self.scalers.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][name])
+        for name, scaler in self.scalers.items():
+            if state["scalers"].get(name):
+                scaler.load_state_dict(state["scalers"][name])
