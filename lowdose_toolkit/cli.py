@@ -79,7 +79,7 @@ def check_cmd(
 
 @app.command("run")
 def run_cmd(
-    recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+    recipe: Path | None = typer.Argument(None, help="Recipe YAML file (optional with --resume)."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     out: Path | None = typer.Option(None, "--out", help="Run directory (default: runs/<name>-<time>)."),
     resume: Path | None = typer.Option(None, "--resume", help="Resume the run in this directory."),

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from lowdose_toolkit.errors import PluginError, RecipeError
+from lowdose_toolkit.errors import PluginError, RecipeError, UserError
 from lowdose_toolkit.parts import CONTEXT_ARGS, KINDS
 from lowdose_toolkit.typecheck import check_value
 
@@ -185,5 +185,7 @@ class Registry:
                 kwargs[key] = value
         try:
             return entry.factory(**kwargs)
-        except (ValueError, TypeError) as exc:
+        except RecipeError:
+            raise
+        except (UserError, ValueError, TypeError) as exc:
             raise RecipeError(f"{where}: {kind} {entry.name!r} rejected its arguments: {exc}") from exc

@@ -1,0 +1,95 @@
+"""torchrun support: process group setup, rank info and small collective helpers."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Rank, world size and local rank (from torchrun's environment variables)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> DistInfo:
+    """Join the process group when started by torchrun (gloo on CPU, NCCL on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend=backend)
+    return DistInfo(rank=rank, world=world, local_rank=local)
+
+
+def ddp_wrapper(info: DistInfo, device: torch.device, find_unused: bool) -> Callable[[nn.Module], nn.Module]:
+    """A ``wrap`` function for schemes: DistributedDataParallel when distributed, identity otherwise.
+
+    BatchNorm: each rank normalises with its own batch statistics; running statistics are broadcast
+    from rank 0 at every forward (DDP's ``broadcast_buffers=True``) and again at each epoch's end, so
+    all ranks hold identical weights and buffers.
+    """
+    if not info.enabled:
+        return lambda module: module
+
+    def wrap(module: nn.Module) -> nn.Module:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=find_unused)
+
+    return wrap
+
+
+def broadcast_object(info: DistInfo, obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(info: DistInfo, obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (a list by rank) on every rank."""
+    if not info.enabled:
+        return [obj]
+    out: list[Any] = [None] * info.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_buffers(info: DistInfo, *modules: nn.Module | None) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank."""
+    if not info.enabled:
+        return
+    for module in modules:
+        if module is not None:
+            for buf in module.buffers():
+                dist.broadcast(buf, src=0)
+
+
+def cleanup(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()
