@@ -125,7 +125,9 @@ def build_losses(
     """Build the loss terms; each ``on`` must name an output the model produces."""
     outputs = {"coarse", "pred"} | ({"refined"} if model.refiner is not None else set()) | set(model.heads)
     terms: list[LossTerm] = []
-    names: set[str] = set()
+    counts: dict[str, int] = {}
+    for spec in recipe["losses"]:
+        counts[spec["name"]] = counts.get(spec["name"], 0) + 1
     for i, spec in enumerate(recipe["losses"]):
         where = f"losses.{i}"
         loss = registry.build("loss", spec, where, engine_keys=("weight", "on"))
@@ -134,9 +136,8 @@ def build_losses(
             raise RecipeError(f"{where}.on: the model has no output {term.on!r}; outputs: {', '.join(sorted(outputs))}")
         if term.adversarial and discriminator is None:
             raise RecipeError(f"{where}: loss {term.name!r} is adversarial but model.discriminator is not set")
-        label = term.name if term.name not in names else f"{term.name}_{term.on}"
-        term.name = label
-        names.add(label)
+        if counts[term.name] > 1:  # the same loss on several outputs: l1_coarse, l1_refined
+            term.name = f"{term.name}_{term.on}"
         terms.append(term)
     return terms
 

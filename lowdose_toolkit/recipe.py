@@ -8,6 +8,7 @@ returns the *resolved* recipe (defaults filled in), which is what runs and check
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,6 +120,28 @@ def _schema_at(path: list[str]) -> Field | Part | Schema | None:
 # --------------------------------------------------------------------------- loading
 
 
+class RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` with YAML 1.2 booleans: only true/false, so ``on: coarse`` keeps its key ``on``."""
+
+
+RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+RecipeLoader.add_implicit_resolver(  # 1e-3 is a float in YAML 1.2 (YAML 1.1 wants a dot)
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
+def safe_load(text: str) -> Any:
+    """Parse YAML safely (no Python objects), with YAML 1.2 booleans."""
+    return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - RecipeLoader is a SafeLoader
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text()
@@ -127,7 +150,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise RecipeError(f"{path}: cannot read recipe: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        data = safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -183,7 +206,7 @@ def apply_override(recipe: dict[str, Any], item: str, source: str = "--set") -> 
         raise RecipeError(f"--set {item!r}: expected dotted.key=value")
     dotted, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     keys = dotted.strip().split(".")

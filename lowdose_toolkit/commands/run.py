@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
 from lowdose_toolkit.errors import UserError
 
 
@@ -14,7 +12,7 @@ def run(recipe_path: Path | None, overrides: list[str], out: Path | None, resume
 
     from lowdose_toolkit.engine import Trainer, default_run_dir
     from lowdose_toolkit.plugins import get_registry
-    from lowdose_toolkit.recipe import load_recipe, resolve_recipe
+    from lowdose_toolkit.recipe import load_recipe, resolve_recipe, safe_load
     from lowdose_toolkit.runeval import evaluate_run, print_summary
 
     console = Console(stderr=True)
@@ -25,7 +23,7 @@ def run(recipe_path: Path | None, overrides: list[str], out: Path | None, resume
             raise UserError(f"{resume}: not a run directory (no recipe.yaml); pass the folder `ldt run --out` made")
         if overrides:
             raise UserError("--set cannot be combined with --resume: a resumed run keeps its recorded recipe")
-        recipe = resolve_recipe(yaml.safe_load(recorded.read_text()), registry, str(recorded))
+        recipe = resolve_recipe(safe_load(recorded.read_text()), registry, str(recorded))
         if recipe_path is not None:
             given = resolve_recipe(load_recipe(recipe_path), registry, str(recipe_path))
             if given != recipe:

@@ -1,0 +1,149 @@
+"""The training engine: loss falls, GAN phases, checkpoints, resume after SIGKILL, run directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import make_tiny_dataset, tiny_recipe, write
+
+from lowdose_toolkit.cli import main
+from lowdose_toolkit.engine import Trainer, load_checkpoint
+from lowdose_toolkit.plugins import get_registry
+from lowdose_toolkit.recipe import load_recipe, resolve_recipe
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_dataset(tmp_path_factory.mktemp("tiny"))
+
+
+def trainer_for(tmp_path: Path, text: str, overrides: tuple[str, ...] = (), run: str = "run") -> Trainer:
+    path = write(tmp_path / "recipe.yaml", text)
+    recipe = resolve_recipe(load_recipe(path, overrides), get_registry(), str(path))
+    return Trainer(recipe, tmp_path / run, get_registry())
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tiny_training_makes_loss_fall_and_fills_run_dir(tmp_path: Path, data_root: Path) -> None:
+    trainer = trainer_for(tmp_path, tiny_recipe(data_root), ("train.epochs=4",))
+    trainer.fit()
+    run = tmp_path / "run"
+    metrics = read_metrics(run)
+    assert [m["epoch"] for m in metrics] == [1, 2, 3, 4]
+    first, last = metrics[0]["losses"], metrics[-1]["losses"]
+    assert last["l1"] < 0.85 * first["l1"], (first, last)
+    assert set(metrics[0]["val"]["per_drf"]) == {"4", "100"}
+    assert {"psnr", "ssim", "nrmse"} <= set(metrics[0]["val"]["per_drf"]["100"])
+    assert metrics[0]["lr"] == pytest.approx(1e-3) and metrics[0]["epoch_seconds"] > 0
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 4 and ckpt["recipe"]["name"] == "tiny"
+    assert set(ckpt) >= {"model", "scheme", "schedulers", "rng", "normalization", "split", "drfs"}
+    assert (run / "checkpoints" / "best.pt").is_file()
+    png = (run / "previews" / "epoch_004.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    assert yaml.safe_load((run / "recipe.yaml").read_text())["train"]["epochs"] == 4
+    record = json.loads((run / "run.json").read_text())
+    assert record["device"] == "cpu" and len(record["split"]["test"]) == 1
+
+
+def test_gan_phases_step_the_right_parameters(tmp_path: Path, data_root: Path) -> None:
+    text = tiny_recipe(data_root).replace(
+        "  heads:", "  discriminator: {name: patchgan3d, channels: 4, n_layers: 1}\n  heads:"
+    ).replace("losses:\n", "losses:\n  - {name: lsgan, weight: 1}\n").replace("train:\n", "train:\n  scheme: paired_gan\n")
+    trainer = trainer_for(tmp_path, text)
+    scheme = trainer.scheme
+    g = [p for p in trainer.model.parameters()]
+    d = [p for p in trainer.discriminator.parameters()]
+    seen = []
+    original = scheme.backward_step
+
+    def spy(name: str, loss: torch.Tensor) -> None:
+        before_g = [p.detach().clone() for p in g]
+        before_d = [p.detach().clone() for p in d]
+        original(name, loss)
+        g_changed = any(not torch.equal(a, p) for a, p in zip(before_g, g, strict=True))
+        d_changed = any(not torch.equal(a, p) for a, p in zip(before_d, d, strict=True))
+        seen.append((name, g_changed, d_changed))
+
+    scheme.backward_step = spy
+    trainer.model.train()
+    batch = trainer.stream.next_batch()
+    values = scheme.train_step(batch)
+    assert seen == [("discriminator", False, True), ("generator", True, False)]
+    assert {"lsgan_g", "lsgan_d", "l1", "cross_entropy", "total"} <= set(values)
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path, data_root: Path) -> None:
+    text = tiny_recipe(data_root).replace("epochs: 3", "epochs: 4").replace("steps_per_epoch: 6",
+                                                                             "steps_per_epoch: 12")
+    recipe = write(tmp_path / "recipe.yaml", text)
+    # Uninterrupted reference, in this process.
+    assert main(["run", str(recipe), "--out", str(tmp_path / "ref")]) == 0
+    # The same run in a subprocess, killed with SIGKILL once epoch 2 is checkpointed (mid-epoch 3).
+    run = tmp_path / "killed"
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "lowdose_toolkit.cli", "run", str(recipe), "--out", str(run)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline:
+            metrics = run / "metrics.jsonl"
+            if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
+                break
+            if proc.poll() is not None:
+                pytest.fail(f"training subprocess ended early with {proc.returncode}")
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    killed_at = load_checkpoint(run / "checkpoints" / "last.pt")["epoch"]
+    assert 2 <= killed_at < 4
+    assert main(["run", "--resume", str(run)]) == 0
+    ref = torch.load(tmp_path / "ref" / "checkpoints" / "last.pt", weights_only=True)
+    res = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert res["epoch"] == ref["epoch"] == 4
+    for key, value in ref["model"].items():
+        assert torch.equal(value, res["model"][key]), key
+    assert [m["epoch"] for m in read_metrics(run)] == [1, 2, 3, 4]
+    assert (run / "results.csv").is_file()
+
+
+def test_run_prints_test_table_and_writes_results(tmp_path: Path, data_root: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = write(tmp_path / "recipe.yaml", tiny_recipe(data_root).replace("epochs: 3", "epochs: 1"))
+    assert main(["run", str(recipe), "--out", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "Low-Dose" in out and "tiny" in out
+    rows = (tmp_path / "r" / "results.csv").read_text().splitlines()
+    assert rows[0] == "method,subject,drf,psnr,ssim,nrmse" and len(rows) == 1 + 2 * 2
+    assert main(["run", str(recipe), "--out", str(tmp_path / "r")]) == 2  # refuses to overwrite a run
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_two_stage_training(tmp_path: Path, data_root: Path) -> None:
+    text = tiny_recipe(data_root).replace("  heads:", "  refiner: {name: contextual_net, channels: 4}\n  heads:")
+    text = text.replace("losses:\n", "losses:\n  - {name: l1, weight: 100, on: refined}\n")
+    text = text.replace("train:\n", "train:\n  stages:\n    - {name: coarse, epochs: 1, trainable: [generator, heads],"
+                        " use_refiner: false}\n    - {name: refine, epochs: 1, trainable: [refiner]}\n")
+    trainer = trainer_for(tmp_path, text)
+    gen_before = {k: v.clone() for k, v in trainer.model.generator.state_dict().items()}
+    ref_before = {k: v.clone() for k, v in trainer.model.refiner.state_dict().items()}
+    trainer.fit()
+    metrics = read_metrics(tmp_path / "run")
+    assert [m["stage"] for m in metrics] == ["coarse", "refine"]
+    # Stage 2 froze the generator: its weights changed only in stage 1; the refiner trained only in stage 2.
+    assert any(not torch.equal(gen_before[k], v) for k, v in trainer.model.generator.state_dict().items())
+    assert any(not torch.equal(ref_before[k], v) for k, v in trainer.model.refiner.state_dict().items())
+    assert "l1_refined" not in metrics[0]["losses"] and "l1_refined" in metrics[1]["losses"]
