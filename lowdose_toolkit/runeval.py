@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from lowdose_toolkit.atomic import atomic_path
-from lowdose_toolkit.errors import UserError
+from lowdose_toolkit.errors import RecipeError, UserError
 
 LOW_DOSE = "Low-Dose"
 COLUMNS = ("method", "subject", "drf", "psnr", "ssim", "nrmse")
@@ -32,8 +32,12 @@ def model_from_checkpoint(ckpt: Mapping[str, Any], device: torch.device) -> Any:
     from lowdose_toolkit.recipe import resolve_recipe
 
     registry = get_registry()
-    recipe = resolve_recipe(ckpt["recipe"], registry, "checkpoint recipe")
-    model, _ = build_model(recipe, registry)
+    try:
+        recipe = resolve_recipe(ckpt["recipe"], registry, "checkpoint recipe")
+        model, _ = build_model(recipe, registry)
+    except RecipeError as exc:
+        raise RecipeError(f"{exc} -- the checkpoint was trained with a part that is not installed here; "
+                          "install the plugin that provides it (see `ldt plugins`)") from None
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), recipe
 

@@ -1,0 +1,194 @@
+"""``ldt infer``: batch denoising of whole volumes with a trained checkpoint.
+
+The checkpoint alone is enough: its recipe names the parts (their plugins must be installed), its
+weights fill them, and its normalisation method is applied to each input and inverted on output.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lowdose_toolkit.errors import UserError
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One input volume and where its prediction goes."""
+
+    source: Path
+    output: Path
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.name.endswith(NIFTI_SUFFIXES)
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _from_manifest(path: Path) -> list[Path]:
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames or "path" not in reader.fieldnames:
+            raise UserError(f"{path}: a manifest needs a 'path' column (subject,drf,path)")
+        rows = list(reader)
+    return [(path.parent / r["path"]).resolve() for r in rows if str(r.get("drf", "")).lower() != "full"]
+
+
+def _has_dicom(folder: Path) -> bool:
+    for child in folder.iterdir():
+        if child.is_file() and (child.suffix.lower() in (".dcm", ".ima") or child.suffix == ""):
+            with child.open("rb") as fh:
+                head = fh.read(132)
+            if head[128:132] == b"DICM":
+                return True
+    return False
+
+
+def expand_inputs(inputs: list[str]) -> list[Path]:
+    """Files, folders (NIfTI inside, or a DICOM series), globs and manifest CSVs -> volume paths."""
+    found: list[Path] = []
+    for item in inputs:
+        matches = [Path(m) for m in sorted(glob.glob(item))] if any(c in item for c in "*?[") else [Path(item)]
+        if not matches:
+            raise UserError(f"{item}: the pattern matches no file")
+        for path in matches:
+            if not path.exists():
+                raise UserError(f"{path}: no such file or folder")
+            if path.is_file() and path.suffix.lower() == ".csv":
+                found.extend(_from_manifest(path))
+            elif path.is_file():
+                if not _is_nifti(path):
+                    raise UserError(f"{path}: not a NIfTI file (.nii/.nii.gz), DICOM folder or manifest CSV")
+                found.append(path.resolve())
+            elif _has_dicom(path):
+                found.append(path.resolve())
+            else:
+                niftis = sorted(p for p in path.iterdir() if p.is_file() and _is_nifti(p))
+                dicoms = sorted(p for p in path.iterdir() if p.is_dir() and _has_dicom(p))
+                if not niftis and not dicoms:
+                    raise UserError(f"{path}: the folder holds no NIfTI files or DICOM series")
+                found.extend(p.resolve() for p in niftis + dicoms)
+    unique = list(dict.fromkeys(found))
+    if not unique:
+        raise UserError("no input volumes given")
+    return unique
+
+
+def plan_jobs(sources: list[Path], out: Path, overwrite: bool) -> list[Job]:
+    """Output path per input; refuses input folders as output and name clashes."""
+    out = out.resolve()
+    jobs: list[Job] = []
+    names: dict[str, Path] = {}
+    for source in sources:
+        folder = source if source.is_dir() else source.parent
+        if out == folder or out == source:
+            raise UserError(f"--out {out} is an input folder; choose another folder (inputs are never written to)")
+        name = f"{_stem(source)}.nii.gz"
+        if name in names:
+            raise UserError(f"{source} and {names[name]} would both be written as {out / name}; "
+                            "run them separately or rename one")
+        names[name] = source
+        target = out / name
+        if target.exists() and not overwrite:
+            raise UserError(f"{target} exists; pass --overwrite to replace it")
+        jobs.append(Job(source, target))
+    return jobs
+
+
+def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None, overlap: float | None,
+          batch_size: int | None, blending: str | None, device: str, amp: str, overwrite: bool) -> int:
+    """Run the checkpoint's model over every input; returns the exit code (1 if any input failed)."""
+    import torch
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from lowdose_toolkit.atomic import atomic_path
+    from lowdose_toolkit.engine import load_checkpoint, resolve_device
+    from lowdose_toolkit.errors import DataError
+    from lowdose_toolkit.io import load_array, save_like
+    from lowdose_toolkit.normalize import fit_normalization
+    from lowdose_toolkit.runeval import model_from_checkpoint
+    from lowdose_toolkit.sliding import infer_volume
+
+    console = Console(stderr=True)
+    ckpt = load_checkpoint(checkpoint)
+    jobs = plan_jobs(expand_inputs(inputs), out, overwrite)
+    dev = resolve_device(device)
+    model, recipe = model_from_checkpoint(ckpt, dev)
+    cfg = recipe["eval"]
+    precision = recipe["train"]["amp"] if amp == "auto" else amp
+    if precision not in ("none", "bf16", "fp16"):
+        raise UserError(f"--amp {amp!r}: use auto, none, bf16 or fp16")
+    use_amp = precision != "none" and dev.type == "cuda"
+    method = ckpt["normalization"]["method"]
+    drfs: list[int] = list(ckpt["drfs"])
+    dose_head = next((name for name, target in model.head_targets.items() if target == "drf_class"), None)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    failed = 0
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("denoising", total=len(jobs))
+        for job in jobs:
+            t0 = time.monotonic()
+            row: dict[str, Any] = {"input": str(job.source), "output": str(job.output)}
+            try:
+                volume, _, info = load_array(job.source)
+                norm = fit_normalization(volume, method, None, where=str(job.source))
+                probs: list[torch.Tensor] = []
+
+                def predict(x: torch.Tensor, probs: list[torch.Tensor] = probs) -> torch.Tensor:
+                    if dose_head is None:
+                        return model.predict(x)
+                    result = model(x)
+                    probs.append(result[dose_head].float().softmax(dim=1).sum(dim=0).cpu())
+                    return result["pred"]
+
+                with torch.no_grad():
+                    pred = infer_volume(
+                        norm.apply(volume), predict,
+                        patch_size=patch_size or cfg["patch_size"],
+                        overlap=cfg["overlap"] if overlap is None else (int(overlap) if overlap >= 1 else overlap),
+                        batch_size=batch_size or cfg["batch_size"], blending=blending or cfg["blending"],
+                        device=dev, amp=use_amp,
+                    )
+                save_like(norm.invert(pred), job.source, job.output)
+                row.update(status="ok", shape="x".join(map(str, info.shape)),
+                           seconds=round(time.monotonic() - t0, 2))
+                if probs:
+                    mean = torch.stack(probs).sum(0)
+                    mean = mean / mean.sum()
+                    k = int(mean.argmax())
+                    row.update(predicted_drf=drfs[k], drf_probability=round(float(mean[k]), 4))
+            except (DataError, UserError) as exc:
+                failed += 1
+                row.update(status="failed", error=str(exc), seconds=round(time.monotonic() - t0, 2))
+                console.print(f"[red]failed[/] {job.source}: {exc}")
+            rows.append(row)
+            progress.advance(task)
+    fields = ["input", "output", "status", "shape", "seconds", "predicted_drf", "drf_probability", "error"]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_path(out / "summary.csv") as tmp:
+        tmp.write_text(buf.getvalue())
+    with atomic_path(out / "summary.json") as tmp:
+        tmp.write_text(json.dumps({"checkpoint": str(checkpoint), "normalization": method, "volumes": rows}, indent=2))
+    console.print(f"{len(rows) - failed}/{len(rows)} volumes written to {out} (summary.csv)")
+    return 1 if failed else 0

@@ -1,0 +1,94 @@
+"""``ldt infer``: whole volumes in, aligned NIfTI out, bad inputs skipped, inputs never touched."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import make_tiny_dataset, tiny_recipe, write
+
+from lowdose_toolkit.cli import main
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("infer")
+    data = make_tiny_dataset(root / "data", subjects=4)
+    recipe = write(root / "r.yaml", tiny_recipe(data).replace("epochs: 3", "epochs: 1")
+                   .replace("steps_per_epoch: 6", "steps_per_epoch: 2"))
+    assert main(["run", str(recipe), "--out", str(root / "run"), "--set", "data.split.test=0"]) == 0
+    return root / "run", data
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p): (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.rglob("*")}
+
+
+def test_infer_folder_keeps_geometry_and_reports_drf(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    run, data = trained
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    # An odd-sized, anisotropic, oblique volume and a copy of a training input.
+    affine = np.array([[0, -2.5, 0.3, 10], [3.0, 0, 0, -20], [0, 0.2, 1.7, 5], [0, 0, 0, 1]])
+    odd = np.random.default_rng(0).poisson(50, size=(19, 27, 31)).astype(np.float32)
+    img = nib.Nifti1Image(odd, affine)
+    img.header.set_xyzt_units("mm", "sec")
+    nib.save(img, inputs / "odd.nii.gz")
+    shutil.copy(data / "sub00" / "drf_100.nii.gz", inputs / "sub00_drf100.nii.gz")
+    before = snapshot(inputs)
+    out = tmp_path / "out"
+    assert main(["infer", str(run), str(inputs), "--out", str(out)]) == 0
+    assert snapshot(inputs) == before
+    pred = nib.load(out / "odd.nii.gz")
+    assert pred.shape == odd.shape and pred.get_data_dtype() == np.float32
+    np.testing.assert_array_equal(pred.affine, nib.load(inputs / "odd.nii.gz").affine)
+    assert pred.header.get_xyzt_units() == ("mm", "sec")
+    values = pred.get_fdata()
+    assert np.isfinite(values).all() and 5 < values.mean() < 500  # back in the input's units
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert all(r["predicted_drf"] in ("4", "100") and 0.5 <= float(r["drf_probability"]) <= 1 for r in rows)
+    # Existing outputs are kept unless --overwrite.
+    assert main(["infer", str(run), str(inputs), "--out", str(out)]) == 2
+    assert main(["infer", str(run), str(inputs / "odd.nii.gz"), "--out", str(out), "--overwrite"]) == 0
+
+
+def test_infer_refuses_input_folder_as_output(trained: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    run, data = trained
+    folder = data / "sub01"
+    assert main(["infer", str(run / "checkpoints" / "best.pt"), str(folder / "drf_004.nii.gz"),
+                 "--out", str(folder)]) == 2
+    assert "is an input folder" in capsys.readouterr().err
+
+
+def test_bad_input_is_skipped_and_exit_code_nonzero(trained: tuple[Path, Path], tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    run, data = trained
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    bad = np.ones((20, 20, 20), dtype=np.float32)
+    bad[3, 4, 5] = np.nan
+    nib.save(nib.Nifti1Image(bad, np.eye(4)), inputs / "a_nan.nii.gz")
+    shutil.copy(data / "sub02" / "drf_004.nii.gz", inputs / "b_good.nii.gz")
+    (inputs / "c_truncated.nii.gz").write_bytes((data / "sub02" / "full.nii.gz").read_bytes()[:300])
+    assert main(["infer", str(run), str(inputs / "*.nii.gz"), "--out", str(tmp_path / "out")]) == 1
+    rows = {Path(r["input"]).name: r for r in csv.DictReader((tmp_path / "out" / "summary.csv").open())}
+    assert rows["b_good.nii.gz"]["status"] == "ok"
+    assert rows["a_nan.nii.gz"]["status"] == "failed" and "NaN" in rows["a_nan.nii.gz"]["error"]
+    assert rows["c_truncated.nii.gz"]["status"] == "failed"
+    assert (tmp_path / "out" / "b_good.nii.gz").is_file() and not (tmp_path / "out" / "a_nan.nii.gz").exists()
+
+
+def test_manifest_input_and_missing_checkpoint(trained: tuple[Path, Path], tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    run, data = trained
+    assert main(["infer", str(tmp_path / "nope.pt"), str(data), "--out", str(tmp_path / "o")]) == 2
+    assert "no checkpoint here" in capsys.readouterr().err
+    manifest = write(tmp_path / "m" / "list.csv", "subject,drf,path\n"
+                     f"sub03,100,{data / 'sub03' / 'drf_100.nii.gz'}\nsub03,full,{data / 'sub03' / 'full.nii.gz'}\n")
+    assert main(["infer", str(run), str(manifest), "--out", str(tmp_path / "o")]) == 0
+    assert sorted(p.name for p in (tmp_path / "o").glob("*.nii.gz")) == ["drf_100.nii.gz"]
