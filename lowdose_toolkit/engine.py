@@ -297,6 +297,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "discriminator": None if self.discriminator is None else self.discriminator.state_dict(),
             "scheme": self.scheme.state_dict(),
+            "scheme_modules": {n: m.state_dict() for n, m in self.scheme.extra_modules.items()},
             "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()},
             "rng": rng,
             "best": self.best,
@@ -315,6 +316,8 @@ class Trainer:
             self.discriminator.load_state_dict(ckpt["discriminator"])
         self.epoch = int(ckpt["epoch"])
         self.best = dict(ckpt["best"])
+        for name, module in self.scheme.extra_modules.items():
+            module.load_state_dict(ckpt["scheme_modules"][name])
         self.scheme.load_state_dict(ckpt["scheme"])
         for name, sched in self.schedulers.items():
             sched.load_state_dict(ckpt["schedulers"][name])
@@ -405,8 +408,9 @@ class Trainer:
     def _train_epoch(self, progress: Any, stage: int) -> dict[str, Any]:
         t0 = time.monotonic()
         self.model.train()
-        if self.discriminator is not None:
-            self.discriminator.train()
+        for module in (self.discriminator, *self.scheme.extra_modules.values()):
+            if module is not None:
+                module.train()
         self.stream.reset()
         sums: dict[str, float] = {}
         task = progress.add_task(f"epoch {self.epoch + 1}/{self.total_epochs}", total=self.steps_per_epoch,
@@ -419,7 +423,7 @@ class Trainer:
             shown = " ".join(f"{k}={v / (step + 1):.4g}" for k, v in sums.items() if k != "total")
             progress.update(task, advance=1, losses=shown)
         progress.remove_task(task)
-        broadcast_buffers(self.dist, self.model, self.discriminator)
+        broadcast_buffers(self.dist, self.model, self.discriminator, *self.scheme.extra_modules.values())
         losses = {k: v / self.steps_per_epoch for k, v in sums.items()}
         if self.dist.enabled:
             losses = {k: float(np.mean([r[k] for r in gather_objects(self.dist, losses)])) for k in losses}

@@ -62,6 +62,8 @@ class Scheme:
         self.net = wrap(model)
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.scalers: dict[str, torch.amp.GradScaler] = {}
+        #: Extra networks a scheme owns (e.g. CycleGAN's full->low generator); checkpointed by the engine.
+        self.extra_modules: dict[str, nn.Module] = {}
         self.use_refiner = True
 
     # ------------------------------------------------------------------ helpers for subclasses
