@@ -18,6 +18,7 @@ import torchio as tio
 from torch.utils.data import DataLoader
 
 from lowdose_toolkit.errors import DataError, RecipeError
+from lowdose_toolkit.io import read_image
 from lowdose_toolkit.normalize import Normalization, fit_normalization
 from lowdose_toolkit.records import SubjectRecord
 
@@ -95,8 +96,8 @@ def make_subject(record: SubjectRecord, drf: int, drfs: Sequence[int]) -> tio.Su
     if drf not in record.low:
         raise DataError(f"subject {record.subject!r} has no DRF {drf} image (has {sorted(record.low)})")
     return tio.Subject(
-        low=tio.ScalarImage(record.low[drf]),
-        full=tio.ScalarImage(record.full),
+        low=read_image(record.low[drf]),
+        full=read_image(record.full),
         drf=drf,
         drf_class=list(drfs).index(drf),
         subject_id=record.subject,

@@ -216,20 +216,20 @@ def apply_override(recipe: dict[str, Any], item: str, source: str = "--set") -> 
         here = ".".join(keys[: depth + 1])
         if isinstance(node, list):
             if not key.isdigit() or int(key) >= len(node):
-                raise RecipeError(f"--set {dotted}: {here}: no item {key!r} (the list has {len(node)} items)")
+                raise RecipeError(f"--set {item}: {here}: no item {key!r} (the list has {len(node)} items)")
             if last:
                 node[int(key)] = value
                 return
             node = node[int(key)]
             continue
         if not isinstance(node, dict):
-            raise RecipeError(f"--set {dotted}: {'.'.join(keys[:depth])} is a value, not a section")
+            raise RecipeError(f"--set {item}: {'.'.join(keys[:depth])} is a value, not a section")
         schema = _schema_at(keys[: depth + 1])
         in_part = isinstance(_schema_at(keys[:depth]), Part) or schema is None and _inside_part(keys[:depth])
         if key not in node:
             if schema is None and not in_part:
                 known = list(node) + list(_schema_keys(keys[:depth]))
-                raise RecipeError(f"--set {dotted}: no such key {here!r} in {source}{suggestion(key, known)}")
+                raise RecipeError(f"--set {item}: no such key {here!r} in {source}{suggestion(key, known)}")
             if not last:
                 default = schema.default if isinstance(schema, (Field, Part)) else {}
                 node[key] = copy.deepcopy(default) if default is not None else {}

@@ -150,6 +150,8 @@ class Registry:
         settable = [p for p in params if p not in context]
         kwargs: dict[str, Any] = {}
         for key, value in spec.items():
+            if not isinstance(key, str):
+                raise RecipeError(f"{where}: key {key!r} is not a name; quote it (YAML 1.1 reads on/yes/no as booleans)")
             if key == "name" or key in engine:
                 continue
             path = f"{where}.{key}"

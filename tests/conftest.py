@@ -21,6 +21,7 @@ def _isolate(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monke
     monkeypatch.setenv("LDT_CACHE_DIR", cache)
     monkeypatch.delenv("LDT_VGG16_WEIGHTS", raising=False)
     monkeypatch.delenv("LDT_STRICT_PLUGINS", raising=False)
+    monkeypatch.setenv("COLUMNS", "240")  # rich wraps tables at 80 columns when not on a terminal
 
 
 def write(path: Path, text: str) -> Path:

@@ -1,0 +1,153 @@
+"""Time per training step: the engine's scheme against a hand-written PyTorch loop of the same parts.
+
+Both paths use the same networks (built from the recipe, same seed), the same synthetic batch, the
+same losses and weights and the same optimizers; the plain loop is what a researcher writes by hand
+(pix2pix's order: G forward, D step, G step). Prints ms/step for each and the ratio engine/plain
+(target <= 1.10). Run on CPU, and on CUDA with autocast where a GPU is present::
+
+    python benchmarks/train_step.py --recipe recipes/quickstart.yaml --steps 20
+    python benchmarks/train_step.py --recipe recipes/cg3dsrgan.yaml --device cuda --amp bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from lowdose_toolkit.engine import make_optimizer_factory, resolve_device
+from lowdose_toolkit.model import IMAGE_OUTPUTS, build_losses, build_model
+from lowdose_toolkit.plugins import get_registry
+from lowdose_toolkit.recipe import load_recipe, resolve_recipe
+from lowdose_toolkit.schemes import identity
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def build(recipe: dict, device: torch.device, precision: str):
+    registry = get_registry()
+    torch.manual_seed(0)
+    model, disc = build_model(recipe, registry)
+    model.to(device)
+    if disc is not None:
+        disc.to(device)
+    losses = build_losses(recipe, registry, model, disc)
+    for t in losses:
+        t.to(device)
+    return model, disc, losses
+
+
+def engine_path(recipe: dict, device: torch.device, precision: str):
+    model, disc, losses = build(recipe, device, precision)
+    scheme = get_registry().build(
+        "scheme", recipe["train"]["scheme"], "train.scheme",
+        context={"model": model, "discriminator": disc, "losses": losses,
+                 "optimizer": make_optimizer_factory(recipe["train"]["optimizer"]), "wrap": identity,
+                 "precision": precision, "device": device, "registry": get_registry()},
+    )
+    model.train()
+    return lambda batch: scheme.train_step(batch)
+
+
+def plain_path(recipe: dict, device: torch.device, precision: str):
+    """A hand-written loop over the same parts (what the engine must not be slower than)."""
+    model, disc, losses = build(recipe, device, precision)
+    opt_cfg = recipe["train"]["optimizer"]
+    g_opt = torch.optim.Adam(model.parameters(), lr=opt_cfg["lr"], betas=tuple(opt_cfg["betas"]))
+    d_opt = torch.optim.Adam(disc.parameters(), lr=opt_cfg["lr"], betas=tuple(opt_cfg["betas"])) if disc else None
+    adv = next((t for t in losses if t.adversarial), None)
+    pixel = [t for t in losses if not t.adversarial]
+    gen, heads, refiner = model.generator, model.heads, model.refiner
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    cast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+    model.train()
+
+    def step(batch: dict) -> None:
+        low, full = batch["low"], batch["full"]
+        with cast():
+            coarse, feats = gen.forward_features(low) if len(heads) else (gen(low), {})
+            out = {"coarse": coarse}
+            for name, head in heads.items():
+                out[name] = head(feats[model.head_inputs[name]])
+            out["refined"] = refiner(coarse) if refiner is not None else coarse
+            out["pred"] = out["refined"]
+        if disc is not None:
+            for p in disc.parameters():
+                p.requires_grad_(True)
+            with cast():
+                d_loss = 0.5 * (adv.loss(disc(full, low).float(), True) + adv.loss(disc(out["pred"].detach(), low)
+                                                                                    .float(), False))
+            d_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            d_opt.step()
+            for p in disc.parameters():
+                p.requires_grad_(False)
+        with cast():
+            total = 0.0
+            for t in pixel:
+                target = full if t.on in IMAGE_OUTPUTS else batch["drf_class"]
+                total = total + t.weight * t.loss(out[t.on].float(), target)
+            if disc is not None:
+                total = total + adv.weight * adv.loss(disc(out["pred"], low).float(), True)
+        g_opt.zero_grad(set_to_none=True)
+        total.backward()
+        g_opt.step()
+
+    return step
+
+
+def timed(step, batch: dict, steps: int, device: torch.device) -> list[float]:
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step(batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default=str(REPO / "recipes" / "quickstart.yaml"))
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
+    parser.add_argument("--set", action="append", default=[], help="recipe override, e.g. data.patch_size=32")
+    args = parser.parse_args()
+    recipe = resolve_recipe(load_recipe(args.recipe, args.set), get_registry(), args.recipe)
+    if recipe["model"]["discriminator"] is None:
+        raise SystemExit("this benchmark's plain loop is the paired-GAN one; use a recipe with a discriminator")
+    device = resolve_device(args.device)
+    precision = args.amp if device.type == "cuda" else "none"
+    p = recipe["data"]["patch_size"]
+    size = (p, p, p) if isinstance(p, int) else tuple(p)
+    b = recipe["data"]["batch_size"]
+    g = torch.Generator().manual_seed(0)
+    batch = {"low": torch.rand(b, 1, *size, generator=g), "full": torch.rand(b, 1, *size, generator=g),
+             "drf_class": torch.randint(0, len(recipe["data"]["drfs"]), (b,), generator=g)}
+    batch = {k: v.to(device) for k, v in batch.items()}
+    engine, plain = engine_path(recipe, device, precision), plain_path(recipe, device, precision)
+    timed(engine, batch, 2, device)
+    timed(plain, batch, 2, device)
+    e_all, p_all = [], []
+    for _ in range(args.rounds):  # interleaved rounds so drift affects both alike
+        e_all += timed(engine, batch, args.steps, device)
+        p_all += timed(plain, batch, args.steps, device)
+    e, pl = statistics.median(e_all), statistics.median(p_all)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"recipe {recipe['name']}: batch {b} x {size}, device {name}, precision {precision}")
+    print(f"engine  {1000 * e:8.1f} ms/step (median of {len(e_all)})")
+    print(f"plain   {1000 * pl:8.1f} ms/step (median of {len(p_all)})")
+    print(f"ratio engine/plain = {e / pl:.3f} (target <= 1.10)")
+
+
+if __name__ == "__main__":
+    main()
