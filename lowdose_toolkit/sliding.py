@@ -20,20 +20,23 @@ from __future__ import annotations
 import contextlib
 import operator
 from collections.abc import Callable, Sequence
-from typing import Literal, TypeAlias
+from typing import TYPE_CHECKING, Literal, TypeAlias
 
 import torch
 import torch.nn.functional as F
 
 from lowdose_toolkit.errors import UserError
 
-__all__ = ["Blending", "ProgressLike", "infer_volume", "parse_overlap", "parse_patch_size"]
+__all__ = ["Blending", "infer_volume", "parse_overlap", "parse_patch_size"]
 
 Blending = Literal["hann", "average", "crop"]
 BLENDINGS = ("hann", "average", "crop")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-# A rich ``Progress`` (a task is added to it), a ``(Progress, TaskID)`` pair, or ``callback(done, total)``.
-ProgressLike: TypeAlias = object
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
+
+    # A rich ``Progress`` (a task is added to it), a ``(Progress, TaskID)`` pair, or ``callback(done, total)``.
+    ProgressLike: TypeAlias = Progress | tuple[Progress, TaskID] | Callable[[int, int], None]
 
 
 def _three(value: object) -> tuple:
@@ -59,13 +62,15 @@ def parse_overlap(overlap: int | float | Sequence[int], patch: tuple[int, int, i
     """Return the overlap in voxels per axis: even and smaller than the patch.
 
     Args:
-        overlap: Voxels (one int or three), or a fraction of the patch in [0, 1) (a float), rounded to
-            the nearest even number of voxels that is smaller than the patch.
+        overlap: Voxels (one int or three; a whole float >= 1 counts as voxels), or a fraction of the
+            patch in [0, 1) (a float), rounded to the nearest even number of voxels below the patch.
         patch: Patch size per axis.
 
     Raises:
         UserError: If an int overlap is odd, negative or not smaller than the patch.
     """
+    if isinstance(overlap, float) and overlap >= 1 and overlap.is_integer():
+        overlap = int(overlap)  # "--overlap 4" parsed as a float: voxels
     if isinstance(overlap, float):
         if not 0 <= overlap < 1:
             raise UserError(f"overlap fraction must be in [0, 1), got {overlap}; pass voxels as an int")
@@ -144,7 +149,7 @@ def infer_volume(
     batch_size: int,
     blending: Blending = "hann",
     device: torch.device | str = "cpu",
-    amp: bool = False,
+    amp: bool | Literal["none", "bf16", "fp16"] = False,
     amp_dtype: Literal["bf16", "fp16"] = "bf16",
     progress: ProgressLike | None = None,
 ) -> torch.Tensor:
@@ -161,8 +166,9 @@ def infer_volume(
         batch_size: Patches per call of ``predict``.
         blending: ``"hann"``, ``"average"`` or ``"crop"`` (see the module docstring).
         device: Where batches are sent before ``predict``.
-        amp: Autocast ``predict`` to ``amp_dtype`` on CUDA; ignored on other devices.
-        amp_dtype: ``"bf16"`` or ``"fp16"``.
+        amp: Autocast ``predict`` on CUDA (ignored on other devices): ``True`` for ``amp_dtype``,
+            ``"bf16"`` / ``"fp16"`` for that dtype, ``False`` / ``"none"`` for full precision.
+        amp_dtype: Autocast dtype when ``amp is True``: ``"bf16"`` or ``"fp16"``.
         progress: A rich ``Progress`` (a task is added), a ``(Progress, TaskID)`` pair, or a callback
             ``callback(patches_done, patches_total)``; ``None`` for silence.
 
@@ -184,6 +190,10 @@ def infer_volume(
         raise UserError(f"blending {blending!r} is unknown; use one of {list(BLENDINGS)}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise UserError(f"batch_size must be a positive int, got {batch_size!r}")
+    if isinstance(amp, str):
+        if amp not in (*AMP_DTYPES, "none"):
+            raise UserError(f"amp {amp!r} is unknown; use True/False, 'none', 'bf16' or 'fp16'")
+        amp, amp_dtype = amp != "none", (amp if amp != "none" else amp_dtype)  # type: ignore[assignment]
     if amp_dtype not in AMP_DTYPES:
         raise UserError(f"amp_dtype {amp_dtype!r} is unknown; use one of {sorted(AMP_DTYPES)}")
     patch = parse_patch_size(patch_size)

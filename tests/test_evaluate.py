@@ -217,7 +217,7 @@ def test_aggregate_mean_std() -> None:
         {"method": "m", "drf": 100, "psnr": 30.0, "ssim": 0.7, "nrmse": 0.05},
     ]
     s4, s100 = aggregate(rows)
-    assert (s4["drf"], s4["n"], s4["psnr_mean"], s4["psnr_std"]) == (4, 2, 41.0, 1.0)
+    assert (s4["drf"], s4["n"], s4["psnr_mean"]) == (4, 2, 41.0) and s4["psnr_std"] == pytest.approx(math.sqrt(2))
     assert s4["nrmse_mean"] == pytest.approx(0.02) and s100["n"] == 1 and s100["ssim_std"] == 0.0
 
 
@@ -225,10 +225,10 @@ def test_load_results_rejects_conflicts(tmp_path: Path) -> None:
     row = {"method": "m", "subject": "s", "drf": 4, "psnr": 40.0, "ssim": 0.9, "nrmse": 0.01, "rmse": 0.1,
            "ssim_range": "challenge", "ssim_data_range": 2.0, "masked": False, "ref": "r"}  # fmt: skip
     a = write_results([{**row, "pred": "a.nii"}], tmp_path / "a")["json"]
-    b = write_results([{**row, "pred": "b.nii"}], tmp_path / "b")["json"]
+    b = write_results([{**row, "pred": "b.nii", "psnr": 41.0}], tmp_path / "b")["json"]
     c = write_results([{**row, "pred": "a.nii"}], tmp_path / "c")["json"]
     assert len(load_results([a, c])) == 1  # the same case twice (e.g. Low-Dose rows) is kept once
-    with pytest.raises(UserError, match="m / s / DRF 4 is in both"):
+    with pytest.raises(UserError, match="m / s / DRF 4 is in both .* different results"):
         load_results([a, b])
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="empty: no results.json here or one level below"):
@@ -281,7 +281,7 @@ def test_table_i_layout_bold_and_paper_column() -> None:
     assert by[(100, "my-net")].paper is None
     md = table_markdown(t)
     assert "| 100 | Low-Dose | 1 | 60.000 | 42.490 | 0.9990 | 0.970 | 0.100 | 1.402 |" in md
-    expected = "| CG-3DSRGAN | 2 | **49.000 ± 1.000** | 48.453 | 0.9910 ± 0.0010 | 0.994 | **0.380 ± 0.020** | 0.388 |"
+    expected = "| CG-3DSRGAN | 2 | **49.000 ± 1.414** | 48.453 | 0.9910 ± 0.0014 | 0.994 | **0.380 ± 0.028** | 0.388 |"
     assert expected in md
     assert "my-net" not in md.split("| 100 |")[0]  # our extra methods appear only at DRFs they were evaluated at
     assert "| 4 | Low-Dose | — | — | 58.718 |" in md
@@ -314,7 +314,7 @@ def test_rich_table_printer() -> None:
     console = Console(record=True, width=200)
     print_table(build_table_i(_cases()), console)
     text = console.export_text()
-    assert "Table I" in text and "CG-3DSRGAN" in text and "48.453" in text and "49.000 ± 1.000" in text
+    assert "Table I" in text and "CG-3DSRGAN" in text and "48.453" in text and "49.000 ± 1.414" in text
 
 
 # ------------------------------------------------------------------------------------------------ commands
@@ -364,14 +364,45 @@ def test_cli_default_out_and_errors(app: typer.Typer, study: dict[str, Path]) ->
 
 def test_cli_run_dir_mode_delegates_to_runeval(app: typer.Typer, tmp_path: Path, monkeypatch) -> None:
     calls: list[tuple] = []
+
+    def evaluate_run(run_dir: Path, method: str | None = None, console: object = None) -> list:
+        calls.append((run_dir, method))
+        return []
+
     fake = types.ModuleType("lowdose_toolkit.runeval")
-    fake.evaluate_run = lambda run_dir, **kw: calls.append((run_dir, kw))  # type: ignore[attr-defined]
+    fake.evaluate_run = evaluate_run  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "lowdose_toolkit.runeval", fake)
-    result = CliRunner().invoke(app, ["evaluate", str(tmp_path), "--ssim-range", "standard", "--mask"])
-    assert result.exit_code == 0, result.output
-    assert calls == [(tmp_path, {"out": None, "low": None, "method": "model", "ssim_range": "standard", "mask": True})]
+    runner = CliRunner()
+    assert runner.invoke(app, ["evaluate", str(tmp_path)]).exit_code == 0
+    assert runner.invoke(app, ["evaluate", str(tmp_path), "--method", "mine"]).exit_code == 0
+    assert calls == [(tmp_path, None), (tmp_path, "mine")]  # the default "model" leaves the recipe's name
+    result = runner.invoke(app, ["evaluate", str(tmp_path), "--mask"])
+    assert isinstance(result.exception, UserError) and "--mask is not supported with RUN_DIR" in str(result.exception)
     monkeypatch.setitem(sys.modules, "lowdose_toolkit.runeval", None)
-    result = CliRunner().invoke(app, ["evaluate", str(tmp_path)])
+    result = runner.invoke(app, ["evaluate", str(tmp_path)])
     assert isinstance(result.exception, UserError) and "--pred PRED --ref REF" in str(result.exception)
-    result = CliRunner().invoke(app, ["evaluate", str(tmp_path), "--pred", "p"])
+    result = runner.invoke(app, ["evaluate", str(tmp_path), "--pred", "p"])
     assert isinstance(result.exception, UserError) and "not both" in str(result.exception)
+
+
+def test_table_reads_a_run_directory(tmp_path: Path) -> None:
+    """A run directory's results.json (a summary) with its per-case results.csv, as `ldt run` writes them."""
+    run = tmp_path / "runs" / "cg3dsrgan-1"
+    run.mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps({"method": "cg3dsrgan", "ssim_range": "standard", "summary": []}))
+    with (run / "results.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerows([
+            ("method", "subject", "drf", "psnr", "ssim", "nrmse"),
+            ("Low-Dose", "s1", "100", "40.0", "0.95", "0.012"),
+            ("cg3dsrgan", "s1", "100", "45.0", "0.98", "0.006"),
+        ])  # fmt: skip
+    rows = load_results([tmp_path / "runs" / "cg3dsrgan-1"])
+    assert {r["method"] for r in rows} == {"Low-Dose", "cg3dsrgan"} and {r["ssim_range"] for r in rows} == {"standard"}
+    t = build_table_i(rows)
+    srgan = [r for r in t.rows if r.method == "CG-3DSRGAN"][0]
+    assert srgan.mean["psnr"] == 45.0 and srgan.best == {"psnr", "ssim", "nrmse"}
+    assert "data range 1 (standard)" in table_markdown(t)
+    # The same Low-Dose case from another evaluation with equal metrics is kept once.
+    other = write_results([{**rows[0], "pred": "elsewhere", "rmse": 0.0, "ssim_data_range": 1.0}], tmp_path / "o")
+    assert len(load_results([run, other["json"]])) == 2
