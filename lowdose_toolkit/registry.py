@@ -151,7 +151,9 @@ class Registry:
         kwargs: dict[str, Any] = {}
         for key, value in spec.items():
             if not isinstance(key, str):
-                raise RecipeError(f"{where}: key {key!r} is not a name; quote it (YAML 1.1 reads on/yes/no as booleans)")
+                raise RecipeError(
+                    f"{where}: key {key!r} is not a name; quote it (YAML 1.1 reads on/yes/no as booleans)"
+                )
             if key == "name" or key in engine:
                 continue
             path = f"{where}.{key}"
