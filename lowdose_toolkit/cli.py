@@ -136,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("LDT_DEBUG", "") not in ("", "0")
     args = [a for a in args if a != "--debug"]
+    if not debug:  # warnings as one line each, without the source line that raised them
+        import warnings
+
+        warnings.formatwarning = lambda message, category, *_a, **_k: f"warning: {message}\n"
     _register_optional_commands()
     try:
         app(args=args, prog_name="ldt")  # standalone: usage errors print their help and exit 2

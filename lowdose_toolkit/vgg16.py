@@ -108,8 +108,8 @@ def how_to_get_weights() -> str:
     """One line telling the user how to provide torchvision's VGG16 ImageNet weights."""
     return (
         f"on a machine with internet download {VGG16_URL} and put it at {hub_weights_path()}, "
-        f"or set {ENV_VAR}=/path/to/{VGG16_FILENAME} (or the perceptual loss's path:), "
-        f"or set the perceptual loss's weights: none for fixed random features"
+        f"or set {ENV_VAR}=/path/to/{VGG16_FILENAME} or the perceptual loss's path: key, "
+        f"or use the perceptual loss's weights: none for fixed random features"
     )
 
 
@@ -126,7 +126,7 @@ def find_vgg16_weights(path: str | os.PathLike[str] | None = None) -> Path | Non
     if path is not None:
         p = Path(path).expanduser()
         if not p.is_file():
-            raise UserError(f"VGG16 weights file {p} (perceptual loss path:) not found; {how_to_get_weights()}")
+            raise UserError(f"VGG16 weights file {p} (perceptual loss path: key) not found; {how_to_get_weights()}")
         return p
     env = os.environ.get(ENV_VAR)
     if env:
@@ -176,8 +176,7 @@ def load_vgg16_features(path: str | os.PathLike[str]) -> VGG16Features:
         if not isinstance(got, torch.Tensor) or got.shape != value.shape:
             got_shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
             raise UserError(
-                f"VGG16 weights file {path}: {key} has shape {got_shape}, VGG16 needs {tuple(value.shape)}; "
-                f"{hint}"
+                f"VGG16 weights file {path}: {key} has shape {got_shape}, VGG16 needs {tuple(value.shape)}; {hint}"
             )
     net.load_state_dict({k: state[k] for k in expected})
     return net

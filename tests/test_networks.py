@@ -282,7 +282,7 @@ def test_patchgan_errors() -> None:
 
 def test_paper_width_parameter_counts() -> None:
     """Sizes at the paper's widths (reported in the docs; guards against silent architecture drift)."""
-    assert n_params(MLNet(channels=32)) == 7_080_993
+    assert n_params(MLNet(channels=32)) == 7_027_329
     assert n_params(ContextualNet(channels=32)) == 140_161
     assert n_params(PatchGAN3D(channels=64)) == 11_052_865
     assert n_params(DoseClassifier(in_channels=256, num_classes=5)) == 33_541

@@ -1,0 +1,89 @@
+"""ML-Net's proxy classification head (CG-3DSRGAN paper, Sec. II.A).
+
+"The classification head is made of multi-layer perceptron": it reads an encoder feature shared
+with the reconstruction network (the recipe names it, normally ``bottleneck``), pools it globally
+over space and predicts the dose reduction factor (DRF) class as logits. The paper gives no widths;
+one hidden layer of 128 units with ReLU is our default.
+"""
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from lowdose_toolkit import hookimpl
+from lowdose_toolkit.errors import UserError
+from lowdose_toolkit.hookspecs import Register
+
+
+class DoseClassifier(nn.Module):
+    """Global pooling + MLP predicting DRF class logits from a generator feature (paper Sec. II.A).
+
+    Args:
+        in_channels: Channels of the feature it reads (context argument).
+        num_classes: Number of DRF classes (context argument: the recipe's DRF count).
+        hidden: Widths of the hidden layers (Linear → ReLU → Dropout each); ``[]`` is a linear probe.
+        dropout: Dropout probability after each hidden layer.
+        pool: Global pooling over ``D, H, W``: ``avg``, ``max`` or ``avgmax`` (both, concatenated).
+
+    Example:
+        >>> head = DoseClassifier(in_channels=16, num_classes=5)
+        >>> head(torch.rand(2, 16, 3, 3, 4)).shape
+        torch.Size([2, 5])
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        hidden: list[int] = [128],  # noqa: B006 (copied below, never mutated)
+        dropout: float = 0.0,
+        pool: Literal["avg", "max", "avgmax"] = "avg",
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise UserError(f"dose_classifier: num_classes={num_classes}; list at least two DRFs in data.drfs")
+        if pool not in ("avg", "max", "avgmax"):
+            raise UserError(f"dose_classifier: pool={pool!r} must be one of 'avg', 'max', 'avgmax'")
+        if not 0.0 <= dropout < 1.0:
+            raise UserError(f"dose_classifier: dropout={dropout} must be in [0, 1)")
+        if any(h < 1 for h in hidden):
+            raise UserError(f"dose_classifier: hidden={hidden} widths must be positive")
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.hidden = list(hidden)
+        self.dropout = dropout
+        self.pool = pool
+        layers: list[nn.Module] = []
+        width = 2 * in_channels if pool == "avgmax" else in_channels
+        for h in self.hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            width = h
+        layers.append(nn.Linear(width, num_classes))
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, feature: torch.Tensor) -> torch.Tensor:
+        """Map a feature ``[B, in_channels, D, H, W]`` to logits ``[B, num_classes]``."""
+        if feature.ndim < 3 or feature.shape[1] != self.in_channels:
+            raise ValueError(f"DoseClassifier expects [B, {self.in_channels}, ...], got shape {tuple(feature.shape)}")
+        flat = feature.flatten(2)
+        if self.pool == "avg":
+            pooled = flat.mean(dim=2)
+        elif self.pool == "max":
+            pooled = flat.amax(dim=2)
+        else:
+            pooled = torch.cat([flat.mean(dim=2), flat.amax(dim=2)], dim=1)
+        return self.mlp(pooled)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_channels={self.in_channels}, num_classes={self.num_classes}, hidden={self.hidden}, "
+            f"dropout={self.dropout}, pool={self.pool!r}"
+        )
+
+
+@hookimpl
+def ldt_register_heads(register: Register) -> None:
+    register("dose_classifier", DoseClassifier)
