@@ -19,8 +19,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("infer")
     data = make_tiny_dataset(root / "data", subjects=4)
     # A residual ML-Net starts from the identity, so even a briefly trained model gives plausible values.
-    recipe = write(root / "r.yaml", tiny_recipe(data).replace("epochs: 3", "epochs: 1")
-                   .replace("steps_per_epoch: 6", "steps_per_epoch: 2").replace("depth: 2}", "depth: 2, residual: true}"))
+    text = tiny_recipe(data).replace("epochs: 3", "epochs: 1").replace("steps_per_epoch: 6", "steps_per_epoch: 2")
+    recipe = write(root / "r.yaml", text.replace("depth: 2}", "depth: 2, residual: true}"))
     assert main(["run", str(recipe), "--out", str(root / "run"), "--set", "data.split.test=0"]) == 0
     return root / "run", data
 

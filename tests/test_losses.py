@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
+
 from ldt_plugins.losses.cross_entropy import CrossEntropyLoss
 from ldt_plugins.losses.l1 import L1Loss
 from ldt_plugins.losses.lsgan import LSGANLoss
 from ldt_plugins.losses.perceptual import PerceptualLoss
-from torch import nn
-
 from lowdose_toolkit import vgg16
 from lowdose_toolkit.errors import UserError
 

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from torch import nn
+
 from ldt_plugins.discriminators.patchgan3d import PatchGAN3D
 from ldt_plugins.generators.mlnet import MLNet, pad_to_multiple
 from ldt_plugins.heads.dose_classifier import DoseClassifier
 from ldt_plugins.refiners.contextual_net import ContextualNet
-from torch import nn
-
 from lowdose_toolkit.errors import UserError
 
 

@@ -11,10 +11,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from ldt_plugins.sources import phantom as phantom_plugin
-from ldt_plugins.sources.phantom import PhantomSource
 from scipy import ndimage
 
+from ldt_plugins.sources import phantom as phantom_plugin
+from ldt_plugins.sources.phantom import PhantomSource
 from lowdose_toolkit import simulate as sim
 from lowdose_toolkit.errors import DataError, UserError
 from lowdose_toolkit.metrics import psnr

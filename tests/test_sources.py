@@ -9,9 +9,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+
 from ldt_plugins.sources import nifti as nifti_plugin
 from ldt_plugins.sources.nifti import NiftiSource, read_manifest
-
 from lowdose_toolkit import io
 from lowdose_toolkit.errors import DataError, RecipeError
 from lowdose_toolkit.records import SubjectRecord, write_manifest

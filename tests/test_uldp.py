@@ -15,12 +15,12 @@ import SimpleITK as sitk
 import torch
 
 pydicom = pytest.importorskip("pydicom")
-from ldt_plugins.sources.nifti import NiftiSource  # noqa: E402
-from ldt_plugins.sources.uldp import UldpSource  # noqa: E402
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.sequence import Sequence  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
 
+from ldt_plugins.sources.nifti import NiftiSource  # noqa: E402
+from ldt_plugins.sources.uldp import UldpSource  # noqa: E402
 from lowdose_toolkit import io  # noqa: E402
 from lowdose_toolkit.errors import DataError  # noqa: E402
 from lowdose_toolkit.prepare import parse_dose_folder, prepare_uldp, suv_from_dicom  # noqa: E402

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from ldt_plugins.generators.unet3d import UNet3D
 from torch import nn
 
+from ldt_plugins.generators.unet3d import UNet3D
 from lowdose_toolkit.errors import UserError
 
 

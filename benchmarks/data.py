@@ -1,0 +1,81 @@
+"""Patches per second of the data pipeline against the patches per second training consumes.
+
+The pipeline (phantom source -> TorchIO SubjectsDataset with input-based normalisation -> Queue ->
+DataLoader) must not be the bottleneck: its rate over the quickstart model's training rate at the
+same batch size should be >= 2. Both are measured in this process::
+
+    python benchmarks/data.py --recipe recipes/quickstart.yaml --batches 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from lowdose_toolkit.data import PatchStream, pairs_dataset
+from lowdose_toolkit.engine import make_optimizer_factory, resolve_device
+from lowdose_toolkit.model import build_losses, build_model
+from lowdose_toolkit.plugins import get_registry
+from lowdose_toolkit.recipe import load_recipe, resolve_recipe
+from lowdose_toolkit.schemes import identity
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default=str(REPO / "recipes" / "quickstart.yaml"))
+    parser.add_argument("--batches", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--set", action="append", default=[])
+    args = parser.parse_args()
+    registry = get_registry()
+    recipe = resolve_recipe(load_recipe(args.recipe, args.set), registry, args.recipe)
+    data = recipe["data"]
+    source = registry.build("source", data["source"], "data.source", context={"drfs": data["drfs"]})
+    records = source.records()
+    dataset = pairs_dataset(records, data["drfs"], data["normalization"], sampling_map=data["sampler"] == "weighted")
+    stream = PatchStream(dataset, data)
+    torch.manual_seed(0)
+    stream.next_batch()  # first queue fill is part of the steady state too, but exclude import/first-file costs
+    t0 = time.perf_counter()
+    for _ in range(args.batches):
+        batch = stream.next_batch()
+    load_rate = args.batches * data["batch_size"] / (time.perf_counter() - t0)
+
+    device = resolve_device(args.device)
+    model, disc = build_model(recipe, registry)
+    model.to(device)
+    if disc is not None:
+        disc.to(device)
+    losses = build_losses(recipe, registry, model, disc)
+    for term in losses:
+        term.to(device)
+    precision = recipe["train"]["amp"] if device.type == "cuda" else "none"
+    scheme = registry.build("scheme", recipe["train"]["scheme"], "train.scheme", context={
+        "model": model, "discriminator": disc, "losses": losses, "registry": registry,
+        "optimizer": make_optimizer_factory(recipe["train"]["optimizer"]), "wrap": identity,
+        "precision": precision, "device": device})
+    batch = {k: v.to(device) for k, v in batch.items()}
+    scheme.train_step(batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        scheme.train_step(batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    train_rate = args.steps * data["batch_size"] / (time.perf_counter() - t0)
+    print(f"recipe {recipe['name']}: {len(dataset)} (subject, DRF) volumes, patch {data['patch_size']}, "
+          f"batch {data['batch_size']}, queue workers {data['num_workers']}, device {device}")
+    print(f"pipeline  {load_rate:8.1f} patches/s")
+    print(f"training  {train_rate:8.1f} patches/s")
+    print(f"ratio pipeline/training = {load_rate / train_rate:.2f} (target >= 2)")
+
+
+if __name__ == "__main__":
+    main()
