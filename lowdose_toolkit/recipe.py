@@ -164,11 +164,18 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def deep_merge(base: Mapping[str, Any], child: Mapping[str, Any]) -> dict[str, Any]:
-    """Merge ``child`` over ``base``: mappings merge key by key, anything else replaces."""
+    """Merge ``child`` over ``base``: mappings merge key by key, anything else replaces.
+
+    A mapping that names another part than the inherited one (``generator: {name: unet3d}`` over
+    ``{name: mlnet, depth: 5}``) replaces it whole: the old part's keyword arguments are not its own.
+    """
     out = copy.deepcopy(dict(base))
     for key, value in child.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = deep_merge(out[key], value)
+        inherited = out.get(key)
+        renamed = isinstance(value, Mapping) and isinstance(inherited, Mapping) and "name" in value \
+            and "name" in inherited and value["name"] != inherited["name"]
+        if isinstance(value, Mapping) and isinstance(inherited, Mapping) and not renamed:
+            out[key] = deep_merge(inherited, value)
         else:
             out[key] = copy.deepcopy(value)
     return out

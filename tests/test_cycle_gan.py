@@ -27,7 +27,8 @@ def cycle_recipe(data_root: Path, conditional: bool = False, scheme: str = "{nam
     text = tiny_recipe(data_root)
     assert HEADS in text and LOSSES in text
     flag = "true" if conditional else "false"
-    text = text.replace(HEADS, f"  discriminator: {{name: patchgan3d, channels: 4, n_layers: 1, conditional: {flag}}}\n")
+    disc = f"{{name: patchgan3d, channels: 4, n_layers: 1, conditional: {flag}}}"
+    text = text.replace(HEADS, f"  discriminator: {disc}\n")
     text = text.replace(LOSSES, "  - {name: lsgan, weight: 1}\n")
     return text.replace("train:\n", f"train:\n  scheme: {scheme}\n")
 
@@ -47,7 +48,8 @@ def test_one_step_updates_generators_then_discriminators(tmp_path: Path, data_ro
             "d_b": scheme.discriminator_b}
     assert scheme.extra_modules == {"generator_b": scheme.generator_b, "discriminator_b": scheme.discriminator_b}
     # G_B / D_B: the same architecture as G_A / D_A, freshly initialised.
-    for copy_, original in ((scheme.generator_b, trainer.model.generator), (scheme.discriminator_b, trainer.discriminator)):
+    pairs = ((scheme.generator_b, trainer.model.generator), (scheme.discriminator_b, trainer.discriminator))
+    for copy_, original in pairs:
         a, b = copy_.state_dict(), original.state_dict()
         assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
         assert any(not torch.equal(a[k], b[k]) for k in a if k.endswith("weight"))
@@ -59,7 +61,8 @@ def test_one_step_updates_generators_then_discriminators(tmp_path: Path, data_ro
     def spy(name: str, loss: torch.Tensor) -> None:
         before = {n: [p.detach().clone() for p in ps] for n, ps in params.items()}
         original_step(name, loss)
-        changed = {n for n, ps in params.items() if any(not torch.equal(a, p) for a, p in zip(before[n], ps, strict=True))}
+        changed = {n for n, ps in params.items()
+                   if any(not torch.equal(a, p) for a, p in zip(before[n], ps, strict=True))}
         seen.append((name, changed))
 
     scheme.backward_step = spy

@@ -54,6 +54,14 @@ def test_deep_merge_replaces_lists() -> None:
     assert deep_merge({"a": {"b": 1, "c": [1, 2]}}, {"a": {"c": [3]}}) == {"a": {"b": 1, "c": [3]}}
 
 
+def test_deep_merge_another_part_replaces_the_inherited_one() -> None:
+    base = {"model": {"generator": {"name": "mlnet", "depth": 5, "channels": 32}}}
+    child = {"model": {"generator": {"name": "unet3d", "channels": 16}}}
+    assert deep_merge(base, child) == {"model": {"generator": {"name": "unet3d", "channels": 16}}}
+    same = {"model": {"generator": {"name": "mlnet", "channels": 16}}}
+    assert deep_merge(base, same)["model"]["generator"] == {"name": "mlnet", "depth": 5, "channels": 16}
+
+
 def test_set_overrides_with_yaml_types(tmp_path: Path) -> None:
     path = write(tmp_path / "r.yaml", BASE)
     recipe = resolve(path, ("train.epochs=3", "model.generator.channels=6", "losses.0.weight=5", "train.amp=bf16",

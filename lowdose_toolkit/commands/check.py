@@ -51,7 +51,7 @@ def check(recipe_path: Path, overrides: list[str]) -> None:
     # Building the scheme validates that it fits the model (e.g. paired_gan needs a discriminator).
     from lowdose_toolkit.engine import make_optimizer_factory
 
-    registry.build(
+    scheme = registry.build(
         "scheme", recipe["train"]["scheme"], "train.scheme",
         context={"model": model, "discriminator": parts["discriminator"], "losses": parts["losses"],
                  "optimizer": make_optimizer_factory(recipe["train"]["optimizer"]), "wrap": identity,
@@ -76,8 +76,12 @@ def check(recipe_path: Path, overrides: list[str]) -> None:
     for term, spec in zip(parts["losses"], recipe["losses"], strict=True):
         row("loss", "loss", spec, None, f" x{term.weight:g} on {term.on}")
     row("scheme", "scheme", recipe["train"]["scheme"])
+    scheme_plugin = registry.get("scheme", recipe["train"]["scheme"]["name"]).plugin
+    for name, module in scheme.extra_modules.items():  # e.g. CycleGAN's full->low generator
+        table.add_row(f"scheme: {name}", type(module).__name__, scheme_plugin, f"{count_parameters(module):,}")
     row("source", "source", recipe["data"]["source"])
     total = count_parameters(model) + count_parameters(parts["discriminator"])
+    total += sum(count_parameters(m) for m in scheme.extra_modules.values())
     table.add_row("total", "", "", f"{total:,}", style="bold")
     Console().print(table)
     Console().print(f"[green]ok[/]: {recipe_path} is valid")

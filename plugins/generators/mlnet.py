@@ -158,6 +158,10 @@ class MLNet(nn.Module):
 
         self.feature_channels: dict[str, int] = {f"enc{i + 1}": w for i, w in enumerate(widths)}
         self.feature_channels["bottleneck"] = widths[-1]
+        if residual:  # start as the identity: the network first reproduces its input, then learns the residual
+            nn.init.zeros_(self.output_layer.weight)
+            if self.output_layer.bias is not None:
+                nn.init.zeros_(self.output_layer.bias)
 
     @property
     def output_layer(self) -> nn.ConvTranspose3d:
