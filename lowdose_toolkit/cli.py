@@ -109,6 +109,19 @@ def infer_cmd(
     raise typer.Exit(infer(checkpoint, inputs, out, patch_size, overlap, batch_size, blending, device, amp, overwrite))
 
 
+@app.command("study")
+def study_cmd(
+    study: Path = typer.Argument(..., help="Study file, e.g. recipes/study_cpu.yaml."),
+    out: Path = typer.Option(Path("runs/study"), "--out", help="Folder for the runs and tables."),
+    docs: Path | None = typer.Option(None, "--docs", help="Also write RESULTS.md, results.csv, figure2.png here."),
+    only: list[str] = typer.Option([], "--only", help="Train only these methods (by label). Repeatable."),
+) -> None:
+    """Train and evaluate every method of a study under one budget; write Table I, Table II and a figure."""
+    from lowdose_toolkit.study import run_study
+
+    run_study(study, out, docs, only)
+
+
 def _register_optional_commands() -> None:
     """Commands implemented in their own modules (imported lazily themselves)."""
     import importlib

@@ -238,6 +238,7 @@ class Trainer:
         self.val_set = pairs_dataset(val_records, self.drfs, data_cfg["normalization"])
         self.steps_per_epoch = train["steps_per_epoch"] or self.stream.default_steps()
 
+        self._val_inputs: dict[str, dict[str, float]] | None = None
         self.epoch = 0  # epochs completed
         self.best: dict[str, Any] = {"epoch": -1, "value": None}
 
@@ -465,6 +466,8 @@ class Trainer:
         text = f"epoch {record['epoch']}/{self.total_epochs} lr {record['lr']:.1e}"
         if val:
             text += f" | val PSNR {val['psnr']:.2f} dB SSIM {val['ssim']:.4f} NRMSE {100 * val['nrmse']:.3f}%"
+            gain = [val["per_drf"][d]["psnr"] - val["low_dose"][d]["psnr"] for d in val["per_drf"]]
+            text += f" | vs input {min(gain):+.2f}..{max(gain):+.2f} dB"
         text += f" | {record['epoch_seconds']:.1f} s"
         self._say(text)
 
@@ -480,6 +483,7 @@ class Trainer:
         self.model.eval()
         cfg = self.recipe["eval"]
         per_drf: dict[int, list[dict[str, float]]] = {}
+        inputs: dict[int, list[dict[str, float]]] = {}
         l1: list[float] = []
         preview_index = len(self.drfs) - 1  # the first validation subject at the last (highest) DRF
         for i in range(len(self.val_set)):
@@ -488,6 +492,9 @@ class Trainer:
             pred = self.predict_volume(low, cfg)
             m = compute_all(full[0], pred[0], ssim_range=cfg["ssim_range"])
             per_drf.setdefault(int(subject["drf"]), []).append(m)
+            if self._val_inputs is None:  # the low-dose input's own metrics, once: the bar to clear
+                inputs.setdefault(int(subject["drf"]), []).append(
+                    compute_all(full[0], low[0], ssim_range=cfg["ssim_range"]))
             l1.append(float((pred - full).abs().mean()))
             if self.recipe["train"]["previews"] and i == preview_index:
                 self._preview(low, full, pred, cfg, int(subject["drf"]), subject["subject_id"])
@@ -498,6 +505,10 @@ class Trainer:
         for key in ("psnr", "ssim", "nrmse"):
             out[key] = float(np.mean([v[key] for v in out["per_drf"].values()]))
         out["loss"] = float(np.mean(l1))
+        if self._val_inputs is None:
+            self._val_inputs = {str(d): {k: float(np.mean([r[k] for r in rows])) for k in ("psnr", "ssim", "nrmse")}
+                                for d, rows in sorted(inputs.items())}
+        out["low_dose"] = self._val_inputs
         return out
 
     def predict_volume(self, low: torch.Tensor, cfg: Mapping[str, Any], coarse_only: bool = False) -> torch.Tensor:

@@ -91,3 +91,11 @@ eval: {{patch_size: 24, overlap: 0, batch_size: 1, val_subjects: 1}}
     for key, value in extra.items():
         text += f"{key}: {value}\n"
     return text
+
+
+def tiny_gan_recipe(data_root: Path, scheme: str = "paired_gan") -> str:
+    """:func:`tiny_recipe` with a small conditional PatchGAN and an LSGAN term, trained by ``scheme``."""
+    text = tiny_recipe(data_root)
+    text = text.replace("  heads:", "  discriminator: {name: patchgan3d, channels: 4, n_layers: 1}\n  heads:")
+    text = text.replace("losses:\n", "losses:\n  - {name: lsgan, weight: 1}\n")
+    return text.replace("train:\n", f"train:\n  scheme: {scheme}\n")

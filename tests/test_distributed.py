@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import torch
-from conftest import make_tiny_dataset, tiny_recipe, write
+from conftest import make_tiny_dataset, tiny_gan_recipe, write
 
 SCRIPT = '''
 import sys
@@ -40,9 +40,7 @@ def free_port() -> int:
 
 def test_two_cpu_ranks_end_identical(tmp_path: Path) -> None:
     data = make_tiny_dataset(tmp_path / "data", subjects=6)
-    text = tiny_recipe(data).replace(
-        "  heads:", "  discriminator: {name: patchgan3d, channels: 4, n_layers: 1}\n  heads:"
-    ).replace("losses:\n", "losses:\n  - {name: lsgan, weight: 1}\n").replace("train:\n", "train:\n  scheme: paired_gan\n")
+    text = tiny_gan_recipe(data)
     text = text.replace("epochs: 3", "epochs: 2").replace("steps_per_epoch: 6", "steps_per_epoch: 3")
     recipe = write(tmp_path / "r.yaml", text)
     script = write(tmp_path / "ddp_script.py", SCRIPT)

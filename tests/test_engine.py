@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import make_tiny_dataset, tiny_recipe, write
+from conftest import make_tiny_dataset, tiny_gan_recipe, tiny_recipe, write
 
 from lowdose_toolkit.cli import main
 from lowdose_toolkit.engine import Trainer, load_checkpoint
@@ -59,9 +59,7 @@ def test_tiny_training_makes_loss_fall_and_fills_run_dir(tmp_path: Path, data_ro
 
 
 def test_gan_phases_step_the_right_parameters(tmp_path: Path, data_root: Path) -> None:
-    text = tiny_recipe(data_root).replace(
-        "  heads:", "  discriminator: {name: patchgan3d, channels: 4, n_layers: 1}\n  heads:"
-    ).replace("losses:\n", "losses:\n  - {name: lsgan, weight: 1}\n").replace("train:\n", "train:\n  scheme: paired_gan\n")
+    text = tiny_gan_recipe(data_root)
     trainer = trainer_for(tmp_path, text)
     scheme = trainer.scheme
     g = [p for p in trainer.model.parameters()]
