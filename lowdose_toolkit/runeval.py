@@ -15,7 +15,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from lowdose_toolkit.atomic import atomic_path
@@ -42,50 +41,9 @@ def model_from_checkpoint(ckpt: Mapping[str, Any], device: torch.device) -> Any:
     return model.to(device).eval(), recipe
 
 
-def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and std per (method, DRF)."""
-    groups: dict[tuple[str, int], list[Mapping[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault((row["method"], int(row["drf"])), []).append(row)
-    out = []
-    for (method, drf), items in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0] != LOW_DOSE, kv[0][0])):
-        entry: dict[str, Any] = {"method": method, "drf": drf, "n": len(items)}
-        for key in ("psnr", "ssim", "nrmse"):
-            values = np.array([float(r[key]) for r in items])
-            entry[key] = float(values.mean())
-            entry[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-        out.append(entry)
-    return out
-
-
-def markdown_summary(summary: Sequence[Mapping[str, Any]], title: str) -> str:
-    """A Markdown table: DRF, method, PSNR, SSIM, NRMSE (%), mean ± std."""
-    lines = [f"### {title}", "", "| DRF | Method | PSNR (dB) | SSIM | NRMSE (%) | n |", "|---|---|---|---|---|---|"]
-    for s in summary:
-        lines.append(
-            f"| {s['drf']} | {s['method']} | {s['psnr']:.3f} ± {s['psnr_std']:.3f} | {s['ssim']:.4f} ± "
-            f"{s['ssim_std']:.4f} | {100 * s['nrmse']:.3f} ± {100 * s['nrmse_std']:.3f} | {s['n']} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def print_summary(summary: Sequence[Mapping[str, Any]], title: str, console: Any = None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    for col in ("DRF", "method", "PSNR (dB)", "SSIM", "NRMSE (%)", "n"):
-        table.add_column(col, justify="left" if col == "method" else "right")
-    by_drf: dict[int, list[Mapping[str, Any]]] = {}
-    for s in summary:
-        by_drf.setdefault(s["drf"], []).append(s)
-    for drf, items in by_drf.items():
-        best = max(items, key=lambda s: s["psnr"])["method"]
-        for s in items:
-            style = "bold green" if s["method"] == best else None
-            table.add_row(str(drf), s["method"], f"{s['psnr']:.2f} ± {s['psnr_std']:.2f}",
-                          f"{s['ssim']:.4f}", f"{100 * s['nrmse']:.3f}", str(s["n"]), style=style)
-    (console or Console()).print(table)
+def by_drf(summary: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Summary rows ordered by DRF, the Low-Dose input first within each DRF (the paper's layout)."""
+    return sorted(summary, key=lambda s: (s["drf"], s["method"] != LOW_DOSE, s["method"]))
 
 
 def evaluate_run(
@@ -101,6 +59,7 @@ def evaluate_run(
 
     from lowdose_toolkit.data import pairs_dataset
     from lowdose_toolkit.engine import load_checkpoint, resolve_device
+    from lowdose_toolkit.evaluate import aggregate, summary_markdown
     from lowdose_toolkit.metrics import compute_all
     from lowdose_toolkit.plugins import get_registry
     from lowdose_toolkit.sliding import infer_volume
@@ -142,7 +101,7 @@ def evaluate_run(
                 scale = float(subject["scale"])
                 save_like(pred * scale, subject["low"].path, run_dir / "predictions" / f"{sid}_drf_{drf:03d}.nii.gz")
             progress.advance(task)
-    summary = summarize(rows)
+    summary = by_drf(aggregate(rows))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(COLUMNS))
     writer.writeheader()
@@ -154,5 +113,6 @@ def evaluate_run(
     with atomic_path(run_dir / "results.json") as tmp:
         tmp.write_text(json.dumps(meta, indent=2))
     with atomic_path(run_dir / "results.md") as tmp:
-        tmp.write_text(markdown_summary(summary, f"{method} on held-out subjects (SSIM range: {cfg['ssim_range']})"))
+        tmp.write_text(f"### {method} on held-out test subjects\n\n"
+                       + summary_markdown(summary, {"ssim_range": cfg["ssim_range"], "mask": False}))
     return summary

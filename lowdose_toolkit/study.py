@@ -157,7 +157,8 @@ def _write_summary_csv(summary: Sequence[Mapping[str, Any]], path: Path) -> None
     writer = csv.writer(buf)
     writer.writerow(["method", "drf", "psnr", "ssim", "nrmse"])
     for s in summary:
-        writer.writerow([s["method"], s["drf"], f"{s['psnr']:.4f}", f"{s['ssim']:.5f}", f"{100 * s['nrmse']:.4f}"])
+        writer.writerow([s["method"], s["drf"], f"{s['psnr_mean']:.4f}", f"{s['ssim_mean']:.5f}",
+                         f"{100 * s['nrmse_mean']:.4f}"])
     with atomic_path(path) as tmp:
         tmp.write_text(buf.getvalue())
 

@@ -22,7 +22,7 @@ name: tiny-study
 seed: 1
 set: [train.steps_per_epoch=2, data.split.test=2]
 methods:
-  - {method: Baseline, recipe: base.yaml, set: [model.heads=[], "losses=[{name: l1, on: coarse}]"]}
+  - {method: Baseline, recipe: base.yaml, set: ["model.heads=[]", "losses=[{name: l1, on: coarse}]"]}
   - {method: Baseline+CG, recipe: cg.yaml}
 classical: [gaussian]
 figure_drf: 100

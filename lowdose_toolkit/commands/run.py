@@ -11,9 +11,10 @@ def run(recipe_path: Path | None, overrides: list[str], out: Path | None, resume
     from rich.console import Console
 
     from lowdose_toolkit.engine import Trainer, default_run_dir
+    from lowdose_toolkit.evaluate import print_summary
     from lowdose_toolkit.plugins import get_registry
     from lowdose_toolkit.recipe import load_recipe, resolve_recipe, safe_load
-    from lowdose_toolkit.runeval import evaluate_run, print_summary
+    from lowdose_toolkit.runeval import evaluate_run
 
     console = Console(stderr=True)
     registry = get_registry()
@@ -44,5 +45,5 @@ def run(recipe_path: Path | None, overrides: list[str], out: Path | None, resume
     trainer.fit()
     if trainer.dist.is_main and trainer.split.test:
         summary = evaluate_run(run_dir, console=console)
-        print_summary(summary, f"{recipe['name']}: held-out test subjects", Console())
+        print_summary(summary, Console(), title=f"{recipe['name']}: held-out test subjects")
         console.print(f"results: {run_dir / 'results.md'}")
