@@ -38,7 +38,8 @@ def main() -> None:
     data = recipe["data"]
     source = registry.build("source", data["source"], "data.source", context={"drfs": data["drfs"]})
     records = source.records()
-    dataset = pairs_dataset(records, data["drfs"], data["normalization"], sampling_map=data["sampler"] == "weighted")
+    dataset = pairs_dataset(records, data["drfs"], data["normalization"], sampling_map=data["sampler"] == "weighted",
+                            preload=data["preload"])
     stream = PatchStream(dataset, data)
     torch.manual_seed(0)
     stream.next_batch()  # first queue fill is part of the steady state too, but exclude import/first-file costs
@@ -71,7 +72,8 @@ def main() -> None:
         torch.cuda.synchronize()
     train_rate = args.steps * data["batch_size"] / (time.perf_counter() - t0)
     print(f"recipe {recipe['name']}: {len(dataset)} (subject, DRF) volumes, patch {data['patch_size']}, "
-          f"batch {data['batch_size']}, queue workers {data['num_workers']}, device {device}")
+          f"batch {data['batch_size']}, queue workers {data['num_workers']}, preload {data['preload']}, "
+          f"device {device}")
     print(f"pipeline  {load_rate:8.1f} patches/s")
     print(f"training  {train_rate:8.1f} patches/s")
     print(f"ratio pipeline/training = {load_rate / train_rate:.2f} (target >= 2)")

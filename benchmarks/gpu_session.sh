@@ -3,7 +3,7 @@
 # no package registry: the project's pure-Python dependencies (torchio, nibabel, ...) travel in an
 # ignored folder .gpu/site, with a dist-info holding our entry points and ldt_plugins -> ../../plugins.
 # Usage there: OUT=/some/folder bash benchmarks/gpu_session.sh
-set -euo pipefail
+set -eu
 export PYTHONPATH="$PWD/.gpu/site:$PWD" LDT_CACHE_DIR=/tmp/ldt-cache COLUMNS=160
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"

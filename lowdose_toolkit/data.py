@@ -106,10 +106,25 @@ def make_subject(record: SubjectRecord, drf: int, drfs: Sequence[int]) -> tio.Su
 
 
 def pairs_dataset(records: Sequence[SubjectRecord], drfs: Sequence[int], normalization: str,
-                  sampling_map: bool = False) -> tio.SubjectsDataset:
-    """A SubjectsDataset with one item per (subject, DRF)."""
+                  sampling_map: bool = False, preload: bool = False) -> tio.SubjectsDataset:
+    """A SubjectsDataset with one item per (subject, DRF).
+
+    Images load lazily and are normalised each time a subject is drawn; with ``preload`` every pair
+    is read and normalised once and kept in memory (fast patch queues for small data sets such as the
+    phantom; a whole-body challenge set needs hundreds of GB, so the default is lazy).
+    """
     subjects = [make_subject(r, d, drfs) for r in records for d in drfs]
-    return tio.SubjectsDataset(subjects, transform=NormalizeByInput(normalization, sampling_map))
+    transform = NormalizeByInput(normalization, sampling_map)
+    if not preload:
+        return tio.SubjectsDataset(subjects, transform=transform)
+    loaded = []
+    for subject in subjects:
+        subject.load()
+        done = transform(subject)
+        for name, image in done.get_images_dict(intensity_only=False).items():
+            done[name] = tio.ScalarImage(tensor=image.data, affine=image.affine)
+        loaded.append(done)
+    return tio.SubjectsDataset(loaded)
 
 
 def _as_3(value: int | Sequence[int], key: str) -> tuple[int, int, int]:

@@ -231,11 +231,11 @@ class Trainer:
         data_cfg = recipe["data"]
         train_records = shard(self.split.train, self.dist.rank, self.dist.world)
         self.train_set = pairs_dataset(train_records, self.drfs, data_cfg["normalization"],
-                                       sampling_map=data_cfg["sampler"] == "weighted")
+                                       sampling_map=data_cfg["sampler"] == "weighted", preload=data_cfg["preload"])
         self.stream = PatchStream(self.train_set, data_cfg)
         n_val = recipe["eval"]["val_subjects"]
         val_records = self.split.val if n_val is None else self.split.val[:n_val]
-        self.val_set = pairs_dataset(val_records, self.drfs, data_cfg["normalization"])
+        self.val_set = pairs_dataset(val_records, self.drfs, data_cfg["normalization"], preload=data_cfg["preload"])
         self.steps_per_epoch = train["steps_per_epoch"] or self.stream.default_steps()
 
         self._val_inputs: dict[str, dict[str, float]] | None = None

@@ -57,6 +57,7 @@ SCHEMA: Schema = {
         "num_workers": Field(int, 0, "workers of the TorchIO queue (the outer loader always uses 0)"),
         "sampler": Field(Literal["uniform", "weighted"], "uniform"),
         "normalization": Field(Literal["auto", "suv", "robust", "none"], "auto"),
+        "preload": Field(bool, False, "read and normalise every volume once, keep in memory (small data)"),
         "split": {
             "val": Field(float | int, 0.2, "fraction (<1) or number of validation subjects"),
             "test": Field(float | int, 0.2, "fraction (<1) or number of test subjects"),
