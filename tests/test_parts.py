@@ -101,3 +101,14 @@ def test_every_part_has_a_docstring_and_typed_signature(kind: str) -> None:
         for param, p in entry.parameters().items():
             if p.default is not inspect.Parameter.empty and p.default is not None:
                 assert param in hints, f"{kind} {name}: parameter {param!r} has no type annotation"
+
+
+@pytest.mark.parametrize("name", entries("generator"))
+def test_residual_generators_start_as_the_identity(name: str) -> None:
+    entry = get_registry().get("generator", name)
+    if "residual" not in entry.parameters():
+        pytest.skip(f"{name} has no residual option")
+    gen = get_registry().build("generator", {"name": name, **small_kwargs("generator", name), "residual": True},
+                               "g", context={"in_channels": 1, "out_channels": 1})
+    x = torch.rand(2, 1, 16, 16, 16)
+    torch.testing.assert_close(gen(x), x)

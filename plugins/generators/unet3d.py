@@ -122,6 +122,9 @@ class UNet3D(nn.Module):
         )
         self.decoder = nn.ModuleList(DoubleConv(2 * widths[i], widths[i], norm) for i in range(num_levels - 1))
         self.project = nn.Conv3d(widths[0], out_channels, kernel_size=1)
+        if residual:  # start as the identity, as ML-Net does with residual=true
+            nn.init.zeros_(self.project.weight)
+            nn.init.zeros_(self.project.bias)
 
         self.feature_channels: dict[str, int] = {f"enc{i + 1}": w for i, w in enumerate(widths)}
         self.feature_channels["bottleneck"] = widths[-1]
