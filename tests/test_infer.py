@@ -93,3 +93,33 @@ def test_manifest_input_and_missing_checkpoint(trained: tuple[Path, Path], tmp_p
                      f"sub03,100,{data / 'sub03' / 'drf_100.nii.gz'}\nsub03,full,{data / 'sub03' / 'full.nii.gz'}\n")
     assert main(["infer", str(run), str(manifest), "--out", str(tmp_path / "o")]) == 0
     assert sorted(p.name for p in (tmp_path / "o").glob("*.nii.gz")) == ["drf_100.nii.gz"]
+
+
+def test_dicom_series_input(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    from test_uldp import activity, write_series
+
+    run, _ = trained
+    series = tmp_path / "scan" / "PET_DRF_100"
+    write_series(series, activity(3))
+    out = tmp_path / "out"
+    assert main(["infer", str(run), str(series), "--out", str(out)]) == 0
+    pred = nib.load(out / "PET_DRF_100.nii.gz")
+    from lowdose_toolkit.io import load_array
+
+    _, affine, info = load_array(series)
+    assert pred.shape == info.shape
+    np.testing.assert_allclose(pred.affine, affine, atol=1e-4)
+
+
+def test_checkpoint_naming_a_missing_plugin(trained: tuple[Path, Path], tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    run, data = trained
+    ckpt = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    ckpt["recipe"]["model"]["generator"]["name"] = "fancy_unet"
+    torch.save(ckpt, tmp_path / "foreign.pt")
+    assert main(["infer", str(tmp_path / "foreign.pt"), str(data / "sub00" / "drf_004.nii.gz"),
+                 "--out", str(tmp_path / "o")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "unknown generator 'fancy_unet'" in err and "install the plugin that provides it" in err
