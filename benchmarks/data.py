@@ -16,11 +16,9 @@ from pathlib import Path
 import torch
 
 from lowdose_toolkit.data import PatchStream, pairs_dataset
-from lowdose_toolkit.engine import make_optimizer_factory, resolve_device
-from lowdose_toolkit.model import build_losses, build_model
+from lowdose_toolkit.engine import build_training, resolve_device
 from lowdose_toolkit.plugins import get_registry
 from lowdose_toolkit.recipe import load_recipe, resolve_recipe
-from lowdose_toolkit.schemes import identity
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,18 +47,8 @@ def main() -> None:
     load_rate = args.batches * data["batch_size"] / (time.perf_counter() - t0)
 
     device = resolve_device(args.device)
-    model, disc = build_model(recipe, registry)
-    model.to(device)
-    if disc is not None:
-        disc.to(device)
-    losses = build_losses(recipe, registry, model, disc)
-    for term in losses:
-        term.to(device)
     precision = recipe["train"]["amp"] if device.type == "cuda" else "none"
-    scheme = registry.build("scheme", recipe["train"]["scheme"], "train.scheme", context={
-        "model": model, "discriminator": disc, "losses": losses, "registry": registry,
-        "optimizer": make_optimizer_factory(recipe["train"]["optimizer"]), "wrap": identity,
-        "precision": precision, "device": device})
+    _, _, _, scheme = build_training(recipe, registry, device, precision)
     batch = {k: v.to(device) for k, v in batch.items()}
     scheme.train_step(batch)
     if device.type == "cuda":

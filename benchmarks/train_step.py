@@ -19,43 +19,31 @@ from pathlib import Path
 
 import torch
 
-from lowdose_toolkit.engine import make_optimizer_factory, resolve_device
+from lowdose_toolkit.engine import build_training, resolve_device
 from lowdose_toolkit.model import IMAGE_OUTPUTS, build_losses, build_model
 from lowdose_toolkit.plugins import get_registry
 from lowdose_toolkit.recipe import load_recipe, resolve_recipe
-from lowdose_toolkit.schemes import identity
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def build(recipe: dict, device: torch.device, precision: str):
-    registry = get_registry()
-    torch.manual_seed(0)
-    model, disc = build_model(recipe, registry)
-    model.to(device)
-    if disc is not None:
-        disc.to(device)
-    losses = build_losses(recipe, registry, model, disc)
-    for t in losses:
-        t.to(device)
-    return model, disc, losses
-
-
 def engine_path(recipe: dict, device: torch.device, precision: str):
-    model, disc, losses = build(recipe, device, precision)
-    scheme = get_registry().build(
-        "scheme", recipe["train"]["scheme"], "train.scheme",
-        context={"model": model, "discriminator": disc, "losses": losses,
-                 "optimizer": make_optimizer_factory(recipe["train"]["optimizer"]), "wrap": identity,
-                 "precision": precision, "device": device, "registry": get_registry()},
-    )
+    torch.manual_seed(0)
+    model, _, _, scheme = build_training(recipe, get_registry(), device, precision)
     model.train()
     return lambda batch: scheme.train_step(batch)
 
 
 def plain_path(recipe: dict, device: torch.device, precision: str):
     """A hand-written loop over the same parts (what the engine must not be slower than)."""
-    model, disc, losses = build(recipe, device, precision)
+    torch.manual_seed(0)  # the same initial weights as the engine path
+    model, disc = build_model(recipe, get_registry())
+    model.to(device)
+    if disc is not None:
+        disc.to(device)
+    losses = build_losses(recipe, get_registry(), model, disc)
+    for term in losses:
+        term.to(device)
     opt_cfg = recipe["train"]["optimizer"]
     g_opt = torch.optim.Adam(model.parameters(), lr=opt_cfg["lr"], betas=tuple(opt_cfg["betas"]))
     d_opt = torch.optim.Adam(disc.parameters(), lr=opt_cfg["lr"], betas=tuple(opt_cfg["betas"])) if disc else None

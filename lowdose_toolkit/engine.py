@@ -40,10 +40,11 @@ from lowdose_toolkit.distributed import (
     init_distributed,
 )
 from lowdose_toolkit.errors import RecipeError, UserError
-from lowdose_toolkit.model import build_losses, build_model
+from lowdose_toolkit.model import LossTerm, LowDoseModel, build_losses, build_model
 from lowdose_toolkit.recipe import dump_recipe
 from lowdose_toolkit.records import SubjectRecord
 from lowdose_toolkit.registry import Registry
+from lowdose_toolkit.schemes import Scheme, identity
 
 CHECKPOINT_FORMAT = 1
 STAGE_PARTS = ("generator", "heads", "refiner", "discriminator")
@@ -166,6 +167,30 @@ def parse_stages(train: Mapping[str, Any], has_refiner: bool) -> list[dict[str, 
     return stages
 
 
+def build_training(
+    recipe: Mapping[str, Any],
+    registry: Registry,
+    device: torch.device,
+    precision: str = "none",
+    wrap: Callable[[nn.Module], nn.Module] | None = None,
+) -> tuple[LowDoseModel, nn.Module | None, list[LossTerm], Scheme]:
+    """Build the model, discriminator, loss terms (on ``device``) and the scheme that trains them."""
+    model, discriminator = build_model(recipe, registry)
+    model.to(device)
+    if discriminator is not None:
+        discriminator.to(device)
+    losses = build_losses(recipe, registry, model, discriminator)
+    for term in losses:
+        term.to(device)
+    scheme = registry.build(
+        "scheme", recipe["train"]["scheme"], "train.scheme",
+        context={"model": model, "discriminator": discriminator, "losses": losses,
+                 "optimizer": make_optimizer_factory(recipe["train"]["optimizer"]), "wrap": wrap or identity,
+                 "precision": precision, "device": device, "registry": registry},
+    )
+    return model, discriminator, losses, scheme
+
+
 # --------------------------------------------------------------------------- the trainer
 
 
@@ -203,21 +228,10 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
 
         # Model, losses, scheme.
-        self.model, self.discriminator = build_model(recipe, registry)
-        self.model.to(self.device)
-        if self.discriminator is not None:
-            self.discriminator.to(self.device)
-        self.losses = build_losses(recipe, registry, self.model, self.discriminator)
-        for term in self.losses:
-            term.to(self.device)
-        self.stages = parse_stages(train, self.model.refiner is not None)
-        self.scheme = registry.build(
-            "scheme", train["scheme"], "train.scheme",
-            context={"model": self.model, "discriminator": self.discriminator, "losses": self.losses,
-                     "optimizer": make_optimizer_factory(train["optimizer"]),
-                     "wrap": ddp_wrapper(self.dist, self.device, find_unused=len(self.stages) > 1),
-                     "precision": self.precision, "device": self.device, "registry": registry},
-        )
+        self.stages = parse_stages(train, recipe["model"]["refiner"] is not None)
+        wrap = ddp_wrapper(self.dist, self.device, find_unused=len(self.stages) > 1)
+        self.model, self.discriminator, self.losses, self.scheme = build_training(
+            recipe, registry, self.device, self.precision, wrap)
         self.schedulers = self._make_schedulers()
         self.base_lr = train["optimizer"]["lr"]
 

@@ -40,23 +40,19 @@ def build_parts(recipe_path: Path, overrides: list[str]) -> dict[str, Any]:
 
 def check(recipe_path: Path, overrides: list[str]) -> None:
     """Print a table of the recipe's parts with their plugins and parameter counts."""
+    import torch
     from rich.console import Console
     from rich.table import Table
 
     from lowdose_toolkit.model import count_parameters
-    from lowdose_toolkit.schemes import identity
 
     parts = build_parts(recipe_path, overrides)
     recipe, registry, model = parts["recipe"], parts["registry"], parts["model"]
     # Building the scheme validates that it fits the model (e.g. paired_gan needs a discriminator).
-    from lowdose_toolkit.engine import make_optimizer_factory
+    from lowdose_toolkit.engine import build_training
 
-    scheme = registry.build(
-        "scheme", recipe["train"]["scheme"], "train.scheme",
-        context={"model": model, "discriminator": parts["discriminator"], "losses": parts["losses"],
-                 "optimizer": make_optimizer_factory(recipe["train"]["optimizer"]), "wrap": identity,
-                 "precision": "none", "device": "cpu", "registry": registry},
-    )
+    model, discriminator, losses, scheme = build_training(recipe, registry, torch.device("cpu"))
+    parts.update(model=model, discriminator=discriminator, losses=losses)
     table = Table(title=f"{recipe_path} ({recipe['name']})")
     for col in ("part", "name", "plugin", "parameters"):
         table.add_column(col, justify="right" if col == "parameters" else "left")
