@@ -41,6 +41,16 @@ def model_from_checkpoint(ckpt: Mapping[str, Any], device: torch.device) -> Any:
     return model.to(device).eval(), recipe
 
 
+def write_case_rows(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
+    """Per-case rows (``method, subject, drf, psnr, ssim, nrmse``) as CSV, atomically."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(COLUMNS))
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_path(path) as tmp:
+        tmp.write_text(buf.getvalue())
+
+
 def by_drf(summary: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     """Summary rows ordered by DRF, the Low-Dose input first within each DRF (the paper's layout)."""
     return sorted(summary, key=lambda s: (s["drf"], s["method"] != LOW_DOSE, s["method"]))
@@ -102,12 +112,7 @@ def evaluate_run(
                 save_like(pred * scale, subject["low"].path, run_dir / "predictions" / f"{sid}_drf_{drf:03d}.nii.gz")
             progress.advance(task)
     summary = by_drf(aggregate(rows))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(COLUMNS))
-    writer.writeheader()
-    writer.writerows(rows)
-    with atomic_path(run_dir / "results.csv") as tmp:
-        tmp.write_text(buf.getvalue())
+    write_case_rows(rows, run_dir / "results.csv")
     meta = {"method": method, "checkpoint": str(path), "epoch": ckpt["epoch"], "ssim_range": cfg["ssim_range"],
             "test_subjects": sorted(test_ids), "summary": summary}
     with atomic_path(run_dir / "results.json") as tmp:

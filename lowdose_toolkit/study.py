@@ -183,7 +183,7 @@ def evaluate_classical(recipe: Mapping[str, Any], run_dir: Path, study: Mapping[
 
     from lowdose_toolkit.classical import bm4d_denoise, gaussian, tune_gaussian_sigma
     from lowdose_toolkit.metrics import compute_all
-    from lowdose_toolkit.runeval import COLUMNS, LOW_DOSE
+    from lowdose_toolkit.runeval import LOW_DOSE, write_case_rows
 
     val = _test_dataset(recipe, run_dir, "val")
     pairs: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -214,13 +214,7 @@ def evaluate_classical(recipe: Mapping[str, Any], run_dir: Path, study: Mapping[
                 rows.append({"method": name, "subject": s["subject_id"], "drf": drf,
                              "psnr": m["psnr"], "ssim": m["ssim"], "nrmse": m["nrmse"]})
             progress.advance(task)
-    out.mkdir(parents=True, exist_ok=True)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(COLUMNS))
-    writer.writeheader()
-    writer.writerows(rows)
-    with atomic_path(out / "results.csv") as tmp:
-        tmp.write_text(buf.getvalue())
+    write_case_rows(rows, out / "results.csv")
     with atomic_path(out / "results.json") as tmp:
         tmp.write_text(json.dumps({"method": "classical", "gaussian_sigma_vox": sigmas,
                                    "ssim_range": ssim_range, "summary": []}, indent=2))

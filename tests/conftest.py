@@ -99,3 +99,8 @@ def tiny_gan_recipe(data_root: Path, scheme: str = "paired_gan") -> str:
     text = text.replace("  heads:", "  discriminator: {name: patchgan3d, channels: 4, n_layers: 1}\n  heads:")
     text = text.replace("losses:\n", "losses:\n  - {name: lsgan, weight: 1}\n")
     return text.replace("train:\n", f"train:\n  scheme: {scheme}\n")
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file and folder below ``root`` with its mtime and size (to prove nothing was written)."""
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(root.rglob("*"))}

@@ -9,7 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import make_tiny_dataset, tiny_recipe, write
+from conftest import make_tiny_dataset, snapshot, tiny_recipe, write
 
 from lowdose_toolkit.cli import main
 
@@ -23,10 +23,6 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     recipe = write(root / "r.yaml", text.replace("depth: 2}", "depth: 2, residual: true}"))
     assert main(["run", str(recipe), "--out", str(root / "run"), "--set", "data.split.test=0"]) == 0
     return root / "run", data
-
-
-def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
-    return {str(p): (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.rglob("*")}
 
 
 def test_infer_folder_keeps_geometry_and_reports_drf(trained: tuple[Path, Path], tmp_path: Path) -> None:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import snapshot
 
 from ldt_plugins.sources import nifti as nifti_plugin
 from ldt_plugins.sources.nifti import NiftiSource, read_manifest
@@ -35,15 +35,6 @@ def folder_layout(root: Path, subjects: tuple[str, ...] = ("s01", "s02"), drfs=(
         for d in drfs:
             put(root / s / f"drf_{d:03d}.nii.gz", seed=100 * i + d)
     return root
-
-
-def snapshot(root: Path) -> dict[str, tuple[int, int]]:
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            st = (Path(dirpath) / name).stat()
-            out[str((Path(dirpath) / name).relative_to(root))] = (st.st_mtime_ns, st.st_size)
-    return out
 
 
 @pytest.fixture(autouse=True)

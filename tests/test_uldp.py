@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from datetime import datetime
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import SimpleITK as sitk
 import torch
 
 pydicom = pytest.importorskip("pydicom")
+from conftest import snapshot  # noqa: E402
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.sequence import Sequence  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
@@ -130,15 +130,6 @@ def release(root: Path) -> Path:
 @pytest.fixture(scope="module")
 def src(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return release(tmp_path_factory.mktemp("uldp") / "release")
-
-
-def snapshot(root: Path) -> dict[str, tuple[int, int]]:
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            st = (Path(dirpath) / name).stat()
-            out[str((Path(dirpath) / name).relative_to(root))] = (st.st_mtime_ns, st.st_size)
-    return out
 
 
 def test_parse_dose_folder() -> None:
