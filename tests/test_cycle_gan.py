@@ -179,3 +179,20 @@ def test_needs_one_adversarial_loss(tmp_path: Path, data_root: Path) -> None:
     text = cycle_recipe(data_root).replace("  - {name: lsgan, weight: 1}\n", "  - {name: l1, weight: 1, on: pred}\n")
     with pytest.raises(RecipeError, match="exactly one adversarial loss"):
         trainer_for(tmp_path, text)
+
+
+def test_ldt_infer_uses_the_low_to_full_generator(tmp_path: Path, data_root: Path) -> None:
+    import nibabel as nib
+
+    from lowdose_toolkit.cli import main
+
+    recipe = write(tmp_path / "c.yaml", cycle_recipe(data_root).replace("epochs: 3", "epochs: 1")
+                   .replace("steps_per_epoch: 6", "steps_per_epoch: 2"))
+    assert main(["run", str(recipe), "--out", str(tmp_path / "run"), "--set", "data.split.test=0"]) == 0
+    source = data_root / "sub00" / "drf_100.nii.gz"
+    assert main(["infer", str(tmp_path / "run"), str(source), "--out", str(tmp_path / "out")]) == 0
+    pred = nib.load(tmp_path / "out" / "drf_100.nii.gz")
+    assert pred.shape == nib.load(source).shape
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    # The checkpoint's model is G_A (low -> full); G_B and D_B travel as scheme modules.
+    assert set(ckpt["scheme_modules"]) == {"generator_b", "discriminator_b"}
