@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from lowdose_toolkit.errors import DataError, RecipeError
 from lowdose_toolkit.io import read_image
-from lowdose_toolkit.normalize import Normalization, fit_normalization
+from lowdose_toolkit.normalize import fit_normalization
 from lowdose_toolkit.records import SubjectRecord
 
 
@@ -200,12 +200,6 @@ def to_batch(item: dict[str, Any]) -> dict[str, torch.Tensor]:
         "drf": torch.as_tensor(item["drf"]),
         "drf_class": torch.as_tensor(item["drf_class"]).long(),
     }
-
-
-def load_volume_pair(dataset: tio.SubjectsDataset, index: int) -> tuple[tio.Subject, Normalization]:
-    """Load item ``index`` (normalised) and its normalisation."""
-    subject = dataset[index]
-    return subject, Normalization(subject["norm_method"], float(subject["scale"]))
 
 
 def shard(items: Sequence[Any], rank: int, world: int) -> list[Any]:

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import json
-import math
 import platform
 import random
 import shutil
@@ -559,7 +558,3 @@ def default_run_dir(recipe: Mapping[str, Any], root: Path = Path("runs")) -> Pat
     """``runs/<name>-<YYYYmmdd-HHMMSS>``."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return root / f"{recipe['name']}-{stamp}"
-
-
-def isfinite_or_none(value: float) -> float | None:
-    return value if math.isfinite(value) else None
