@@ -3,18 +3,18 @@
 Each kind is built from a recipe mapping ``{name: ..., **kwargs}``. Besides the recipe's kwargs the
 engine passes *context* arguments, but only those the factory's signature names:
 
-===============  ==========================================================================
-kind             context arguments the engine may pass
-===============  ==========================================================================
-generator        ``in_channels`` (1), ``out_channels`` (1)
-head             ``in_channels`` (channels of the feature it reads), ``num_classes`` (DRFs)
-refiner          ``in_channels`` (1)
-discriminator    ``in_channels`` (image channels, 1)
-loss             none
-source           ``drfs`` (the recipe's DRF list)
-scheme           ``model``, ``discriminator``, ``losses``, ``optimizer``, ``wrap``, ``precision``,
-                 ``device``, ``registry`` (see ``lowdose_toolkit.schemes.Scheme``)
-===============  ==========================================================================
+==============  ===========================================================================
+kind            context arguments the engine may pass
+==============  ===========================================================================
+generator       ``in_channels`` (1), ``out_channels`` (1)
+head            ``in_channels`` (channels of the feature it reads), ``num_classes`` (DRFs)
+refiner         ``in_channels`` (1)
+discriminator   ``in_channels`` (image channels, 1)
+loss            none
+source          ``drfs`` (the recipe's DRF list)
+scheme          ``model``, ``discriminator``, ``losses``, ``optimizer``, ``wrap``, ``precision``,
+                ``device``, ``registry`` (see :class:`lowdose_toolkit.schemes.Scheme`)
+==============  ===========================================================================
 
 Context names may not be set in a recipe. Engine-level keys that are read by the engine and not
 passed to a factory: heads ``input`` (feature name) and ``target`` (batch key, default
