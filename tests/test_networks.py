@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from ldt_plugins.discriminators.patchgan3d import PatchGAN3D
-from ldt_plugins.generators.mlnet import MLNet, pad_to_multiple
+from ldt_plugins.generators.mlnet import MLNet
+from ldt_plugins.generators.shapes import pad_to_multiple
 from ldt_plugins.heads.dose_classifier import DoseClassifier
 from ldt_plugins.refiners.contextual_net import ContextualNet
 from lowdose_toolkit.errors import UserError

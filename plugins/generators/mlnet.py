@@ -28,38 +28,13 @@ Departures from pix2pix, chosen for PET:
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lowdose_toolkit import hookimpl
 from lowdose_toolkit.errors import UserError
 from lowdose_toolkit.hookspecs import Register
 
-
-def level_widths(channels: int, depth: int, max_channels: int) -> list[int]:
-    """Channels of encoder level 1..depth: ``channels`` doubling per level, capped at ``max_channels``."""
-    return [min(channels * 2**i, max_channels) for i in range(depth)]
-
-
-def pad_to_multiple(x: torch.Tensor, multiple: int, mode: str = "replicate") -> tuple[torch.Tensor, tuple]:
-    """Pad the three spatial dims of ``x`` ([B, C, D, H, W]) up to a multiple of ``multiple``.
-
-    Padding is split as evenly as possible between both sides of each axis.
-
-    Returns:
-        The padded tensor and the slices that crop the result back to the input's size.
-    """
-    pads: list[int] = []  # F.pad order: last dim first, (before, after) per dim
-    crop: list[slice] = []
-    for size in reversed(x.shape[2:]):
-        total = -size % multiple
-        before = total // 2
-        pads += [before, total - before]
-    for size, before in zip(x.shape[2:], reversed(pads[0::2]), strict=True):
-        crop.append(slice(before, before + size))
-    if any(pads):
-        x = F.pad(x, pads, mode=mode)
-    return x, (slice(None), slice(None), *crop)
+from .shapes import level_widths, pad_to_multiple
 
 
 class MLNet(nn.Module):

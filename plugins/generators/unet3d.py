@@ -27,12 +27,13 @@ norm never sees a single value per channel (batch 1 trains), and the output is c
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lowdose_toolkit import hookimpl
 from lowdose_toolkit.errors import UserError
 from lowdose_toolkit.hookspecs import Register
+
+from .shapes import level_widths, pad_to_multiple
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -111,7 +112,7 @@ class UNet3D(nn.Module):
         self.norm = norm
         self.residual = residual
 
-        widths = [min(channels * 2**i, max_channels) for i in range(num_levels)]
+        widths = level_widths(channels, num_levels, max_channels)
         self.encoder = nn.ModuleList(
             DoubleConv(in_channels if i == 0 else widths[i - 1], w, norm) for i, w in enumerate(widths)
         )
@@ -129,21 +130,6 @@ class UNet3D(nn.Module):
         self.feature_channels: dict[str, int] = {f"enc{i + 1}": w for i, w in enumerate(widths)}
         self.feature_channels["bottleneck"] = widths[-1]
 
-    def _pad(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]:
-        """Replicate-pad each side to a multiple of ``m = 2**(num_levels-1)``, at least ``2m``."""
-        m = 2 ** (self.num_levels - 1)
-        pads: list[int] = []
-        crop: list[slice] = []
-        for size in x.shape[2:]:
-            target = max(-(-size // m) * m, 2 * m)
-            before = (target - size) // 2
-            pads.append((before, target - size - before))
-            crop.append(slice(before, before + size))
-        flat = [p for pair in reversed(pads) for p in pair]  # F.pad wants the last dim first
-        if any(flat):
-            x = F.pad(x, flat, mode="replicate")
-        return x, (slice(None), slice(None), *crop)
-
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Synthesise full-dose PET and return the analysis-path features.
 
@@ -156,7 +142,8 @@ class UNet3D(nn.Module):
         """
         if x.ndim != 5 or x.shape[1] != self.in_channels:
             raise ValueError(f"UNet3D expects [B, {self.in_channels}, D, H, W], got shape {tuple(x.shape)}")
-        h, crop = self._pad(x)
+        m = 2 ** (self.num_levels - 1)  # replicate-pad to a multiple of m, at least 2m per side
+        h, crop = pad_to_multiple(x, m, minimum=2 * m)
         skips: list[torch.Tensor] = []
         for i, block in enumerate(self.encoder):
             h = block(h if i == 0 else self.pool(h))
