@@ -162,3 +162,56 @@ def test_overlap_parsing_and_errors() -> None:
         infer_volume(vol[0], lambda x: x, 8, 0, batch_size=1)
     with pytest.raises(UserError, match=r"got \(1, 1, 4, 8, 8\)"):
         infer_volume(vol, lambda x: x[:, :, :4], 8, 0, batch_size=1)
+
+
+@pytest.mark.parametrize("blending", BLENDINGS)
+@pytest.mark.parametrize(
+    ("shape", "patch", "overlap"),
+    [((2, 40, 37, 50), (16, 16, 16), (4, 4, 4)), ((1, 33, 21, 19), (12, 10, 8), (4, 2, 6))],
+)
+def test_blender_matches_torchio_grid_aggregator(shape, patch, overlap, blending) -> None:
+    """The one-buffer blender gives TorchIO's GridAggregator result for a position-dependent predictor."""
+    import torchio as tio
+
+    vol = _volume(*shape, seed=4)
+    torch.manual_seed(0)
+    net = nn.Conv3d(shape[0], 3, 3, padding=1)  # border effects differ per patch: blending matters
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        return net(x)
+
+    ours = infer_volume(vol, predict, patch, overlap, batch_size=3, blending=blending)
+    sampler = tio.GridSampler(tio.Subject(image=tio.ScalarImage(tensor=vol)), patch_size=patch, patch_overlap=overlap)
+    aggregator = tio.GridAggregator(sampler, overlap_mode=blending)
+    locations = torch.as_tensor(sampler.locations, dtype=torch.int64)
+    with torch.inference_mode():
+        for start in range(0, len(locations), 3):
+            locs = locations[start : start + 3]
+            batch = torch.stack([vol[:, a:d, b:e, c:f] for a, b, c, d, e, f in locs.tolist()])
+            aggregator.add_batch(net(batch), locs)
+    expected = aggregator.get_output_tensor()
+    assert ours.shape == expected.shape == (3, *shape[1:])
+    torch.testing.assert_close(ours, expected, atol=1e-6, rtol=1e-5)
+    if blending != "crop":  # patches disagree near their borders, so the blend is not any single patch
+        assert not torch.allclose(ours, net(vol[None])[0].detach(), atol=1e-4)
+
+
+@pytest.mark.parametrize("blending", ["hann", "average"])
+def test_blender_weighting_on_the_device_path_matches_the_host_path(blending) -> None:
+    """The accelerator path (weights applied before the copy to the host) equals the CPU path."""
+    from lowdose_toolkit.sliding import Blender
+
+    vol = _volume(2, 21, 18, 25, seed=5)
+    patch, overlap = (8, 8, 8), (2, 4, 6)
+    locations = torch.tensor([[a, b, c, a + 8, b + 8, c + 8] for a in (0, 6, 12, 13) for b in (0, 4, 8, 10)
+                              for c in (0, 2, 4, 6, 8, 10, 12, 14, 16, 17)])  # fmt: skip
+    results = []
+    for on_device in (False, True):
+        blender = Blender((21, 18, 25), patch, overlap, locations, blending, torch.device("cpu"))
+        blender.weigh_on_device = on_device
+        for start in range(0, len(locations), 7):
+            locs = locations[start : start + 7].tolist()
+            blender.add(torch.stack([vol[:, a:d, b:e, c:f] * (1 + a) for a, b, c, d, e, f in locs]), locs)
+        results.append(blender.result())
+    torch.testing.assert_close(results[0], results[1], atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(results[0], vol, atol=1e-3)  # the (1 + a) factor makes patches disagree
