@@ -18,3 +18,6 @@ python3 -m lowdose_toolkit.cli run recipes/cg3dsrgan.yaml --out /tmp/gpu-run --s
   --set train.epochs=8 --set train.steps_per_epoch=150 --set "eval.patch_size=[80, 80, 160]" \
   --set eval.overlap=0 --set eval.batch_size=1 --set eval.val_subjects=2 2>&1 | tail -40 | tee "$OUT/run_gpu.txt"
 tar czf "$OUT/gpu_run.tgz" -C /tmp/gpu-run --exclude=checkpoints .
+# Sliding-window inference vs MONAI (copy .venv/lib/python3*/site-packages/monai into .gpu/site first): whole-body on the GPU, a small volume on its CPU.
+python3 benchmarks/infer.py --shape 360 360 673 --patch 96 --batch-size 8 --device cuda | tee "$OUT/infer_gpu.txt"
+python3 benchmarks/infer.py --device cpu | tee "$OUT/infer_cpu.txt"

@@ -515,8 +515,9 @@ def _result_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
-        found = [path / RESULTS_NAME] if (path / RESULTS_NAME).is_file() else []
-        found += sorted(p for p in path.glob(f"*/{RESULTS_NAME}"))
+        if (path / RESULTS_NAME).is_file():  # one evaluation (a run dir; its body_mask/ is a separate one)
+            return [path / RESULTS_NAME]
+        found = sorted(p for p in path.glob(f"*/{RESULTS_NAME}"))  # a folder of runs, e.g. a study
         if not found:
             raise UserError(f"{path}: no {RESULTS_NAME} here or one level below; run `ldt evaluate` first")
         return found

@@ -2,8 +2,10 @@
 
 For every test subject and DRF: the model's whole-volume prediction (sliding window) and the
 low-dose input itself (the "Low-Dose" row) are compared with the full-dose reference using the
-challenge's metrics. Rows go to ``results.csv`` (``method, subject, drf, psnr, ssim, nrmse``; NRMSE
-as a fraction) and a per-DRF summary to ``results.json`` / ``results.md`` in the run directory.
+challenge's metrics. Rows go to ``results.csv`` (``method, subject, drf, psnr, ssim, nrmse,
+ssim_range, masked``; NRMSE as a fraction) and a per-DRF summary to ``results.json`` / ``results.md``
+in the run directory, or in ``RUN_DIR/body_mask/`` for an evaluation inside a body mask (so the
+whole-volume results, the paper's protocol, are never replaced by masked ones).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from lowdose_toolkit.atomic import atomic_path
 from lowdose_toolkit.errors import RecipeError, UserError
 
 LOW_DOSE = "Low-Dose"
-COLUMNS = ("method", "subject", "drf", "psnr", "ssim", "nrmse")
+COLUMNS = ("method", "subject", "drf", "psnr", "ssim", "nrmse", "ssim_range", "masked")
+MASK_DIR = "body_mask"
 
 
 def model_from_checkpoint(ckpt: Mapping[str, Any], device: torch.device) -> Any:
@@ -44,7 +47,7 @@ def model_from_checkpoint(ckpt: Mapping[str, Any], device: torch.device) -> Any:
 def write_case_rows(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
     """Per-case rows (``method, subject, drf, psnr, ssim, nrmse``) as CSV, atomically."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(COLUMNS))
+    writer = csv.DictWriter(buf, fieldnames=list(COLUMNS), extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     with atomic_path(path) as tmp:
@@ -63,25 +66,55 @@ def evaluate_run(
     device: str = "auto",
     save_predictions: bool = False,
     console: Any = None,
+    out: Path | None = None,
+    ssim_range: str | None = None,
+    mask: bool = False,
+    mask_threshold: float = 0.01,
 ) -> list[dict[str, Any]]:
-    """Evaluate ``run_dir``'s checkpoint on its test split; write and return the per-DRF summary."""
+    """Evaluate ``run_dir``'s checkpoint on its test split; write and return the per-DRF summary.
+
+    Args:
+        run_dir: A run directory (``ldt run``'s output).
+        method: Name of the method's rows (default: the recipe's name).
+        checkpoint: ``"best"`` (highest validation PSNR) or ``"last"``.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+        save_predictions: Also write each prediction as NIfTI (input units, input's affine) under
+            ``<out>/predictions/``.
+        console: Rich console for the progress bar.
+        out: Folder for ``results.{csv,json,md}``; default the run directory, or
+            ``RUN_DIR/body_mask`` when ``mask`` is set.
+        ssim_range: ``"challenge"`` (data range 2) or ``"standard"`` (1); default the recipe's
+            ``eval.ssim_range``.
+        mask: Score inside a body mask of the full-dose reference (voxels above ``mask_threshold``
+            times its maximum, see :func:`lowdose_toolkit.metrics.body_mask`), for both rows.
+        mask_threshold: Fraction of the reference maximum for the body mask.
+    """
     from rich.progress import Progress
 
     from lowdose_toolkit.data import pairs_dataset
     from lowdose_toolkit.engine import load_checkpoint, resolve_device
     from lowdose_toolkit.evaluate import aggregate, summary_markdown
-    from lowdose_toolkit.metrics import compute_all
+    from lowdose_toolkit.metrics import SSIM_DATA_RANGES, body_mask, compute_all
     from lowdose_toolkit.plugins import get_registry
     from lowdose_toolkit.sliding import infer_volume
 
     run_dir = Path(run_dir)
+    if checkpoint not in ("best", "last"):
+        raise UserError(f"checkpoint {checkpoint!r} is unknown; use best or last")
     path = run_dir / "checkpoints" / f"{checkpoint}.pt"
     if not path.is_file():
         raise UserError(f"{run_dir}: no checkpoints/{checkpoint}.pt; is this a finished run directory?")
+    if not 0 < mask_threshold < 1:
+        raise UserError(f"mask threshold must be in (0, 1) (a fraction of the reference maximum), got {mask_threshold}")
     ckpt = load_checkpoint(path)
     dev = resolve_device(device)
     model, recipe = model_from_checkpoint(ckpt, dev)
     method = method or recipe["name"]
+    cfg = recipe["eval"]
+    ssim_range = ssim_range or cfg["ssim_range"]
+    if ssim_range not in SSIM_DATA_RANGES:
+        raise UserError(f"ssim range {ssim_range!r} is unknown; use one of {sorted(SSIM_DATA_RANGES)}")
+    out = Path(out) if out is not None else (run_dir / MASK_DIR if mask else run_dir)
     registry = get_registry()
     drfs = list(ckpt["drfs"])
     source = registry.build("source", recipe["data"]["source"], "data.source", context={"drfs": drfs})
@@ -90,7 +123,6 @@ def evaluate_run(
     if not records:
         raise UserError(f"{run_dir}: the run has no test subjects (data.split.test is 0)")
     dataset = pairs_dataset(records, drfs, recipe["data"]["normalization"])
-    cfg = recipe["eval"]
     amp = recipe["train"]["amp"] != "none" and dev.type == "cuda"
     rows: list[dict[str, Any]] = []
     with Progress(console=console, transient=True) as progress, torch.no_grad():
@@ -101,23 +133,27 @@ def evaluate_run(
             pred = infer_volume(low, model.predict, patch_size=cfg["patch_size"], overlap=cfg["overlap"],
                                 batch_size=cfg["batch_size"], blending=cfg["blending"], device=dev, amp=amp)
             sid, drf = subject["subject_id"], int(subject["drf"])
+            region = body_mask(full[0], mask_threshold) if mask else None
             for name, image in ((LOW_DOSE, low), (method, pred)):
-                m = compute_all(full[0], image[0], ssim_range=cfg["ssim_range"])
-                rows.append({"method": name, "subject": sid, "drf": drf,
-                             "psnr": m["psnr"], "ssim": m["ssim"], "nrmse": m["nrmse"]})
+                m = compute_all(full[0], image[0], ssim_range=ssim_range, mask=region)
+                rows.append({"method": name, "subject": sid, "drf": drf, "psnr": m["psnr"], "ssim": m["ssim"],
+                             "nrmse": m["nrmse"], "ssim_range": ssim_range, "masked": mask})
             if save_predictions:
                 from lowdose_toolkit.io import save_like
 
                 scale = float(subject["scale"])
-                save_like(pred * scale, subject["low"].path, run_dir / "predictions" / f"{sid}_drf_{drf:03d}.nii.gz")
+                save_like(pred * scale, subject["low"].path, out / "predictions" / f"{sid}_drf_{drf:03d}.nii.gz")
             progress.advance(task)
     summary = by_drf(aggregate(rows))
-    write_case_rows(rows, run_dir / "results.csv")
-    meta = {"method": method, "checkpoint": str(path), "epoch": ckpt["epoch"], "ssim_range": cfg["ssim_range"],
-            "test_subjects": sorted(test_ids), "summary": summary}
-    with atomic_path(run_dir / "results.json") as tmp:
+    out.mkdir(parents=True, exist_ok=True)
+    write_case_rows(rows, out / "results.csv")
+    settings = {"ssim_range": ssim_range, "mask": mask}
+    if mask:
+        settings["mask_threshold"] = mask_threshold
+    meta = {"method": method, "checkpoint": str(path), "epoch": ckpt["epoch"], "ssim_range": ssim_range,
+            "settings": settings, "test_subjects": sorted(test_ids), "summary": summary}
+    with atomic_path(out / "results.json") as tmp:
         tmp.write_text(json.dumps(meta, indent=2))
-    with atomic_path(run_dir / "results.md") as tmp:
-        tmp.write_text(f"### {method} on held-out test subjects\n\n"
-                       + summary_markdown(summary, {"ssim_range": cfg["ssim_range"], "mask": False}))
+    with atomic_path(out / "results.md") as tmp:
+        tmp.write_text(f"### {method} on held-out test subjects\n\n" + summary_markdown(summary, settings))
     return summary

@@ -5,8 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import sys
-import types
 from pathlib import Path
 
 import nibabel as nib
@@ -360,29 +358,6 @@ def test_cli_default_out_and_errors(app: typer.Typer, study: dict[str, Path]) ->
     assert isinstance(result.exception, UserError) and "both --pred and --ref" in str(result.exception)
     result = runner.invoke(app, ["evaluate", "--pred", "p", "--ref", "r", "--ssim-range", "wide"])
     assert isinstance(result.exception, UserError) and "'wide'" in str(result.exception)
-
-
-def test_cli_run_dir_mode_delegates_to_runeval(app: typer.Typer, tmp_path: Path, monkeypatch) -> None:
-    calls: list[tuple] = []
-
-    def evaluate_run(run_dir: Path, method: str | None = None, console: object = None) -> list:
-        calls.append((run_dir, method))
-        return []
-
-    fake = types.ModuleType("lowdose_toolkit.runeval")
-    fake.evaluate_run = evaluate_run  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "lowdose_toolkit.runeval", fake)
-    runner = CliRunner()
-    assert runner.invoke(app, ["evaluate", str(tmp_path)]).exit_code == 0
-    assert runner.invoke(app, ["evaluate", str(tmp_path), "--method", "mine"]).exit_code == 0
-    assert calls == [(tmp_path, None), (tmp_path, "mine")]  # the default "model" leaves the recipe's name
-    result = runner.invoke(app, ["evaluate", str(tmp_path), "--mask"])
-    assert isinstance(result.exception, UserError) and "--mask is not supported with RUN_DIR" in str(result.exception)
-    monkeypatch.setitem(sys.modules, "lowdose_toolkit.runeval", None)
-    result = runner.invoke(app, ["evaluate", str(tmp_path)])
-    assert isinstance(result.exception, UserError) and "--pred PRED --ref REF" in str(result.exception)
-    result = runner.invoke(app, ["evaluate", str(tmp_path), "--pred", "p"])
-    assert isinstance(result.exception, UserError) and "not both" in str(result.exception)
 
 
 def test_table_reads_a_run_directory(tmp_path: Path) -> None:

@@ -141,7 +141,7 @@ def test_pad_to_multiple_crops_back() -> None:
 # ---------------------------------------------------------------- dose classifier head
 
 
-@pytest.mark.parametrize("pool", ["avg", "max", "avgmax"])
+@pytest.mark.parametrize("pool", ["avg", "max", "std", "avgmax", "avgstd"])
 def test_dose_classifier_reads_the_bottleneck(pool: str) -> None:
     net = MLNet(channels=4, depth=3)
     head = DoseClassifier(in_channels=net.feature_channels["bottleneck"], num_classes=5, pool=pool)
@@ -165,6 +165,28 @@ def test_dose_classifier_learns_to_separate_classes() -> None:
     assert (head(feats).argmax(1) == labels).float().mean() > 0.9
 
 
+def _fit_head(pool: str, feats: torch.Tensor, labels: torch.Tensor) -> float:
+    torch.manual_seed(0)
+    head = DoseClassifier(in_channels=feats.shape[1], num_classes=3, hidden=[16], pool=pool)
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+    for _ in range(150):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(head(feats), labels).backward()
+        opt.step()
+    return (head(feats).argmax(1) == labels).float().mean().item()
+
+
+def test_std_pooling_reads_the_noise_level_that_average_pooling_cannot() -> None:
+    """Same mean, different spread (what a dose reduction does to a feature map): only std/avgstd see it."""
+    labels = torch.arange(60).remainder(3)
+    gen = torch.Generator().manual_seed(1)
+    feats = 5 + torch.randn(60, 4, 4, 4, 4, generator=gen) * (0.5 + labels.float()).view(-1, 1, 1, 1, 1)
+    feats = feats - feats.mean(dim=(2, 3, 4), keepdim=True) + 5  # exactly the same mean per channel
+    assert _fit_head("avg", feats, labels) < 0.5  # chance is 1/3
+    assert _fit_head("std", feats, labels) > 0.95
+    assert _fit_head("avgstd", feats, labels) > 0.95
+
+
 def test_dose_classifier_structure_and_errors() -> None:
     linear = DoseClassifier(in_channels=8, num_classes=5, hidden=[], pool="avgmax")
     assert [type(m) for m in linear.mlp] == [nn.Linear]
@@ -174,6 +196,9 @@ def test_dose_classifier_structure_and_errors() -> None:
         linear(torch.rand(2, 4, 2, 2, 2))
     with pytest.raises(UserError, match="num_classes=1"):
         DoseClassifier(in_channels=8, num_classes=1)
+    assert DoseClassifier(in_channels=8, num_classes=5, pool="avgstd").mlp[0].in_features == 16
+    with pytest.raises(UserError, match="pool='var' must be one of 'avg', 'max', 'std', 'avgmax', 'avgstd'"):
+        DoseClassifier(in_channels=8, num_classes=5, pool="var")  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- Contextual-Net

@@ -29,55 +29,64 @@ def evaluate(
     ),
     pred: Path | None = typer.Option(None, "--pred", help="Predictions: a folder of NIfTI files or a manifest CSV."),
     ref: Path | None = typer.Option(None, "--ref", help="Full-dose references: a folder or a manifest CSV."),
-    low: Path | None = typer.Option(None, "--low", help="low-dose inputs, for the Low-Dose row"),
-    out: Path | None = typer.Option(None, "--out", help="Output folder (default: <pred>_eval beside --pred)."),
-    method: str = typer.Option("model", "--method", help="Method name for the predictions (e.g. cg3dsrgan)."),
-    ssim_range: str = typer.Option(
-        "challenge", "--ssim-range", help="SSIM data range: challenge (2, as the challenge did) or standard (1)."
+    low: Path | None = typer.Option(None, "--low", help="Low-dose inputs, for the Low-Dose row (with --pred/--ref)."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Output folder (default: <pred>_eval; RUN_DIR, or RUN_DIR/body_mask with --mask)."
     ),
+    method: str = typer.Option("model", "--method", help="Method name of the predictions (RUN_DIR: the recipe's)."),
+    ssim_range: str | None = typer.Option(
+        None, "--ssim-range",
+        help="SSIM data range: challenge (2, as the challenge did) or standard (1); default challenge / the recipe's.",
+    ),  # fmt: skip
     mask: bool = typer.Option(False, "--mask/--no-mask", help="Restrict metrics to a body mask of the reference."),
+    mask_threshold: float = typer.Option(0.01, "--mask-threshold", help="Body mask: fraction of the reference max."),
+    checkpoint: str = typer.Option("best", "--checkpoint", help="RUN_DIR: best (highest val PSNR) or last."),
+    device: str = typer.Option("auto", "--device", help="RUN_DIR: auto, cpu, cuda, cuda:N."),
+    save_predictions: bool = typer.Option(
+        False, "--save-predictions", help="RUN_DIR: also write the predictions as NIfTI under <out>/predictions."
+    ),
 ) -> None:
     """Score predictions against full-dose references: PSNR, SSIM, NRMSE per subject and DRF."""
-    if ssim_range not in SSIM_RANGES:
+    if ssim_range is not None and ssim_range not in SSIM_RANGES:
         raise UserError(f"--ssim-range {ssim_range!r} is unknown; use challenge or standard")
+    if not 0 < mask_threshold < 1:
+        raise UserError(f"--mask-threshold must be in (0, 1) (a fraction of the reference max), got {mask_threshold}")
     if run_dir is not None:
         if pred is not None or ref is not None:
             raise UserError("give either RUN_DIR or --pred/--ref, not both")
-        try:
-            from lowdose_toolkit.runeval import evaluate_run
-        except ImportError as exc:
-            if exc.name not in ("lowdose_toolkit.runeval", None):
-                raise
-            raise UserError(
-                "evaluating a run directory is not available in this build; use --pred PRED --ref REF"
-            ) from None
-        _call_evaluate_run(
-            evaluate_run, run_dir, out=out, low=low, method=None if method == "model" else method,
-            ssim_range=None if ssim_range == "challenge" else ssim_range, mask=mask or None,
-        )  # fmt: skip
+        if low is not None:
+            raise UserError("--low is for --pred/--ref; with RUN_DIR the Low-Dose row comes from the run's own test "
+                            "inputs; drop --low")
+        run_directory(run_dir, out=out, method=None if method == "model" else method, ssim_range=ssim_range,
+                      mask=mask, mask_threshold=mask_threshold, checkpoint=checkpoint, device=device,
+                      save_predictions=save_predictions)  # fmt: skip
         return
     if pred is None or ref is None:
         raise UserError("give a RUN_DIR, or both --pred and --ref (folders of NIfTI files or manifest CSVs)")
-    run_pairs(pred, ref, low=low, out=out or _default_out(pred), method=method, ssim_range=ssim_range, mask=mask)
+    for flag, value, default in (("--checkpoint", checkpoint, "best"), ("--device", device, "auto"),
+                                 ("--save-predictions", save_predictions, False)):  # fmt: skip
+        if value != default:
+            raise UserError(f"{flag} is for RUN_DIR (it runs inference); with --pred/--ref the predictions exist")
+    run_pairs(pred, ref, low=low, out=out or _default_out(pred), method=method, ssim_range=ssim_range or "challenge",
+              mask=mask, mask_threshold=mask_threshold)  # fmt: skip
 
 
-def _call_evaluate_run(evaluate_run: Any, run_dir: Path, **options: Any) -> Any:
-    """Call ``evaluate_run`` with the options the user set, refusing those it does not take.
+def run_directory(run_dir: Path, console: Any = None, **options: Any) -> list[dict[str, Any]]:
+    """Evaluate a run directory on its test split, print the summary and where it was written."""
+    from rich.console import Console
 
-    Options left at their defaults arrive here as ``None`` and are not passed, so the run's recipe decides.
-    """
-    import inspect
+    from lowdose_toolkit.evaluate import print_summary
+    from lowdose_toolkit.runeval import MASK_DIR, evaluate_run
 
-    accepted = inspect.signature(evaluate_run).parameters
-    flags = {"out": "--out", "low": "--low", "method": "--method", "ssim_range": "--ssim-range", "mask": "--mask"}
-    kwargs = {}
-    for name, value in options.items():
-        if value is None:
-            continue
-        if name not in accepted:
-            raise UserError(f"{flags[name]} is not supported with RUN_DIR (the run's recipe decides); drop it")
-        kwargs[name] = value
-    return evaluate_run(run_dir, **kwargs)
+    if not Path(run_dir).is_dir():
+        raise UserError(f"{run_dir} is not a directory; pass a run directory made by `ldt run`")
+    console = console or Console()
+    summary = evaluate_run(run_dir, console=Console(stderr=True), **options)
+    out = options.get("out") or (Path(run_dir) / MASK_DIR if options.get("mask") else Path(run_dir))
+    region = "inside a body mask" if options.get("mask") else "whole volume"
+    print_summary(summary, console, title=f"{run_dir}: held-out test subjects ({region})")
+    console.print(f"wrote {Path(out) / 'results.csv'}, results.json, results.md")
+    return summary
 
 
 def run_pairs(
@@ -89,6 +98,7 @@ def run_pairs(
     ssim_range: str = "challenge",
     mask: bool = False,
     console: Any = None,
+    mask_threshold: float = 0.01,
 ) -> list[dict[str, Any]]:
     """Pair, evaluate, write ``results.json``/``cases.csv``/``summary.csv``/``summary.md`` and print a summary.
 
@@ -104,8 +114,10 @@ def run_pairs(
     pairs = pair_by_filename(pred, ref, method=method)
     if low is not None:
         pairs += pair_by_filename(low, ref, method=LOW_DOSE)
-    rows = evaluate_pairs(pairs, ssim_range=ssim_range, mask=mask)
+    rows = evaluate_pairs(pairs, ssim_range=ssim_range, mask=mask, mask_threshold=mask_threshold)
     settings = {"ssim_range": ssim_range, "mask": mask, "pred": str(pred), "ref": str(ref), "low": str(low or "")}
+    if mask:
+        settings["mask_threshold"] = mask_threshold
     paths = write_results(rows, out, settings)
     print_summary(aggregate(rows), console, title=f"{method}: {len(rows)} case(s)")
     console.print(f"wrote {paths['json']}, {paths['cases'].name}, {paths['summary'].name}, {paths['md'].name}")

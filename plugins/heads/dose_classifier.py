@@ -15,6 +15,8 @@ from lowdose_toolkit import hookimpl
 from lowdose_toolkit.errors import UserError
 from lowdose_toolkit.hookspecs import Register
 
+POOLS = {"avg": ("avg",), "max": ("max",), "std": ("std",), "avgmax": ("avg", "max"), "avgstd": ("avg", "std")}
+
 
 class DoseClassifier(nn.Module):
     """Global pooling + MLP predicting DRF class logits from a generator feature (paper Sec. II.A).
@@ -24,7 +26,8 @@ class DoseClassifier(nn.Module):
         num_classes: Number of DRF classes (context argument: the recipe's DRF count).
         hidden: Widths of the hidden layers (Linear → ReLU → Dropout each); ``[]`` is a linear probe.
         dropout: Dropout probability after each hidden layer.
-        pool: Global pooling over ``D, H, W``: ``avg``, ``max`` or ``avgmax`` (both, concatenated).
+        pool: Global pooling over ``D, H, W`` per channel: ``avg``, ``max``, ``std`` (spatial standard
+            deviation: a texture/noise-energy statistic), or two concatenated: ``avgmax``, ``avgstd``.
 
     Example:
         >>> head = DoseClassifier(in_channels=16, num_classes=5)
@@ -38,13 +41,13 @@ class DoseClassifier(nn.Module):
         num_classes: int,
         hidden: list[int] = [128],  # noqa: B006 (copied below, never mutated)
         dropout: float = 0.0,
-        pool: Literal["avg", "max", "avgmax"] = "avg",
+        pool: Literal["avg", "max", "std", "avgmax", "avgstd"] = "avg",
     ) -> None:
         super().__init__()
         if num_classes < 2:
             raise UserError(f"dose_classifier: num_classes={num_classes}; list at least two DRFs in data.drfs")
-        if pool not in ("avg", "max", "avgmax"):
-            raise UserError(f"dose_classifier: pool={pool!r} must be one of 'avg', 'max', 'avgmax'")
+        if pool not in POOLS:
+            raise UserError(f"dose_classifier: pool={pool!r} must be one of {', '.join(map(repr, POOLS))}")
         if not 0.0 <= dropout < 1.0:
             raise UserError(f"dose_classifier: dropout={dropout} must be in [0, 1)")
         if any(h < 1 for h in hidden):
@@ -55,7 +58,7 @@ class DoseClassifier(nn.Module):
         self.dropout = dropout
         self.pool = pool
         layers: list[nn.Module] = []
-        width = 2 * in_channels if pool == "avgmax" else in_channels
+        width = len(POOLS[pool]) * in_channels
         for h in self.hidden:
             layers += [nn.Linear(width, h), nn.ReLU()]
             if dropout > 0:
@@ -68,14 +71,14 @@ class DoseClassifier(nn.Module):
         """Map a feature ``[B, in_channels, D, H, W]`` to logits ``[B, num_classes]``."""
         if feature.ndim < 3 or feature.shape[1] != self.in_channels:
             raise ValueError(f"DoseClassifier expects [B, {self.in_channels}, ...], got shape {tuple(feature.shape)}")
-        flat = feature.flatten(2)
-        if self.pool == "avg":
-            pooled = flat.mean(dim=2)
-        elif self.pool == "max":
-            pooled = flat.amax(dim=2)
-        else:
-            pooled = torch.cat([flat.mean(dim=2), flat.amax(dim=2)], dim=1)
-        return self.mlp(pooled)
+        flat = feature.flatten(2).float()  # statistics in fp32 also under autocast
+        stats = {
+            "avg": lambda: flat.mean(dim=2),
+            "max": lambda: flat.amax(dim=2),
+            "std": lambda: flat.std(dim=2, correction=0),
+        }
+        pooled = torch.cat([stats[name]() for name in POOLS[self.pool]], dim=1)
+        return self.mlp(pooled.to(feature.dtype))
 
     def extra_repr(self) -> str:
         return (
