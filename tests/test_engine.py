@@ -125,7 +125,7 @@ def test_run_prints_test_table_and_writes_results(tmp_path: Path, data_root: Pat
     out = capsys.readouterr().out
     assert "Low-Dose" in out and "tiny" in out
     rows = (tmp_path / "r" / "results.csv").read_text().splitlines()
-    assert rows[0] == "method,subject,drf,psnr,ssim,nrmse" and len(rows) == 1 + 2 * 2
+    assert rows[0] == "method,subject,drf,psnr,ssim,nrmse,ssim_range,masked" and len(rows) == 1 + 2 * 2
     assert main(["run", str(recipe), "--out", str(tmp_path / "r")]) == 2  # refuses to overwrite a run
     assert "already holds a run" in capsys.readouterr().err
 
