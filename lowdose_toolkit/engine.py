@@ -141,7 +141,12 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def parse_stages(train: Mapping[str, Any], has_refiner: bool) -> list[dict[str, Any]]:
-    """``train.stages`` checked, or one stage of ``train.epochs`` training everything end-to-end."""
+    """``train.stages`` checked, or one stage of ``train.epochs`` training everything end-to-end.
+
+    A stage trains the parts it lists in ``trainable`` (generator, heads, refiner, discriminator) and
+    freezes the others: no gradient, no optimizer step, and eval mode (BatchNorm statistics kept).
+    Networks a scheme owns belong to the part it names (CycleGAN's G_B: generator, D_B: discriminator).
+    """
     if not train["stages"]:
         return [{"name": "end-to-end", "epochs": train["epochs"], "trainable": list(STAGE_PARTS),
                  "use_refiner": True}]
@@ -285,14 +290,19 @@ class Trainer:
     def total_epochs(self) -> int:
         return sum(s["epochs"] for s in self.stages)
 
+    def stage_modules(self) -> list[tuple[str, nn.Module]]:
+        """Every network with the stage part it belongs to, scheme-owned ones (e.g. CycleGAN's G_B) included."""
+        parts = [("generator", self.model.generator), ("heads", self.model.heads), ("refiner", self.model.refiner),
+                 ("discriminator", self.discriminator)]
+        parts += [(self.scheme.extra_module_parts.get(n, ""), m) for n, m in self.scheme.extra_modules.items()]
+        return [(part, module) for part, module in parts if module is not None]
+
     def _enter_stage(self, index: int, fresh: bool) -> None:
         stage = self.stages[index]
-        parts = {"generator": self.model.generator, "heads": self.model.heads, "refiner": self.model.refiner,
-                 "discriminator": self.discriminator}
-        for name, module in parts.items():
-            if module is not None:
-                for p in module.parameters():
-                    p.requires_grad_(name in stage["trainable"])
+        for part, module in self.stage_modules():
+            for p in module.parameters():  # a scheme module of no stage part ("") always trains
+                p.requires_grad_(part in stage["trainable"] or not part)
+        self.scheme.frozen_parts = frozenset(STAGE_PARTS) - set(stage["trainable"])
         self.scheme.use_refiner = stage["use_refiner"] and self.model.refiner is not None
         if fresh and index > 0:  # a new stage starts from the base learning rate and a fresh schedule
             for opt in self.scheme.optimizers.values():
@@ -425,6 +435,9 @@ class Trainer:
         for module in (self.discriminator, *self.scheme.extra_modules.values()):
             if module is not None:
                 module.train()
+        for part, module in self.stage_modules():  # a frozen part also keeps its BatchNorm statistics
+            if part in self.scheme.frozen_parts:
+                module.eval()
         self.stream.reset()
         sums: dict[str, float] = {}
         task = progress.add_task(f"epoch {self.epoch + 1}/{self.total_epochs}", total=self.steps_per_epoch,

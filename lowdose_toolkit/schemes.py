@@ -64,6 +64,10 @@ class Scheme:
         self.scalers: dict[str, torch.amp.GradScaler] = {}
         #: Extra networks a scheme owns (e.g. CycleGAN's full->low generator); checkpointed by the engine.
         self.extra_modules: dict[str, nn.Module] = {}
+        #: The ``train.stages`` part (generator, discriminator, ...) of each extra module, so stages freeze it too.
+        self.extra_module_parts: dict[str, str] = {}
+        #: Parts the current ``train.stages`` stage freezes (set by the engine).
+        self.frozen_parts: frozenset[str] = frozenset()
         self.use_refiner = True
 
     # ------------------------------------------------------------------ helpers for subclasses
@@ -84,8 +88,17 @@ class Scheme:
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
+    def trains(self, part: str) -> bool:
+        """Whether the current stage trains ``part`` (``generator``, ``heads``, ``refiner``, ``discriminator``)."""
+        return part not in self.frozen_parts
+
     def backward_step(self, name: str, loss: torch.Tensor) -> None:
-        """Zero grads, backward (scaled for fp16), step the optimizer ``name``."""
+        """Zero grads, backward (scaled for fp16), step the optimizer ``name``.
+
+        A loss that needs no gradient (the stage froze every parameter it reaches) is not stepped.
+        """
+        if not loss.requires_grad:
+            return
         opt, scaler = self.optimizers[name], self.scalers[name]
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -114,7 +127,9 @@ class Scheme:
         return total, values
 
     def set_trainable(self, module: nn.Module | None, flag: bool) -> None:
-        """Switch ``requires_grad`` of every parameter of ``module``."""
+        """Switch ``requires_grad`` of every parameter of ``module``; a part the stage froze stays frozen."""
+        if module is self.discriminator and not self.trains("discriminator"):
+            flag = False
         if module is not None:
             for p in module.parameters():
                 p.requires_grad_(flag)

@@ -196,3 +196,27 @@ def test_ldt_infer_uses_the_low_to_full_generator(tmp_path: Path, data_root: Pat
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     # The checkpoint's model is G_A (low -> full); G_B and D_B travel as scheme modules.
     assert set(ckpt["scheme_modules"]) == {"generator_b", "discriminator_b"}
+
+
+def _states(*modules: torch.nn.Module) -> list[dict[str, torch.Tensor]]:
+    return [{k: v.clone() for k, v in m.state_dict().items()} for m in modules]
+
+
+def _same(before: list[dict[str, torch.Tensor]], modules: tuple[torch.nn.Module, ...]) -> bool:
+    return all(torch.equal(b[k], v) for b, m in zip(before, modules, strict=True) for k, v in m.state_dict().items())
+
+
+def test_stages_freeze_the_scheme_owned_networks(tmp_path: Path, data_root: Path) -> None:
+    """A discriminator-only stage leaves G_A and G_B (weights and BatchNorm statistics) untouched."""
+    text = cycle_recipe(data_root).replace(
+        "train:\n", "train:\n  stages:\n    - {name: d-warmup, epochs: 1, trainable: [discriminator]}\n", 1
+    )
+    trainer = trainer_for(tmp_path, text)
+    scheme = trainer.scheme
+    generators = (trainer.model.generator, scheme.generator_b)
+    discriminators = (trainer.discriminator, scheme.discriminator_b)
+    g_before, d_before = _states(*generators), _states(*discriminators)
+    trainer.fit()
+    assert scheme.frozen_parts == {"generator", "heads", "refiner"}
+    assert _same(g_before, generators)  # G_B is the scheme's, frozen with the generator part
+    assert not any(_same([b], (m,)) for b, m in zip(d_before, discriminators, strict=True))  # both Ds trained

@@ -145,3 +145,22 @@ def test_two_stage_training(tmp_path: Path, data_root: Path) -> None:
     assert any(not torch.equal(gen_before[k], v) for k, v in trainer.model.generator.state_dict().items())
     assert any(not torch.equal(ref_before[k], v) for k, v in trainer.model.refiner.state_dict().items())
     assert "l1_refined" not in metrics[0]["losses"] and "l1_refined" in metrics[1]["losses"]
+    # Stage 2 left the generator exactly as stage 1 made it, BatchNorm running statistics included.
+    first = trainer_for(tmp_path, text.replace("epochs: 1, trainable: [refiner]", "epochs: 1, trainable: []"),
+                        run="first")  # the same stage 1, then a stage that trains nothing
+    first.fit()
+    for key, value in first.model.generator.state_dict().items():
+        assert torch.equal(value, trainer.model.generator.state_dict()[key]), key
+
+
+def test_stage_that_freezes_the_discriminator_in_a_paired_gan(tmp_path: Path, data_root: Path) -> None:
+    text = tiny_gan_recipe(data_root).replace(
+        "train:\n", "train:\n  stages:\n    - {name: g-only, epochs: 1, trainable: [generator, heads]}\n", 1
+    )
+    trainer = trainer_for(tmp_path, text)
+    d_before = {k: v.clone() for k, v in trainer.discriminator.state_dict().items()}
+    g_before = {k: v.clone() for k, v in trainer.model.generator.state_dict().items()}
+    trainer.fit()
+    assert all(torch.equal(d_before[k], v) for k, v in trainer.discriminator.state_dict().items())
+    assert any(not torch.equal(g_before[k], v) for k, v in trainer.model.generator.state_dict().items())
+    assert "lsgan_d" in read_metrics(tmp_path / "run")[0]["losses"]  # still scored, for the log

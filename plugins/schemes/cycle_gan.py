@@ -218,6 +218,7 @@ class CycleGAN(Scheme):
         self.generator_b = reinitialise(copy.deepcopy(self.model.generator))
         self.discriminator_b = reinitialise(copy.deepcopy(self.discriminator))
         self.extra_modules = {"generator_b": self.generator_b, "discriminator_b": self.discriminator_b}
+        self.extra_module_parts = {"generator_b": "generator", "discriminator_b": "discriminator"}
         self.g_b_net = self.wrap(self.generator_b)
         self.d_a_net = self.wrap(self.discriminator)
         self.d_b_net = self.wrap(self.discriminator_b)
@@ -267,7 +268,7 @@ class CycleGAN(Scheme):
         # Discriminator step, on pooled fakes.
         pooled_b = self.pool_b.query(fake_b)
         pooled_a = self.pool_a.query(fake_a)
-        with self.autocast():
+        with self.autocast(), torch.set_grad_enabled(self.trains("discriminator")):
             d_a = self.d_loss_scale * (adv(self.d_a_net(real_b).float(), True)
                                        + adv(self.d_a_net(pooled_b).float(), False))
             d_b = self.d_loss_scale * (adv(self.d_b_net(real_a).float(), True)

@@ -62,10 +62,11 @@ class PairedGAN(Scheme):
             out = self.net(low, use_refiner=self.use_refiner)
         fake = out["pred"]
 
-        # Discriminator step(s).
+        # Discriminator step(s); a stage that freezes the discriminator only scores (for the log).
+        train_d = self.trains("discriminator")
         self.set_trainable(self.discriminator, True)
-        for _ in range(self.d_steps):
-            with self.autocast():
+        for _ in range(self.d_steps if train_d else 1):
+            with self.autocast(), torch.set_grad_enabled(train_d):
                 d_real = adv(self.d_net(full, cond).float(), True)
                 d_fake = adv(self.d_net(fake.detach(), cond).float(), False)
                 d_loss = self.d_loss_scale * (d_real + d_fake)
