@@ -119,3 +119,51 @@ def test_checkpoint_naming_a_missing_plugin(trained: tuple[Path, Path], tmp_path
                  "--out", str(tmp_path / "o")]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "unknown generator 'fancy_unet'" in err and "install the plugin that provides it" in err
+
+
+def test_pipelined_folder_equals_one_volume_at_a_time(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    """Reading ahead and writing behind changes nothing: each output equals its volume run alone."""
+    run, data = trained
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for s in (0, 1, 2):
+        for d in (4, 100):
+            shutil.copy(data / f"sub0{s}" / f"drf_{d:03d}.nii.gz", inputs / f"sub0{s}_drf{d}.nii.gz")
+    together = tmp_path / "together"
+    assert main(["infer", str(run), str(inputs), "--out", str(together)]) == 0
+    rows = list(csv.DictReader((together / "summary.csv").open()))
+    assert [Path(r["input"]).name for r in rows] == sorted(p.name for p in inputs.iterdir())  # input order
+    assert [r["status"] for r in rows] == ["ok"] * 6
+    for r in rows[::2]:
+        alone = tmp_path / f"alone_{Path(r['input']).name}"
+        assert main(["infer", str(run), r["input"], "--out", str(alone)]) == 0
+        a = np.asarray(nib.load(r["output"]).dataobj)
+        b = np.asarray(nib.load(alone / Path(r["output"]).name).dataobj)
+        np.testing.assert_array_equal(a, b)
+        assert float(r["seconds"]) > 0
+
+
+def test_a_failed_write_is_reported_and_the_rest_are_written(trained: tuple[Path, Path], tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    import lowdose_toolkit.io as ldt_io
+
+    run, data = trained
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("a", "b", "c"):
+        shutil.copy(data / "sub01" / "drf_100.nii.gz", inputs / f"{name}.nii.gz")
+    real = ldt_io.save_like
+
+    def save_like(volume, reference, out_path):  # noqa: ANN001, ANN202 - the patched function's signature
+        if Path(out_path).name == "b.nii.gz":
+            raise OSError(28, "No space left on device")
+        return real(volume, reference, out_path)
+
+    monkeypatch.setattr(ldt_io, "save_like", save_like)
+    assert main(["infer", str(run), str(inputs), "--out", str(tmp_path / "out")]) == 1
+    rows = {Path(r["input"]).name: r for r in csv.DictReader((tmp_path / "out" / "summary.csv").open())}
+    assert [rows[n]["status"] for n in ("a.nii.gz", "b.nii.gz", "c.nii.gz")] == ["ok", "failed", "ok"]
+    assert "No space left on device" in rows["b.nii.gz"]["error"]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.nii.gz")) == ["a.nii.gz", "c.nii.gz"]
+    assert "failed" in capsys.readouterr().err

@@ -113,6 +113,8 @@ def plan_jobs(sources: list[Path], out: Path, overwrite: bool) -> list[Job]:
 def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None, overlap: float | None,
           batch_size: int | None, blending: str | None, device: str, amp: str, overwrite: bool) -> int:
     """Run the checkpoint's model over every input; returns the exit code (1 if any input failed)."""
+    from concurrent.futures import Future, ThreadPoolExecutor, wait
+
     import torch
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -139,17 +141,44 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
     drfs: list[int] = list(ckpt["drfs"])
     dose_head = next((name for name, target in model.head_targets.items() if target == "drf_class"), None)
     out.mkdir(parents=True, exist_ok=True)
+
+    def read(job: Job) -> tuple[torch.Tensor, Any, Any, float]:
+        """Reader thread: load and fit the normalisation (nibabel/zlib release the GIL meanwhile)."""
+        t0 = time.monotonic()
+        volume, _, info = load_array(job.source)
+        return volume, info, fit_normalization(volume, method, None, where=str(job.source)), time.monotonic() - t0
+
+    def write(volume: torch.Tensor, job: Job) -> float:
+        """Writer thread: save atomically (temp file + rename); returns the seconds it took."""
+        t0 = time.monotonic()
+        save_like(volume, job.source, job.output)
+        return time.monotonic() - t0
+
+    def fail(row: dict[str, Any], source: Path, exc: Exception) -> None:
+        row.update(status="failed", error=str(exc))
+        console.print(f"[red]failed[/] {source}: {exc}")
+
+    # A three-stage pipeline: volume k+1 is read and volume k-1 written while volume k is inferred, so
+    # for a folder of scans the decompression and compression of NIfTI files hide behind the model.
+    # At most two inputs and two outputs are in memory at a time.
     rows: list[dict[str, Any]] = []
-    failed = 0
+    writes: list[tuple[dict[str, Any], Job, Future[float] | None, float]] = []
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console) as progress:
+    with (
+        ThreadPoolExecutor(1, thread_name_prefix="ldt-read") as reader,
+        ThreadPoolExecutor(1, thread_name_prefix="ldt-write") as writer,
+        Progress(*columns, console=console) as progress,
+    ):
         task = progress.add_task("denoising", total=len(jobs))
-        for job in jobs:
-            t0 = time.monotonic()
+        reads = {0: reader.submit(read, jobs[0])}
+        for i, job in enumerate(jobs):
+            if i + 1 < len(jobs):
+                reads[i + 1] = reader.submit(read, jobs[i + 1])
             row: dict[str, Any] = {"input": str(job.source), "output": str(job.output)}
+            rows.append(row)
             try:
-                volume, _, info = load_array(job.source)
-                norm = fit_normalization(volume, method, None, where=str(job.source))
+                volume, info, norm, seconds = reads.pop(i).result()  # popped: the volume is freed early
+                t0 = time.monotonic()
                 probs: list[torch.Tensor] = []
 
                 def predict(x: torch.Tensor, probs: list[torch.Tensor] = probs) -> torch.Tensor:
@@ -167,20 +196,31 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
                         batch_size=batch_size or cfg["batch_size"], blending=blending or cfg["blending"],
                         device=dev, amp=use_amp,
                     )
-                save_like(norm.invert(pred), job.source, job.output)
-                row.update(status="ok", shape="x".join(map(str, info.shape)),
-                           seconds=round(time.monotonic() - t0, 2))
+                del volume
+                row.update(status="ok", shape="x".join(map(str, info.shape)))
                 if probs:
                     mean = torch.stack(probs).sum(0)
                     mean = mean / mean.sum()
                     k = int(mean.argmax())
                     row.update(predicted_drf=drfs[k], drf_probability=round(float(mean[k]), 4))
+                if writes and writes[-1][2] is not None:
+                    wait([writes[-1][2]])  # one write behind at most
+                future = writer.submit(write, norm.invert(pred), job)
+                del pred
+                future.add_done_callback(lambda _: progress.advance(task))
+                writes.append((row, job, future, seconds + time.monotonic() - t0))
             except (DataError, UserError) as exc:
-                failed += 1
-                row.update(status="failed", error=str(exc), seconds=round(time.monotonic() - t0, 2))
-                console.print(f"[red]failed[/] {job.source}: {exc}")
-            rows.append(row)
-            progress.advance(task)
+                fail(row, job.source, exc)
+                writes.append((row, job, None, 0.0))
+                progress.advance(task)
+        for row, job, future, seconds in writes:
+            if future is None:
+                continue
+            try:
+                row["seconds"] = round(seconds + future.result(), 2)
+            except (DataError, UserError, OSError) as exc:
+                fail(row, job.source, exc)
+    failed = sum(row["status"] == "failed" for row in rows)
     fields = ["input", "output", "status", "shape", "seconds", "predicted_drf", "drf_probability", "error"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fields)
