@@ -432,12 +432,8 @@ class Trainer:
     def _train_epoch(self, progress: Any, stage: int) -> dict[str, Any]:
         t0 = time.monotonic()
         self.model.train()
-        for module in (self.discriminator, *self.scheme.extra_modules.values()):
-            if module is not None:
-                module.train()
         for part, module in self.stage_modules():  # a frozen part also keeps its BatchNorm statistics
-            if part in self.scheme.frozen_parts:
-                module.eval()
+            module.train(part not in self.scheme.frozen_parts)
         self.stream.reset()
         sums: dict[str, float] = {}
         task = progress.add_task(f"epoch {self.epoch + 1}/{self.total_epochs}", total=self.steps_per_epoch,

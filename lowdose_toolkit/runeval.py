@@ -59,6 +59,13 @@ def by_drf(summary: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     return sorted(summary, key=lambda s: (s["drf"], s["method"] != LOW_DOSE, s["method"]))
 
 
+def results_dir(run_dir: Path, out: Path | None = None, mask: bool = False) -> Path:
+    """Where :func:`evaluate_run` writes: ``out``, else the run directory (``RUN_DIR/body_mask`` if masked)."""
+    if out is not None:
+        return Path(out)
+    return Path(run_dir) / MASK_DIR if mask else Path(run_dir)
+
+
 def evaluate_run(
     run_dir: Path,
     method: str | None = None,
@@ -114,7 +121,7 @@ def evaluate_run(
     ssim_range = ssim_range or cfg["ssim_range"]
     if ssim_range not in SSIM_DATA_RANGES:
         raise UserError(f"ssim range {ssim_range!r} is unknown; use one of {sorted(SSIM_DATA_RANGES)}")
-    out = Path(out) if out is not None else (run_dir / MASK_DIR if mask else run_dir)
+    out = results_dir(run_dir, out, mask)
     registry = get_registry()
     drfs = list(ckpt["drfs"])
     source = registry.build("source", recipe["data"]["source"], "data.source", context={"drfs": drfs})

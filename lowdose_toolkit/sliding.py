@@ -337,8 +337,8 @@ def infer_volume(
     pending: tuple[Staged, list[list[int]]] | None = None  # blended while the device runs the next batch
     with torch.inference_mode():
         for start in range(0, len(locations), batch_size):
-            locs = locations[start : start + batch_size]
-            batch = torch.stack([padded[:, a:d, b:e, c:f] for a, b, c, d, e, f in locs.tolist()])
+            locs = locations[start : start + batch_size].tolist()
+            batch = torch.stack([padded[:, a:d, b:e, c:f] for a, b, c, d, e, f in locs])
             if pin:
                 batch = batch.pin_memory()
             batch = batch.to(device, non_blocking=True)
@@ -354,11 +354,11 @@ def infer_volume(
                 raise UserError(
                     f"predict must map [B, C, *{patch}] to [B, C_out, *{patch}] with B={len(locs)}, got {got}"
                 )
-            staged = blender.stage(out.detach(), locs.tolist())
+            staged = blender.stage(out.detach(), locs)
             if pending is not None:
                 blender.add(*pending)
                 reporter.advance(len(pending[1]))
-            pending = (staged, locs.tolist())
+            pending = (staged, locs)
         if pending is not None:
             blender.add(*pending)
             reporter.advance(len(pending[1]))

@@ -76,13 +76,13 @@ def run_directory(run_dir: Path, console: Any = None, **options: Any) -> list[di
     from rich.console import Console
 
     from lowdose_toolkit.evaluate import print_summary
-    from lowdose_toolkit.runeval import MASK_DIR, evaluate_run
+    from lowdose_toolkit.runeval import evaluate_run, results_dir
 
     if not Path(run_dir).is_dir():
         raise UserError(f"{run_dir} is not a directory; pass a run directory made by `ldt run`")
     console = console or Console()
     summary = evaluate_run(run_dir, console=Console(stderr=True), **options)
-    out = options.get("out") or (Path(run_dir) / MASK_DIR if options.get("mask") else Path(run_dir))
+    out = results_dir(run_dir, options.get("out"), options.get("mask", False))
     region = "inside a body mask" if options.get("mask") else "whole volume"
     print_summary(summary, console, title=f"{run_dir}: held-out test subjects ({region})")
     console.print(f"wrote {Path(out) / 'results.csv'}, results.json, results.md")
