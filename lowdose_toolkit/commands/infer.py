@@ -162,7 +162,7 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
     # for a folder of scans the decompression and compression of NIfTI files hide behind the model.
     # At most two inputs and two outputs are in memory at a time.
     rows: list[dict[str, Any]] = []
-    writes: list[tuple[dict[str, Any], Job, Future[float] | None, float]] = []
+    writes: list[tuple[dict[str, Any], Job, Future[float], float]] = []
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with (
         ThreadPoolExecutor(1, thread_name_prefix="ldt-read") as reader,
@@ -203,7 +203,7 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
                     mean = mean / mean.sum()
                     k = int(mean.argmax())
                     row.update(predicted_drf=drfs[k], drf_probability=round(float(mean[k]), 4))
-                if writes and writes[-1][2] is not None:
+                if writes:
                     wait([writes[-1][2]])  # one write behind at most
                 future = writer.submit(write, norm.invert(pred), job)
                 del pred
@@ -211,11 +211,8 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
                 writes.append((row, job, future, seconds + time.monotonic() - t0))
             except (DataError, UserError) as exc:
                 fail(row, job.source, exc)
-                writes.append((row, job, None, 0.0))
                 progress.advance(task)
         for row, job, future, seconds in writes:
-            if future is None:
-                continue
             try:
                 row["seconds"] = round(seconds + future.result(), 2)
             except (DataError, UserError, OSError) as exc:
