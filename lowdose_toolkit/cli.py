@@ -102,11 +102,13 @@ def infer_cmd(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
     amp: str = typer.Option("auto", "--amp", help="auto (the recipe's) | none | bf16 | fp16 (CUDA only)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
+    previews: bool = typer.Option(True, "--previews/--no-previews", help="Coronal MIP PNGs in OUT/previews."),
 ) -> None:
     """Denoise whole volumes with a trained model (sliding window, affine and header kept)."""
     from lowdose_toolkit.commands.infer import infer
 
-    raise typer.Exit(infer(checkpoint, inputs, out, patch_size, overlap, batch_size, blending, device, amp, overwrite))
+    raise typer.Exit(infer(checkpoint, inputs, out, patch_size, overlap, batch_size, blending, device, amp, overwrite,
+                           previews))
 
 
 @app.command("study")

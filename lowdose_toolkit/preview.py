@@ -51,6 +51,21 @@ def mip(volume: torch.Tensor, axis: int = 1) -> np.ndarray:
     return np.flipud(projected.T)
 
 
+def ras_mip(volume: torch.Tensor, affine: np.ndarray) -> np.ndarray:
+    """Coronal MIP of a ``[I, J, K]`` (or ``[1, I, J, K]``) volume in any voxel order, read through ``affine``.
+
+    The voxel axes are permuted and flipped to RAS+ first (views, no copy), so the MIP is coronal with
+    the head up whatever order the file stores (LPS DICOM, oblique or transposed NIfTI).
+    """
+    import nibabel as nib
+
+    data = volume.detach().float().cpu().numpy()
+    if data.ndim == 4:
+        data = data[0]
+    ras = nib.orientations.apply_orientation(data, nib.orientations.io_orientation(affine))
+    return np.flipud(ras.max(axis=1).T)
+
+
 def write_png(image: np.ndarray, path: Path) -> None:
     """Write a 2D uint8 array as an 8-bit greyscale PNG, atomically."""
     height, width = image.shape
@@ -67,7 +82,12 @@ def write_png(image: np.ndarray, path: Path) -> None:
 
 def save_mip_png(panels: Sequence[tuple[str, torch.Tensor]], path: Path, title: str = "", upscale: int = 2) -> None:
     """Save labelled coronal MIPs of ``[X, Y, Z]`` volumes side by side as one PNG."""
-    mips = [mip(vol) for _, vol in panels]
+    save_mips_png([(name, mip(vol)) for name, vol in panels], path, title, upscale)
+
+
+def save_mips_png(panels: Sequence[tuple[str, np.ndarray]], path: Path, title: str = "", upscale: int = 2) -> None:
+    """Save labelled 2D MIPs side by side as one PNG, on the last panel's intensity window."""
+    mips = [m for _, m in panels]
     vmax = float(np.percentile(mips[-1], 99.5)) or float(mips[-1].max()) or 1.0
     pad = 6
     label_h = 5 * 2 + 2 * pad

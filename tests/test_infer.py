@@ -48,6 +48,9 @@ def test_infer_folder_keeps_geometry_and_reports_drf(trained: tuple[Path, Path],
     assert np.isfinite(values).all() and 5 < values.mean() < 500  # back in the input's units
     rows = list(csv.DictReader((out / "summary.csv").open()))
     assert [r["status"] for r in rows] == ["ok", "ok"]
+    previews = sorted(p.name for p in (out / "previews").iterdir())
+    assert previews == ["odd.png", "sub00_drf100.png"]
+    assert (out / "previews" / "odd.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert all(r["predicted_drf"] in ("4", "100") and 0.5 <= float(r["drf_probability"]) <= 1 for r in rows)
     # Existing outputs are kept unless --overwrite.
     assert main(["infer", str(run), str(inputs), "--out", str(out)]) == 2
@@ -167,3 +170,19 @@ def test_a_failed_write_is_reported_and_the_rest_are_written(trained: tuple[Path
     assert "No space left on device" in rows["b.nii.gz"]["error"]
     assert sorted(p.name for p in (tmp_path / "out").glob("*.nii.gz")) == ["a.nii.gz", "c.nii.gz"]
     assert "failed" in capsys.readouterr().err
+
+
+def test_preview_mip_is_coronal_head_up_whatever_the_voxel_order() -> None:
+    """A hot spot near the head (+Z, superior) at high X (RAS+: towards the patient's right) lands top-right."""
+    import torch
+
+    from lowdose_toolkit.preview import ras_mip
+
+    ras = np.zeros((10, 6, 20), dtype=np.float32)  # RAS+ voxel order: X, Y (anterior), Z (superior)
+    ras[8, 3, 17] = 1.0
+    expected = ras_mip(torch.from_numpy(ras), np.eye(4))
+    assert expected.shape == (20, 10) and np.unravel_index(expected.argmax(), expected.shape) == (2, 8)
+    # The same image stored LPS-transposed: voxel axes (K=Z, J=-Y, I=-X), as a DICOM reader may give it.
+    stored = np.ascontiguousarray(ras[::-1, ::-1, :].transpose(2, 1, 0))
+    affine = np.array([[0, 0, -1, 9], [0, -1, 0, 5], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=float)
+    np.testing.assert_array_equal(ras_mip(torch.from_numpy(stored)[None], affine), expected)

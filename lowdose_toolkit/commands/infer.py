@@ -111,8 +111,12 @@ def plan_jobs(sources: list[Path], out: Path, overwrite: bool) -> list[Job]:
 
 
 def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None, overlap: float | None,
-          batch_size: int | None, blending: str | None, device: str, amp: str, overwrite: bool) -> int:
-    """Run the checkpoint's model over every input; returns the exit code (1 if any input failed)."""
+          batch_size: int | None, blending: str | None, device: str, amp: str, overwrite: bool,
+          previews: bool = True) -> int:
+    """Run the checkpoint's model over every input; returns the exit code (1 if any input failed).
+
+    With ``previews``, ``OUT/previews/<name>.png`` shows coronal MIPs of each input and its output.
+    """
     from concurrent.futures import Future, ThreadPoolExecutor, wait
 
     import torch
@@ -124,6 +128,7 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
     from lowdose_toolkit.errors import DataError
     from lowdose_toolkit.io import load_array, save_like
     from lowdose_toolkit.normalize import fit_normalization
+    from lowdose_toolkit.preview import ras_mip, save_mips_png
     from lowdose_toolkit.runeval import model_from_checkpoint
     from lowdose_toolkit.sliding import infer_volume
 
@@ -142,16 +147,19 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
     dose_head = next((name for name, target in model.head_targets.items() if target == "drf_class"), None)
     out.mkdir(parents=True, exist_ok=True)
 
-    def read(job: Job) -> tuple[torch.Tensor, Any, Any, float]:
+    def read(job: Job) -> tuple[torch.Tensor, Any, Any, Any, float]:
         """Reader thread: load and fit the normalisation (nibabel/zlib release the GIL meanwhile)."""
         t0 = time.monotonic()
-        volume, _, info = load_array(job.source)
-        return volume, info, fit_normalization(volume, method, None, where=str(job.source)), time.monotonic() - t0
+        volume, affine, info = load_array(job.source)
+        norm = fit_normalization(volume, method, None, where=str(job.source))
+        return volume, affine, info, norm, time.monotonic() - t0
 
-    def write(volume: torch.Tensor, job: Job) -> float:
-        """Writer thread: save atomically (temp file + rename); returns the seconds it took."""
+    def write(volume: torch.Tensor, job: Job, mips: list[tuple[str, Any]], title: str) -> float:
+        """Writer thread: save atomically (temp file + rename), then the preview; returns the seconds."""
         t0 = time.monotonic()
         save_like(volume, job.source, job.output)
+        if mips:
+            save_mips_png(mips, out / "previews" / f"{_stem(job.output)}.png", title=title)
         return time.monotonic() - t0
 
     def fail(row: dict[str, Any], source: Path, exc: Exception) -> None:
@@ -177,7 +185,7 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
             row: dict[str, Any] = {"input": str(job.source), "output": str(job.output)}
             rows.append(row)
             try:
-                volume, info, norm, seconds = reads.pop(i).result()  # popped: the volume is freed early
+                volume, affine, info, norm, seconds = reads.pop(i).result()  # popped: freed early
                 t0 = time.monotonic()
                 probs: list[torch.Tensor] = []
 
@@ -196,16 +204,19 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
                         batch_size=batch_size or cfg["batch_size"], blending=blending or cfg["blending"],
                         device=dev, amp=use_amp,
                     )
+                mips = [("input", ras_mip(volume, affine)), ("denoised", ras_mip(pred, affine) * norm.scale)]
                 del volume
                 row.update(status="ok", shape="x".join(map(str, info.shape)))
+                title = _stem(job.source)
                 if probs:
                     mean = torch.stack(probs).sum(0)
                     mean = mean / mean.sum()
                     k = int(mean.argmax())
                     row.update(predicted_drf=drfs[k], drf_probability=round(float(mean[k]), 4))
+                    title += f" - predicted DRF {drfs[k]} ({float(mean[k]):.0%})"
                 if writes:
                     wait([writes[-1][2]])  # one write behind at most
-                future = writer.submit(write, norm.invert(pred), job)
+                future = writer.submit(write, norm.invert(pred), job, mips if previews else [], title)
                 del pred
                 future.add_done_callback(lambda _: progress.advance(task))
                 writes.append((row, job, future, seconds + time.monotonic() - t0))
