@@ -187,6 +187,24 @@ def test_std_pooling_reads_the_noise_level_that_average_pooling_cannot() -> None
     assert _fit_head("avgstd", feats, labels) > 0.95
 
 
+@pytest.mark.parametrize("scale", [0.0, 0.25, 1.0])
+def test_encoder_grad_scales_only_the_guidance_into_the_encoder(scale: float) -> None:
+    torch.manual_seed(0)
+    net = MLNet(channels=4, depth=3)
+    x, labels = torch.rand(3, 1, 9, 10, 11), torch.tensor([0, 3, 4])
+    grads = {}
+    for s in (1.0, scale):
+        torch.manual_seed(1)
+        head = DoseClassifier(in_channels=net.feature_channels["bottleneck"], num_classes=5, encoder_grad=s)
+        net.zero_grad()
+        _, feats = net.forward_features(x)
+        torch.nn.functional.cross_entropy(head(feats["bottleneck"]), labels).backward()
+        enc = net.encoder[0][0].weight
+        grads[s] = (torch.zeros_like(enc) if enc.grad is None else enc.grad.clone(), head.mlp[0].weight.grad.clone())
+    torch.testing.assert_close(grads[scale][0], scale * grads[1.0][0])  # the encoder gets the scaled gradient
+    torch.testing.assert_close(grads[scale][1], grads[1.0][1])  # the head itself learns as before
+
+
 def test_dose_classifier_structure_and_errors() -> None:
     linear = DoseClassifier(in_channels=8, num_classes=5, hidden=[], pool="avgmax")
     assert [type(m) for m in linear.mlp] == [nn.Linear]
@@ -197,6 +215,8 @@ def test_dose_classifier_structure_and_errors() -> None:
     with pytest.raises(UserError, match="num_classes=1"):
         DoseClassifier(in_channels=8, num_classes=1)
     assert DoseClassifier(in_channels=8, num_classes=5, pool="avgstd").mlp[0].in_features == 16
+    with pytest.raises(UserError, match=r"encoder_grad=-1.0 must be >= 0 \(1 = the paper, 0 = a probe\)"):
+        DoseClassifier(in_channels=8, num_classes=5, encoder_grad=-1.0)
     with pytest.raises(UserError, match="pool='var' must be one of 'avg', 'max', 'std', 'avgmax', 'avgstd'"):
         DoseClassifier(in_channels=8, num_classes=5, pool="var")  # type: ignore[arg-type]
 

@@ -18,6 +18,19 @@ from lowdose_toolkit.hookspecs import Register
 POOLS = {"avg": ("avg",), "max": ("max",), "std": ("std",), "avgmax": ("avg", "max"), "avgstd": ("avg", "std")}
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by ``scale`` on the way back."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale  # type: ignore[attr-defined]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.scale, None  # type: ignore[attr-defined]
+
+
 class DoseClassifier(nn.Module):
     """Global pooling + MLP predicting DRF class logits from a generator feature (paper Sec. II.A).
 
@@ -28,6 +41,9 @@ class DoseClassifier(nn.Module):
         dropout: Dropout probability after each hidden layer.
         pool: Global pooling over ``D, H, W`` per channel: ``avg``, ``max``, ``std`` (spatial standard
             deviation: a texture/noise-energy statistic), or two concatenated: ``avgmax``, ``avgstd``.
+        encoder_grad: Scale of the gradient the head sends back into the generator's shared encoder:
+            1 trains both jointly (the paper), 0 makes the head a probe that does not guide the encoder,
+            values between weaken the guidance without slowing the head's own learning.
 
     Example:
         >>> head = DoseClassifier(in_channels=16, num_classes=5)
@@ -42,8 +58,11 @@ class DoseClassifier(nn.Module):
         hidden: list[int] = [128],  # noqa: B006 (copied below, never mutated)
         dropout: float = 0.0,
         pool: Literal["avg", "max", "std", "avgmax", "avgstd"] = "avg",
+        encoder_grad: float = 1.0,
     ) -> None:
         super().__init__()
+        if not 0.0 <= encoder_grad:
+            raise UserError(f"dose_classifier: encoder_grad={encoder_grad} must be >= 0 (1 = the paper, 0 = a probe)")
         if num_classes < 2:
             raise UserError(f"dose_classifier: num_classes={num_classes}; list at least two DRFs in data.drfs")
         if pool not in POOLS:
@@ -57,6 +76,7 @@ class DoseClassifier(nn.Module):
         self.hidden = list(hidden)
         self.dropout = dropout
         self.pool = pool
+        self.encoder_grad = encoder_grad
         layers: list[nn.Module] = []
         width = len(POOLS[pool]) * in_channels
         for h in self.hidden:
@@ -71,6 +91,10 @@ class DoseClassifier(nn.Module):
         """Map a feature ``[B, in_channels, D, H, W]`` to logits ``[B, num_classes]``."""
         if feature.ndim < 3 or feature.shape[1] != self.in_channels:
             raise ValueError(f"DoseClassifier expects [B, {self.in_channels}, ...], got shape {tuple(feature.shape)}")
+        if self.encoder_grad == 0.0:
+            feature = feature.detach()
+        elif self.encoder_grad != 1.0:
+            feature = _ScaleGrad.apply(feature, self.encoder_grad)
         flat = feature.flatten(2).float()  # statistics in fp32 also under autocast
         stats = {
             "avg": lambda: flat.mean(dim=2),
@@ -83,7 +107,7 @@ class DoseClassifier(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_channels={self.in_channels}, num_classes={self.num_classes}, hidden={self.hidden}, "
-            f"dropout={self.dropout}, pool={self.pool!r}"
+            f"dropout={self.dropout}, pool={self.pool!r}, encoder_grad={self.encoder_grad}"
         )
 
 
