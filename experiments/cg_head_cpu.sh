@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The dose-head follow-up in docs/RESULTS.md (2026-11-25): Baseline vs Baseline+CG with equal steps
 # (300 epochs x 40 steps, not equal minutes), the CPU study's settings otherwise, then every run scored
-# on the held-out subjects with its best and its last checkpoint. About 35 minutes on 2 CPU cores.
+# on the held-out subjects with its best and its last checkpoint. About 45 minutes on 2 CPU cores.
 # Run nothing else meanwhile: two torch processes on two cores slow each other down about fivefold.
 # Usage: bash experiments/cg_head_cpu.sh [OUT]   (default runs/cg-head-cpu)
 set -eu
@@ -16,7 +16,9 @@ ldt run recipes/baseline.yaml "${SET[@]}" --out "$OUT/baseline"
 ldt run recipes/baseline_cg.yaml "${SET[@]}" --set model.heads.0.input=enc2 --set model.heads.0.pool=std \
   --set name=baseline_cg_enc2_std --out "$OUT/cg-enc2-std"  # its own method name in the tables
 ldt run recipes/baseline_cg.yaml "${SET[@]}" --out "$OUT/cg-bottleneck-avg"
-for run in baseline cg-enc2-std cg-bottleneck-avg; do
+ldt run recipes/baseline_cg.yaml "${SET[@]}" --set model.heads.0.encoder_grad=0.1 \
+  --set name=baseline_cg_grad01 --out "$OUT/cg-grad01"  # the paper's head, a tenth of its guidance
+for run in baseline cg-enc2-std cg-bottleneck-avg cg-grad01; do
   ldt evaluate "$OUT/$run" --checkpoint last --out "$OUT/$run/last"
 done
 ldt table "$OUT"/*/ --out "$OUT/tables-best"
