@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import platform
 import random
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -171,6 +172,33 @@ def parse_stages(train: Mapping[str, Any], has_refiner: bool) -> list[dict[str, 
     return stages
 
 
+def monitor_mode(monitor: str, drfs: Iterable[int]) -> str:
+    """``"max"`` or ``"min"`` for ``train.scheduler.monitor``, which is checked against ``data.drfs``.
+
+    Monitors: ``val_psnr`` (validation PSNR averaged over the DRFs), ``val_psnr_drf<N>`` (at DRF N
+    only, e.g. for a DRF-100 ablation like the paper's Table II) and ``val_loss``.
+    """
+    if monitor == "val_loss":
+        return "min"
+    if monitor == "val_psnr":
+        return "max"
+    match = re.fullmatch(r"val_psnr_drf(\d+)", monitor)
+    drfs = [int(d) for d in drfs]
+    if match is None or int(match.group(1)) not in drfs:
+        raise RecipeError(f"train.scheduler.monitor: {monitor!r} is unknown; use val_psnr (mean over the DRFs), "
+                          f"val_loss, or val_psnr_drf<N> with N one of data.drfs {drfs}")
+    return "max"
+
+
+def monitor_value(monitor: str, val: Mapping[str, Any]) -> float:
+    """The monitored number in a validation record (see :func:`monitor_mode`)."""
+    if monitor == "val_loss":
+        return float(val["loss"])
+    if monitor == "val_psnr":
+        return float(val["psnr"])
+    return float(val["per_drf"][str(int(monitor.removeprefix("val_psnr_drf")))]["psnr"])
+
+
 def build_training(
     recipe: Mapping[str, Any],
     registry: Registry,
@@ -179,6 +207,7 @@ def build_training(
     wrap: Callable[[nn.Module], nn.Module] | None = None,
 ) -> tuple[LowDoseModel, nn.Module | None, list[LossTerm], Scheme]:
     """Build the model, discriminator, loss terms (on ``device``) and the scheme that trains them."""
+    monitor_mode(recipe["train"]["scheduler"]["monitor"], recipe["data"]["drfs"])
     model, discriminator = build_model(recipe, registry)
     model.to(device)
     if discriminator is not None:
@@ -265,7 +294,7 @@ class Trainer:
         cfg = self.recipe["train"]["scheduler"]
         if cfg["name"] == "none":
             return {}
-        mode = "max" if cfg["monitor"] == "val_psnr" else "min"
+        mode = monitor_mode(cfg["monitor"], self.drfs)
         return {
             name: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=mode, factor=cfg["factor"],
                                                              patience=cfg["patience"])
@@ -456,11 +485,12 @@ class Trainer:
             val = self._validate() if self.dist.is_main else {}
             val = broadcast_object(self.dist, val)
             monitor = self.recipe["train"]["scheduler"]["monitor"]
-            value = val["psnr"] if monitor == "val_psnr" else val["loss"]
+            value = monitor_value(monitor, val)
             for sched in self.schedulers.values():
                 sched.step(value)
-            better = self.best["value"] is None or (
-                value > self.best["value"] if monitor == "val_psnr" else value < self.best["value"])
+            best = self.best["value"]
+            higher = monitor_mode(monitor, self.drfs) == "max"
+            better = best is None or (value > best if higher else value < best)
             if better:
                 self.best = {"epoch": self.epoch, "value": value, "monitor": monitor}
         record = {

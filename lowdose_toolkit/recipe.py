@@ -84,7 +84,7 @@ SCHEMA: Schema = {
             "name": Field(Literal["plateau", "none"], "plateau"),
             "factor": Field(float, 0.1),
             "patience": Field(int, 5),
-            "monitor": Field(Literal["val_psnr", "val_loss"], "val_psnr"),
+            "monitor": Field(str, "val_psnr", "val_psnr (mean over DRFs), val_psnr_drf<N> (one DRF) or val_loss"),
         },
         "stop_when_lr_below": Field(float | None, 2.0e-6),
         "stages": Field(list[dict] | None, None, "two-stage training; see recipes/cg3dsrgan.yaml"),

@@ -165,3 +165,22 @@ def test_stage_that_freezes_the_discriminator_in_a_paired_gan(tmp_path: Path, da
     assert all(torch.equal(d_before[k], v) for k, v in trainer.discriminator.state_dict().items())
     assert any(not torch.equal(g_before[k], v) for k, v in trainer.model.generator.state_dict().items())
     assert "lsgan_d" in read_metrics(tmp_path / "run")[0]["losses"]  # still scored, for the log
+
+
+def test_monitor_one_drf_picks_the_best_checkpoint_at_that_drf(tmp_path: Path, data_root: Path) -> None:
+    overrides = ("train.epochs=4", "train.scheduler.monitor=val_psnr_drf100")
+    trainer = trainer_for(tmp_path, tiny_recipe(data_root), overrides)
+    trainer.fit()
+    metrics = read_metrics(tmp_path / "run")
+    at_100 = [m["val"]["per_drf"]["100"]["psnr"] for m in metrics]
+    assert metrics[-1]["best_epoch"] == 1 + at_100.index(max(at_100))
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")["epoch"] == metrics[-1]["best_epoch"]
+
+
+@pytest.mark.parametrize("monitor", ["val_psnr_drf50", "val_ssim", "val_psnr_drf"])
+def test_unknown_monitor_is_a_recipe_error(tmp_path: Path, data_root: Path, monitor: str,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = write(tmp_path / "r.yaml", tiny_recipe(data_root))
+    assert main(["check", str(recipe), "--set", f"train.scheduler.monitor={monitor}"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"train.scheduler.monitor: '{monitor}' is unknown" in err and "data.drfs [4, 100]" in err
