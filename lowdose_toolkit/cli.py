@@ -159,13 +159,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=args, prog_name="ldt")  # standalone: usage errors print their help and exit 2
     except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if code == 130:  # typer turns Ctrl-C into exit 130 without a word
+            _error("interrupted; files already written are complete (atomic writes); "
+                   "`ldt run --resume RUN_DIR` continues a training")
+        return code
     except UserError as exc:
         if debug:
             raise
         _error(str(exc))
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # outside typer's own handling (e.g. while it starts)
         _error("interrupted")
         return 130
     except Exception as exc:  # noqa: BLE001 - the last line of defence for users

@@ -186,3 +186,30 @@ def test_preview_mip_is_coronal_head_up_whatever_the_voxel_order() -> None:
     stored = np.ascontiguousarray(ras[::-1, ::-1, :].transpose(2, 1, 0))
     affine = np.array([[0, 0, -1, 9], [0, -1, 0, 5], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=float)
     np.testing.assert_array_equal(ras_mip(torch.from_numpy(stored)[None], affine), expected)
+
+
+def test_interrupt_keeps_finished_outputs_whole(trained: tuple[Path, Path], tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C during the second volume: exit 130, the first output complete, no temporary file left."""
+    import lowdose_toolkit.sliding as sliding
+
+    run, data = trained
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("a", "b", "c"):
+        shutil.copy(data / "sub01" / "drf_100.nii.gz", inputs / f"{name}.nii.gz")
+    real, calls = sliding.infer_volume, []
+
+    def interrupted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - the patched function's signature
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sliding, "infer_volume", interrupted)
+    out = tmp_path / "out"
+    assert main(["infer", str(run), str(inputs), "--out", str(out)]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["a.nii.gz", "a.png"]
+    np.testing.assert_array_equal(nib.load(out / "a.nii.gz").shape, nib.load(inputs / "a.nii.gz").shape)

@@ -162,6 +162,34 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
             save_mips_png(mips, out / "previews" / f"{_stem(job.output)}.png", title=title)
         return time.monotonic() - t0
 
+    def denoise(volume: torch.Tensor, affine: Any, norm: Any) -> tuple[torch.Tensor, list[tuple[str, Any]], dict]:
+        """Sliding-window prediction (normalised units), the preview MIPs, and the dose head's verdict."""
+        probs: list[torch.Tensor] = []
+
+        def predict(x: torch.Tensor) -> torch.Tensor:
+            if dose_head is None:
+                return model.predict(x)
+            result = model(x)
+            probs.append(result[dose_head].float().softmax(dim=1).sum(dim=0).cpu())
+            return result["pred"]
+
+        with torch.no_grad():
+            pred = infer_volume(
+                norm.apply(volume), predict,
+                patch_size=patch_size or cfg["patch_size"],
+                overlap=cfg["overlap"] if overlap is None else (int(overlap) if overlap >= 1 else overlap),
+                batch_size=batch_size or cfg["batch_size"], blending=blending or cfg["blending"],
+                device=dev, amp=use_amp,
+            )
+        mips = [("input", ras_mip(volume, affine)), ("denoised", ras_mip(pred, affine) * norm.scale)]
+        dose: dict[str, Any] = {}
+        if probs:
+            mean = torch.stack(probs).sum(0)
+            mean = mean / mean.sum()
+            k = int(mean.argmax())
+            dose = {"predicted_drf": drfs[k], "drf_probability": round(float(mean[k]), 4)}
+        return pred, mips, dose
+
     def fail(row: dict[str, Any], source: Path, exc: Exception) -> None:
         row.update(status="failed", error=str(exc))
         console.print(f"[red]failed[/] {source}: {exc}")
@@ -179,50 +207,34 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
     ):
         task = progress.add_task("denoising", total=len(jobs))
         reads = {0: reader.submit(read, jobs[0])}
-        for i, job in enumerate(jobs):
-            if i + 1 < len(jobs):
-                reads[i + 1] = reader.submit(read, jobs[i + 1])
-            row: dict[str, Any] = {"input": str(job.source), "output": str(job.output)}
-            rows.append(row)
-            try:
-                volume, affine, info, norm, seconds = reads.pop(i).result()  # popped: freed early
-                t0 = time.monotonic()
-                probs: list[torch.Tensor] = []
-
-                def predict(x: torch.Tensor, probs: list[torch.Tensor] = probs) -> torch.Tensor:
-                    if dose_head is None:
-                        return model.predict(x)
-                    result = model(x)
-                    probs.append(result[dose_head].float().softmax(dim=1).sum(dim=0).cpu())
-                    return result["pred"]
-
-                with torch.no_grad():
-                    pred = infer_volume(
-                        norm.apply(volume), predict,
-                        patch_size=patch_size or cfg["patch_size"],
-                        overlap=cfg["overlap"] if overlap is None else (int(overlap) if overlap >= 1 else overlap),
-                        batch_size=batch_size or cfg["batch_size"], blending=blending or cfg["blending"],
-                        device=dev, amp=use_amp,
-                    )
-                mips = [("input", ras_mip(volume, affine)), ("denoised", ras_mip(pred, affine) * norm.scale)]
-                del volume
-                row.update(status="ok", shape="x".join(map(str, info.shape)))
-                title = _stem(job.source)
-                if probs:
-                    mean = torch.stack(probs).sum(0)
-                    mean = mean / mean.sum()
-                    k = int(mean.argmax())
-                    row.update(predicted_drf=drfs[k], drf_probability=round(float(mean[k]), 4))
-                    title += f" - predicted DRF {drfs[k]} ({float(mean[k]):.0%})"
-                if writes:
-                    wait([writes[-1][2]])  # one write behind at most
-                future = writer.submit(write, norm.invert(pred), job, mips if previews else [], title)
-                del pred
-                future.add_done_callback(lambda _: progress.advance(task))
-                writes.append((row, job, future, seconds + time.monotonic() - t0))
-            except (DataError, UserError) as exc:
-                fail(row, job.source, exc)
-                progress.advance(task)
+        try:
+            for i, job in enumerate(jobs):
+                if i + 1 < len(jobs):
+                    reads[i + 1] = reader.submit(read, jobs[i + 1])
+                row: dict[str, Any] = {"input": str(job.source), "output": str(job.output)}
+                rows.append(row)
+                try:
+                    volume, affine, info, norm, seconds = reads.pop(i).result()  # popped: freed early
+                    t0 = time.monotonic()
+                    pred, mips, dose = denoise(volume, affine, norm)
+                    del volume
+                    row.update(status="ok", shape="x".join(map(str, info.shape)), **dose)
+                    title = _stem(job.source)
+                    if dose:
+                        title += f" - predicted DRF {dose['predicted_drf']} ({dose['drf_probability']:.0%})"
+                    if writes:
+                        wait([writes[-1][2]])  # one write behind at most
+                    future = writer.submit(write, norm.invert(pred), job, mips if previews else [], title)
+                    del pred
+                    future.add_done_callback(lambda _: progress.advance(task))
+                    writes.append((row, job, future, seconds + time.monotonic() - t0))
+                except (DataError, UserError) as exc:
+                    fail(row, job.source, exc)
+                    progress.advance(task)
+        except BaseException:  # Ctrl-C: drop the queued read; the running write finishes (atomically)
+            for pending in reads.values():
+                pending.cancel()
+            raise
         for row, job, future, seconds in writes:
             try:
                 row["seconds"] = round(seconds + future.result(), 2)
