@@ -34,7 +34,7 @@ import torch
 from lowdose_toolkit.atomic import atomic_path
 from lowdose_toolkit.errors import RecipeError
 
-STUDY_KEYS = {"name", "description", "seed", "set", "methods", "classical", "figure_drf", "bm4d_drfs"}
+STUDY_KEYS = {"name", "description", "seed", "set", "methods", "classical", "figure_drf", "bm4d_drfs", "checkpoint"}
 METHOD_KEYS = {"method", "recipe", "set"}
 READING_MARK = "<!-- reading: kept when the study rewrites this file -->"
 
@@ -70,6 +70,10 @@ def load_study(path: Path) -> dict[str, Any]:
     study.setdefault("classical", ["gaussian"])
     study.setdefault("figure_drf", 100)
     study.setdefault("bm4d_drfs", [100])
+    study.setdefault("checkpoint", "best")
+    if study["checkpoint"] not in ("best", "last"):
+        raise RecipeError(f"{path}: checkpoint: {study['checkpoint']!r} is unknown; use best (the monitored "
+                          "validation metric's best epoch) or last")
     study["path"] = path
     return study
 
@@ -119,7 +123,7 @@ def run_study(path: Path, out: Path, docs: Path | None = None, only: Sequence[st
         trainer = Trainer(recipes[label], run_dir, get_registry(), resume=resume, console=console)
         trainer.fit()
         timings[label] = time.monotonic() - t0
-        evaluate_run(run_dir, method=label, console=console)
+        evaluate_run(run_dir, method=label, checkpoint=study["checkpoint"], console=console)
     first = recipes[study["methods"][0]["method"]]
     classical_dir = out / "classical"
     if study["classical"] and not (classical_dir / "results.csv").is_file():
@@ -229,7 +233,8 @@ def make_figure(study: Mapping[str, Any], recipes: Mapping[str, Any], run_dirs: 
     from lowdose_toolkit.sliding import infer_volume
 
     drf = study["figure_drf"]
-    done = [m for m in study["methods"] if (run_dirs[m["method"]] / "checkpoints" / "best.pt").is_file()]
+    name = f"{study['checkpoint']}.pt"
+    done = [m for m in study["methods"] if (run_dirs[m["method"]] / "checkpoints" / name).is_file()]
     if not done:
         return
     first = done[0]["method"]
@@ -243,7 +248,7 @@ def make_figure(study: Mapping[str, Any], recipes: Mapping[str, Any], run_dirs: 
     panels = [("low-dose", low[0])]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for m in done:
-        ckpt = load_checkpoint(run_dirs[m["method"]] / "checkpoints" / "best.pt")
+        ckpt = load_checkpoint(run_dirs[m["method"]] / "checkpoints" / name)
         model, recipe = model_from_checkpoint(ckpt, device)
         cfg = recipe["eval"]
         with torch.no_grad():

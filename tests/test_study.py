@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ methods:
   - {method: Baseline+CG, recipe: cg.yaml}
 classical: [gaussian]
 figure_drf: 100
+checkpoint: last
 """)
     docs = tmp_path / "docs"
     write(docs / "RESULTS.md", "old\n<!-- reading: kept when the study rewrites this file -->\n\n## Reading\n\nmine\n")
@@ -38,6 +40,7 @@ figure_drf: 100
     table_ii = (out / "table_ii.md").read_text()
     assert "Baseline+CG" in table_ii and "46.832" in table_ii  # the paper's figure beside ours
     assert (out / "figure2.png").read_bytes().startswith(b"\x89PNG")
+    assert json.loads((out / "baseline" / "results.json").read_text())["checkpoint"].endswith("last.pt")
     text = (docs / "RESULTS.md").read_text()
     assert "Table I" in text or "TABLE I" in text.upper()
     assert text.endswith("## Reading\n\nmine\n") and "old" not in text.split("\n")[0]
@@ -55,4 +58,6 @@ def test_study_file_errors(tmp_path: Path) -> None:
         load_study(write(tmp_path / "b.yaml", "methods: [{method: A, recipe: nope.yaml}]\n"))
     with pytest.raises(RecipeError, match="budgett: unknown key"):
         load_study(write(tmp_path / "c.yaml", "budgett: 1\nmethods: [{method: A, recipe: b.yaml}]\n"))
+    with pytest.raises(RecipeError, match="checkpoint: 'final' is unknown; use best"):
+        load_study(write(tmp_path / "d.yaml", "checkpoint: final\nmethods: [{method: A, recipe: b.yaml}]\n"))
     assert slug("Baseline+CG") == "baseline-cg" and slug("3D-UNet") == "3d-unet"
