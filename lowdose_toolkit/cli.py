@@ -103,12 +103,15 @@ def infer_cmd(
     amp: str = typer.Option("auto", "--amp", help="auto (the recipe's) | none | bf16 | fp16 (CUDA only)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
     previews: bool = typer.Option(True, "--previews/--no-previews", help="Coronal MIP PNGs in OUT/previews."),
+    prefetch: bool = typer.Option(
+        True, "--prefetch/--no-prefetch", help="Read the next and write the previous volume meanwhile (more memory)."
+    ),
 ) -> None:
     """Denoise whole volumes with a trained model (sliding window, affine and header kept)."""
     from lowdose_toolkit.commands.infer import infer
 
     raise typer.Exit(infer(checkpoint, inputs, out, patch_size, overlap, batch_size, blending, device, amp, overwrite,
-                           previews))
+                           previews, prefetch))
 
 
 @app.command("study")

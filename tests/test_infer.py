@@ -137,6 +137,12 @@ def test_pipelined_folder_equals_one_volume_at_a_time(trained: tuple[Path, Path]
     rows = list(csv.DictReader((together / "summary.csv").open()))
     assert [Path(r["input"]).name for r in rows] == sorted(p.name for p in inputs.iterdir())  # input order
     assert [r["status"] for r in rows] == ["ok"] * 6
+    sequential = tmp_path / "sequential"
+    assert main(["infer", str(run), str(inputs), "--out", str(sequential), "--no-prefetch"]) == 0
+    for r in rows:
+        a = np.asarray(nib.load(r["output"]).dataobj)
+        np.testing.assert_array_equal(a, np.asarray(nib.load(sequential / Path(r["output"]).name).dataobj))
+    assert (sequential / "summary.csv").read_text().count(",ok,") == 6
     for r in rows[::2]:
         alone = tmp_path / f"alone_{Path(r['input']).name}"
         assert main(["infer", str(run), r["input"], "--out", str(alone)]) == 0

@@ -11,6 +11,8 @@ import glob
 import io
 import json
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,24 @@ from typing import Any
 from lowdose_toolkit.errors import UserError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+class Inline:
+    """An executor that runs each task when it is submitted: ``ldt infer --no-prefetch``."""
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        try:
+            future.set_result(fn(*args))
+        except Exception as exc:  # noqa: BLE001 - handed to the caller through the future, as a thread would
+            future.set_exception(exc)
+        return future
+
+    def __enter__(self) -> Inline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
 
 
 @dataclass(frozen=True)
@@ -112,12 +132,14 @@ def plan_jobs(sources: list[Path], out: Path, overwrite: bool) -> list[Job]:
 
 def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None, overlap: float | None,
           batch_size: int | None, blending: str | None, device: str, amp: str, overwrite: bool,
-          previews: bool = True) -> int:
+          previews: bool = True, prefetch: bool = True) -> int:
     """Run the checkpoint's model over every input; returns the exit code (1 if any input failed).
 
     With ``previews``, ``OUT/previews/<name>.png`` shows coronal MIPs of each input and its output.
+    With ``prefetch``, volume k+1 is read and volume k-1 written in threads while volume k is inferred
+    (two inputs and two outputs in memory); without, one volume at a time.
     """
-    from concurrent.futures import Future, ThreadPoolExecutor, wait
+    from concurrent.futures import ThreadPoolExecutor, wait
 
     import torch
     from rich.console import Console
@@ -201,16 +223,18 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
     writes: list[tuple[dict[str, Any], Job, Future[float], float]] = []
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with (
-        ThreadPoolExecutor(1, thread_name_prefix="ldt-read") as reader,
-        ThreadPoolExecutor(1, thread_name_prefix="ldt-write") as writer,
+        ThreadPoolExecutor(1, thread_name_prefix="ldt-read") if prefetch else Inline() as reader,
+        ThreadPoolExecutor(1, thread_name_prefix="ldt-write") if prefetch else Inline() as writer,
         Progress(*columns, console=console) as progress,
     ):
         task = progress.add_task("denoising", total=len(jobs))
         reads = {0: reader.submit(read, jobs[0])}
         try:
             for i, job in enumerate(jobs):
-                if i + 1 < len(jobs):
+                if i + 1 < len(jobs) and prefetch:
                     reads[i + 1] = reader.submit(read, jobs[i + 1])
+                elif i not in reads:
+                    reads[i] = reader.submit(read, job)
                 row: dict[str, Any] = {"input": str(job.source), "output": str(job.output)}
                 rows.append(row)
                 try:
