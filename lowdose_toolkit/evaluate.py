@@ -326,10 +326,9 @@ def evaluate_pairs(
     import torch
     from rich.progress import Progress
 
-    from lowdose_toolkit.metrics import SSIM_DATA_RANGES, body_mask, compute_all
+    from lowdose_toolkit.metrics import body_mask, check_ssim_range, compute_all
 
-    if ssim_range not in SSIM_DATA_RANGES:
-        raise UserError(f"ssim range {ssim_range!r} is unknown; use one of {sorted(SSIM_DATA_RANGES)}")
+    check_ssim_range(ssim_range)
     shapes: dict[Path, tuple[tuple[int, ...], np.ndarray]] = {}
     for pair in pairs:
         for p in (pair.pred, pair.ref):

@@ -40,6 +40,7 @@ from lowdose_toolkit.errors import DataError, UserError
 
 __all__ = [
     "SSIM_DATA_RANGES",
+    "check_ssim_range",
     "SsimRange",
     "body_mask",
     "compute_all",
@@ -304,6 +305,12 @@ def ssim(
 # ----------------------------------------------------------------------------------------------
 
 
+def check_ssim_range(ssim_range: str) -> None:
+    """Raise a :class:`UserError` unless ``ssim_range`` names one of :data:`SSIM_DATA_RANGES`."""
+    if ssim_range not in SSIM_DATA_RANGES:
+        raise UserError(f"ssim_range {ssim_range!r} is unknown; use one of {sorted(SSIM_DATA_RANGES)}")
+
+
 def body_mask(ref: ArrayLike, threshold_fraction: float = 0.01, fill_holes: bool = True) -> torch.Tensor:
     """Boolean body mask: voxels above ``threshold_fraction * max(ref)``, enclosed holes filled.
 
@@ -352,8 +359,7 @@ def compute_all(
     Raises:
         DataError: If the reference is constant or not positive, or the prediction is all zero.
     """
-    if ssim_range not in SSIM_DATA_RANGES:
-        raise UserError(f"ssim_range {ssim_range!r} is unknown; use one of {sorted(SSIM_DATA_RANGES)}")
+    check_ssim_range(ssim_range)
     r, p, m = _prepare(ref, pred, mask)
     hi, lo = _max_min(r, m)
     _check_ref_range(hi, lo, "PSNR/NRMSE/SSIM")

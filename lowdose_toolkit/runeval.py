@@ -101,7 +101,7 @@ def evaluate_run(
     from lowdose_toolkit.data import pairs_dataset
     from lowdose_toolkit.engine import load_checkpoint, resolve_device
     from lowdose_toolkit.evaluate import aggregate, summary_markdown
-    from lowdose_toolkit.metrics import SSIM_DATA_RANGES, body_mask, compute_all
+    from lowdose_toolkit.metrics import body_mask, check_ssim_range, compute_all
     from lowdose_toolkit.plugins import get_registry
     from lowdose_toolkit.sliding import infer_volume
 
@@ -119,8 +119,7 @@ def evaluate_run(
     method = method or recipe["name"]
     cfg = recipe["eval"]
     ssim_range = ssim_range or cfg["ssim_range"]
-    if ssim_range not in SSIM_DATA_RANGES:
-        raise UserError(f"ssim range {ssim_range!r} is unknown; use one of {sorted(SSIM_DATA_RANGES)}")
+    check_ssim_range(ssim_range)
     out = results_dir(run_dir, out, mask)
     registry = get_registry()
     drfs = list(ckpt["drfs"])

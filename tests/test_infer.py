@@ -152,16 +152,21 @@ def test_pipelined_folder_equals_one_volume_at_a_time(trained: tuple[Path, Path]
         assert float(r["seconds"]) > 0
 
 
+def three_copies(data: Path, folder: Path) -> Path:
+    """``folder`` holding a.nii.gz, b.nii.gz and c.nii.gz, copies of one tiny input volume."""
+    folder.mkdir()
+    for name in ("a", "b", "c"):
+        shutil.copy(data / "sub01" / "drf_100.nii.gz", folder / f"{name}.nii.gz")
+    return folder
+
+
 def test_a_failed_write_is_reported_and_the_rest_are_written(trained: tuple[Path, Path], tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     import lowdose_toolkit.io as ldt_io
 
     run, data = trained
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    for name in ("a", "b", "c"):
-        shutil.copy(data / "sub01" / "drf_100.nii.gz", inputs / f"{name}.nii.gz")
+    inputs = three_copies(data, tmp_path / "in")
     real = ldt_io.save_like
 
     def save_like(volume, reference, out_path):  # noqa: ANN001, ANN202 - the patched function's signature
@@ -201,10 +206,7 @@ def test_interrupt_keeps_finished_outputs_whole(trained: tuple[Path, Path], tmp_
     import lowdose_toolkit.sliding as sliding
 
     run, data = trained
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    for name in ("a", "b", "c"):
-        shutil.copy(data / "sub01" / "drf_100.nii.gz", inputs / f"{name}.nii.gz")
+    inputs = three_copies(data, tmp_path / "in")
     real, calls = sliding.infer_volume, []
 
     def interrupted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - the patched function's signature
