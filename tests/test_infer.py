@@ -138,7 +138,8 @@ def test_pipelined_folder_equals_one_volume_at_a_time(trained: tuple[Path, Path]
     assert [Path(r["input"]).name for r in rows] == sorted(p.name for p in inputs.iterdir())  # input order
     assert [r["status"] for r in rows] == ["ok"] * 6
     sequential = tmp_path / "sequential"
-    assert main(["infer", str(run), str(inputs), "--out", str(sequential), "--no-prefetch"]) == 0
+    assert main(["infer", str(run), str(inputs), "--out", str(sequential), "--no-prefetch", "--no-previews"]) == 0
+    assert not (sequential / "previews").exists()
     for r in rows:
         a = np.asarray(nib.load(r["output"]).dataobj)
         np.testing.assert_array_equal(a, np.asarray(nib.load(sequential / Path(r["output"]).name).dataobj))

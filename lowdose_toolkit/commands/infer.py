@@ -185,7 +185,7 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
         return time.monotonic() - t0
 
     def denoise(volume: torch.Tensor, affine: Any, norm: Any) -> tuple[torch.Tensor, list[tuple[str, Any]], dict]:
-        """Sliding-window prediction (normalised units), the preview MIPs, and the dose head's verdict."""
+        """Sliding-window prediction (normalised units), the preview MIPs (if wanted), the dose head's verdict."""
         probs: list[torch.Tensor] = []
 
         def predict(x: torch.Tensor) -> torch.Tensor:
@@ -203,7 +203,9 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
                 batch_size=batch_size or cfg["batch_size"], blending=blending or cfg["blending"],
                 device=dev, amp=use_amp,
             )
-        mips = [("input", ras_mip(volume, affine)), ("denoised", ras_mip(pred, affine) * norm.scale)]
+        mips = []
+        if previews:
+            mips = [("input", ras_mip(volume, affine)), ("denoised", ras_mip(pred, affine) * norm.scale)]
         dose: dict[str, Any] = {}
         if probs:
             mean = torch.stack(probs).sum(0)
@@ -248,7 +250,7 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
                         title += f" - predicted DRF {dose['predicted_drf']} ({dose['drf_probability']:.0%})"
                     if writes:
                         wait([writes[-1][2]])  # one write behind at most
-                    future = writer.submit(write, norm.invert(pred), job, mips if previews else [], title)
+                    future = writer.submit(write, norm.invert(pred), job, mips, title)
                     del pred
                     future.add_done_callback(lambda _: progress.advance(task))
                     writes.append((row, job, future, seconds + time.monotonic() - t0))
