@@ -106,12 +106,16 @@ def infer_cmd(
     prefetch: bool = typer.Option(
         True, "--prefetch/--no-prefetch", help="Read the next and write the previous volume meanwhile (more memory)."
     ),
+    drf: int | None = typer.Option(
+        None, "--drf", help="Known dose reduction factor of every input: a guided model is conditioned on it "
+                            "instead of its dose head's prediction (which is still reported)."
+    ),
 ) -> None:
     """Denoise whole volumes with a trained model (sliding window, affine and header kept)."""
     from lowdose_toolkit.commands.infer import infer
 
     raise typer.Exit(infer(checkpoint, inputs, out, patch_size, overlap, batch_size, blending, device, amp, overwrite,
-                           previews, prefetch))
+                           previews, prefetch, drf))
 
 
 @app.command("study")

@@ -41,12 +41,14 @@ from lowdose_toolkit.distributed import (
 )
 from lowdose_toolkit.errors import RecipeError, UserError
 from lowdose_toolkit.model import LossTerm, LowDoseModel, build_losses, build_model
+from lowdose_toolkit.normalize import QUANTILE
 from lowdose_toolkit.recipe import dump_recipe
 from lowdose_toolkit.records import SubjectRecord
 from lowdose_toolkit.registry import Registry
 from lowdose_toolkit.schemes import Scheme, identity
 
 CHECKPOINT_FORMAT = 1
+CALIBRATION_VOLUMES = 200  # whole training volumes a calibrated dose head is fitted on (evenly spaced)
 STAGE_PARTS = ("generator", "heads", "refiner", "discriminator")
 
 
@@ -146,13 +148,15 @@ def parse_stages(train: Mapping[str, Any], has_refiner: bool) -> list[dict[str, 
 
     A stage trains the parts it lists in ``trainable`` (generator, heads, refiner, discriminator) and
     freezes the others: no gradient, no optimizer step, and eval mode (BatchNorm statistics kept).
-    Networks a scheme owns belong to the part it names (CycleGAN's G_B: generator, D_B: discriminator).
+    Networks a scheme owns belong to the part it names (CycleGAN's G_B: generator, D_B: discriminator);
+    a guidance part belongs to the generator. ``max_minutes`` ends a stage after the epoch that crosses
+    that wall-clock budget (the next stage then starts), so a time-budgeted run still reaches every stage.
     """
     if not train["stages"]:
         return [{"name": "end-to-end", "epochs": train["epochs"], "trainable": list(STAGE_PARTS),
-                 "use_refiner": True}]
+                 "use_refiner": True, "max_minutes": None}]
     stages = []
-    allowed = {"name", "epochs", "trainable", "use_refiner"}
+    allowed = {"name", "epochs", "trainable", "use_refiner", "max_minutes"}
     for i, stage in enumerate(train["stages"]):
         where = f"train.stages.{i}"
         unknown = set(stage) - allowed
@@ -164,29 +168,57 @@ def parse_stages(train: Mapping[str, Any], has_refiner: bool) -> list[dict[str, 
         bad = [p for p in trainable if p not in STAGE_PARTS]
         if bad:
             raise RecipeError(f"{where}.trainable: unknown part {bad[0]!r}; parts: {', '.join(STAGE_PARTS)}")
+        minutes = stage.get("max_minutes")
+        if minutes is not None and (isinstance(minutes, bool) or not isinstance(minutes, (int, float))
+                                    or minutes <= 0):
+            raise RecipeError(f"{where}.max_minutes: expected a positive number of minutes, got {minutes!r}")
         use_refiner = bool(stage.get("use_refiner", True))
         if use_refiner and not has_refiner and "refiner" in trainable and train["stages"]:
             use_refiner = False
         stages.append({"name": stage.get("name", f"stage{i + 1}"), "epochs": stage["epochs"],
-                       "trainable": list(trainable), "use_refiner": use_refiner})
+                       "trainable": list(trainable), "use_refiner": use_refiner, "max_minutes": minutes})
     return stages
+
+
+#: The Ultra-Low-Dose PET challenge's ranking weights per DRF (udpet-challenge.github.io, evaluation).
+CHALLENGE_DRF_WEIGHTS: dict[int, float] = {4: 0.05, 10: 0.15, 20: 0.20, 50: 0.25, 100: 0.35}
+
+
+def drf_weights(drfs: Iterable[int]) -> dict[int, float]:
+    """Weights of the DRFs in ``val_gain``: the challenge's (renormalised) when every DRF has one, else equal."""
+    drfs = [int(d) for d in drfs]
+    if all(d in CHALLENGE_DRF_WEIGHTS for d in drfs):
+        total = sum(CHALLENGE_DRF_WEIGHTS[d] for d in drfs)
+        return {d: CHALLENGE_DRF_WEIGHTS[d] / total for d in drfs}
+    return {d: 1.0 / len(drfs) for d in drfs}
+
+
+def weighted_gain(val: Mapping[str, Any]) -> float:
+    """DRF-weighted mean of the validation PSNR gain over the low-dose input (dB), see :func:`drf_weights`."""
+    weights = drf_weights(int(d) for d in val["per_drf"])
+    return float(sum(w * (val["per_drf"][str(d)]["psnr"] - val["low_dose"][str(d)]["psnr"])
+                     for d, w in weights.items()))
 
 
 def monitor_mode(monitor: str, drfs: Iterable[int]) -> str:
     """``"max"`` or ``"min"`` for ``train.scheduler.monitor``, which is checked against ``data.drfs``.
 
-    Monitors: ``val_psnr`` (validation PSNR averaged over the DRFs), ``val_psnr_drf<N>`` (at DRF N
-    only, e.g. for a DRF-100 ablation like the paper's Table II) and ``val_loss``.
+    Monitors: ``val_gain`` (the PSNR gain over the input, weighted per DRF as the challenge ranks:
+    4/10/20/50/100 at 5/15/20/25/35 %), ``val_psnr`` (validation PSNR averaged over the DRFs),
+    ``val_psnr_drf<N>`` (at DRF N only, e.g. for a DRF-100 ablation like the paper's Table II) and
+    ``val_loss``. A plain mean PSNR lets a model trade DRF 4 for DRF 100; the weighted gain does not
+    reward a model for matching the input where the input is already good.
     """
     if monitor == "val_loss":
         return "min"
-    if monitor == "val_psnr":
+    if monitor in ("val_psnr", "val_gain"):
         return "max"
     match = re.fullmatch(r"val_psnr_drf(\d+)", monitor)
     drfs = [int(d) for d in drfs]
     if match is None or int(match.group(1)) not in drfs:
-        raise RecipeError(f"train.scheduler.monitor: {monitor!r} is unknown; use val_psnr (mean over the DRFs), "
-                          f"val_loss, or val_psnr_drf<N> with N one of data.drfs {drfs}")
+        raise RecipeError(f"train.scheduler.monitor: {monitor!r} is unknown; use val_gain (DRF-weighted gain over "
+                          f"the input), val_psnr (mean over the DRFs), val_loss, or val_psnr_drf<N> with N one of "
+                          f"data.drfs {drfs}")
     return "max"
 
 
@@ -196,6 +228,8 @@ def monitor_value(monitor: str, val: Mapping[str, Any]) -> float:
         return float(val["loss"])
     if monitor == "val_psnr":
         return float(val["psnr"])
+    if monitor == "val_gain":
+        return float(val["gain"])
     return float(val["per_drf"][str(int(monitor.removeprefix("val_psnr_drf")))]["psnr"])
 
 
@@ -286,6 +320,7 @@ class Trainer:
         self.steps_per_epoch = train["steps_per_epoch"] or self.stream.default_steps()
 
         self._val_inputs: dict[str, dict[str, float]] | None = None
+        self._calibration: tuple[torch.Tensor, torch.Tensor] | None = None
         self.epoch = 0  # epochs completed
         self.best: dict[str, Any] = {"epoch": -1, "value": None}
 
@@ -321,8 +356,8 @@ class Trainer:
 
     def stage_modules(self) -> list[tuple[str, nn.Module]]:
         """Every network with the stage part it belongs to, scheme-owned ones (e.g. CycleGAN's G_B) included."""
-        parts = [("generator", self.model.generator), ("heads", self.model.heads), ("refiner", self.model.refiner),
-                 ("discriminator", self.discriminator)]
+        parts = [("generator", self.model.generator), ("generator", self.model.guidance), ("heads", self.model.heads),
+                 ("refiner", self.model.refiner), ("discriminator", self.discriminator)]
         parts += [(self.scheme.extra_module_parts.get(n, ""), m) for n, m in self.scheme.extra_modules.items()]
         return [(part, module) for part, module in parts if module is not None]
 
@@ -336,7 +371,7 @@ class Trainer:
         if fresh and index > 0:  # a new stage starts from the base learning rate and a fresh schedule
             for opt in self.scheme.optimizers.values():
                 for group in opt.param_groups:
-                    group["lr"] = self.base_lr
+                    group["lr"] = self.base_lr * group.get("lr_scale", 1.0)
             self.schedulers = self._make_schedulers()
 
     # ------------------------------------------------------------------ checkpoints
@@ -355,7 +390,7 @@ class Trainer:
             "rng": rng,
             "best": self.best,
             "normalization": {"method": "robust" if self.recipe["data"]["normalization"] == "auto"
-                              else self.recipe["data"]["normalization"]},
+                              else self.recipe["data"]["normalization"], "quantile": QUANTILE},
             "split": self.split.summary(),
             "world_size": self.dist.world,
         }
@@ -431,6 +466,7 @@ class Trainer:
         floor = train["stop_when_lr_below"]
         record: dict[str, Any] = {}
         entered: int | None = None
+        stage_started = time.monotonic()
         progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[losses]}"), TimeElapsedColumn(),
@@ -444,6 +480,7 @@ class Trainer:
                     # A stage entered at its first epoch starts fresh; a resumed one keeps its lr and schedule.
                     self._enter_stage(index, fresh=self.epoch == start)
                     entered = index
+                    stage_started = time.monotonic()
                 if floor is not None and self.lr() < floor:
                     self._say(f"lr {self.lr():.2e} is below {floor:.0e}: stage {self.stages[index]['name']!r} stops")
                     self.epoch = stage_end
@@ -455,6 +492,12 @@ class Trainer:
                 if budget is not None and (time.monotonic() - started) / 60 > budget:
                     self._say(f"time budget of {budget} min spent after epoch {self.epoch}")
                     break
+                stage_budget = self.stages[index]["max_minutes"]
+                if stage_budget is not None and self.epoch < stage_end \
+                        and (time.monotonic() - stage_started) / 60 > stage_budget:
+                    self._say(f"stage {self.stages[index]['name']!r}: its {stage_budget} min spent after epoch "
+                              f"{self.epoch}")
+                    self.epoch = stage_end
         cleanup(self.dist)
         return record
 
@@ -519,7 +562,9 @@ class Trainer:
         if val:
             text += f" | val PSNR {val['psnr']:.2f} dB SSIM {val['ssim']:.4f} NRMSE {100 * val['nrmse']:.3f}%"
             gain = [val["per_drf"][d]["psnr"] - val["low_dose"][d]["psnr"] for d in val["per_drf"]]
-            text += f" | vs input {min(gain):+.2f}..{max(gain):+.2f} dB"
+            text += f" | vs input {min(gain):+.2f}..{max(gain):+.2f} dB (weighted {val['gain']:+.2f})"
+            if "dose_accuracy" in val:
+                text += f" | dose head {100 * val['dose_accuracy']:.0f}%"
         text += f" | {record['epoch_seconds']:.1f} s"
         self._say(text)
 
@@ -533,15 +578,19 @@ class Trainer:
         from lowdose_toolkit.metrics import compute_all
 
         self.model.eval()
+        calibration = self._calibrate_dose_head()
         cfg = self.recipe["eval"]
         per_drf: dict[int, list[dict[str, float]]] = {}
         inputs: dict[int, list[dict[str, float]]] = {}
         l1: list[float] = []
+        dose_hits: list[bool] = []
         preview_index = len(self.drfs) - 1  # the first validation subject at the last (highest) DRF
         for i in range(len(self.val_set)):
             subject = self.val_set[i]
             low, full = subject["low"].data.float(), subject["full"].data.float()
-            pred = self.predict_volume(low, cfg)
+            pred, probs = self.predict_volume(low, cfg)
+            if probs is not None:
+                dose_hits.append(int(probs.argmax()) == int(subject["drf_class"]))
             m = compute_all(full[0], pred[0], ssim_range=cfg["ssim_range"])
             per_drf.setdefault(int(subject["drf"]), []).append(m)
             if self._val_inputs is None:  # the low-dose input's own metrics, once: the bar to clear
@@ -557,26 +606,45 @@ class Trainer:
         for key in ("psnr", "ssim", "nrmse"):
             out[key] = float(np.mean([v[key] for v in out["per_drf"].values()]))
         out["loss"] = float(np.mean(l1))
+        if dose_hits:
+            out["dose_accuracy"] = float(np.mean(dose_hits))
+        if calibration is not None:
+            out["dose_calibration_accuracy"] = calibration
         if self._val_inputs is None:
             self._val_inputs = {str(d): {k: float(np.mean([r[k] for r in rows])) for k in ("psnr", "ssim", "nrmse")}
                                 for d, rows in sorted(inputs.items())}
         out["low_dose"] = self._val_inputs
+        out["gain"] = weighted_gain(out)
         return out
 
-    def predict_volume(self, low: torch.Tensor, cfg: Mapping[str, Any], coarse_only: bool = False) -> torch.Tensor:
-        """Sliding-window prediction of a whole normalised volume ``[1, X, Y, Z]``."""
-        from lowdose_toolkit.sliding import infer_volume
+    def _calibrate_dose_head(self) -> float | None:
+        """Calibrate a dose head that can be (``calibrate(statistics, classes)``, see ``parts.py``) on whole
+        training volumes; returns its training accuracy, or None. The statistics are computed once."""
+        name = self.model.dose_head
+        head = self.model.heads[name] if name is not None else None
+        if head is None or not callable(getattr(head, "calibrate", None)):
+            return None
+        if self._calibration is None:
+            n = len(self.train_set)
+            picks = sorted({round(i * (n - 1) / max(1, CALIBRATION_VOLUMES - 1)) for i in range(CALIBRATION_VOLUMES)}) \
+                if n > CALIBRATION_VOLUMES else range(n)
+            stats, classes = [], []
+            for i in picks:
+                subject = self.train_set[i]
+                stats.append(head.statistics(subject["low"].data[None].float().to(self.device)).cpu())
+                classes.append(int(subject["drf_class"]))
+            self._calibration = (torch.cat(stats), torch.tensor(classes))
+        return float(head.calibrate(*self._calibration))
 
-        def predict(x: torch.Tensor) -> torch.Tensor:
-            if coarse_only:
-                return self.model.generator(x)
-            if not self.scheme.use_refiner:
-                return self.model.generator(x)
-            return self.model.predict(x)
+    def predict_volume(self, low: torch.Tensor, cfg: Mapping[str, Any],
+                       coarse_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Sliding-window prediction of a whole normalised volume ``[1, X, Y, Z]`` and the dose head's
+        class probabilities (None without a dose head); see :func:`lowdose_toolkit.predict.predict_volume`."""
+        from lowdose_toolkit.predict import predict_volume
 
-        return infer_volume(low, predict, patch_size=cfg["patch_size"], overlap=cfg["overlap"],
-                            batch_size=cfg["batch_size"], blending=cfg["blending"], device=self.device,
-                            amp=self.precision != "none")
+        use_refiner = self.scheme.use_refiner and not coarse_only
+        return predict_volume(self.model, low, cfg, self.device, amp=self.precision != "none",
+                              use_refiner=use_refiner)
 
     def _preview(self, low: torch.Tensor, full: torch.Tensor, pred: torch.Tensor, cfg: Mapping[str, Any],
                  drf: int, subject: str) -> None:
@@ -584,7 +652,7 @@ class Trainer:
 
         panels = [("low-dose", low)]
         if self.model.refiner is not None and self.scheme.use_refiner:
-            panels.append(("coarse", self.predict_volume(low, cfg, coarse_only=True)))
+            panels.append(("coarse", self.predict_volume(low, cfg, coarse_only=True)[0]))
             panels.append(("refined", pred))
         else:
             panels.append(("prediction", pred))

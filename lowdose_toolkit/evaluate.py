@@ -688,6 +688,11 @@ def _notes(settings: Mapping[str, Any], extra: str) -> list[str]:
     ]
 
 
+#: Our ablation rows of Table II beside the paper's: the dose head's prediction conditioning ML-Net
+#: (recipes/cg3dsrgan_guided.yaml) without and with Contextual-Net and the discriminator.
+GUIDED_ABLATIONS = ("Baseline+CG (guided)", "CG-3DSRGAN (guided)")
+
+
 def build_table_i(rows: Iterable[Mapping[str, Any]]) -> PaperTable:
     """Table I: methods x DRF with PSNR / SSIM / NRMSE (%), Low-Dose row first, paper's figures beside.
 
@@ -698,7 +703,7 @@ def build_table_i(rows: Iterable[Mapping[str, Any]]) -> PaperTable:
     index, settings = _summary_index(rows)
     drfs = sorted({drf for _, drf in index}, key=_drf_sort) or list(PAPER_DRFS)
     ours = {m for m, _ in index}
-    ablation_only = set(TABLE_II_METHODS) - set(TABLE_I_METHODS)
+    ablation_only = (set(TABLE_II_METHODS) | set(GUIDED_ABLATIONS[:1])) - set(TABLE_I_METHODS)
     extra = sorted(ours - set(TABLE_I_METHODS) - ablation_only)
     table_rows: list[TableRow] = []
     for drf in drfs:
@@ -713,9 +718,12 @@ def build_table_i(rows: Iterable[Mapping[str, Any]]) -> PaperTable:
 
 
 def build_table_ii(rows: Iterable[Mapping[str, Any]]) -> PaperTable:
-    """Table II: the ablations at DRF 100 (Baseline, Baseline+CG, CG-3DGAN, CG-3DSRGAN), paper beside."""
+    """Table II: the ablations at DRF 100 (Baseline, Baseline+CG, CG-3DGAN, CG-3DSRGAN), paper beside,
+    then the guided rows (:data:`GUIDED_ABLATIONS`) where they were evaluated."""
     index, settings = _summary_index(rows)
     group = [_row(method, TABLE_II_DRF, index, TABLE_II[method]) for method in TABLE_II_METHODS]
+    group += [_row(method, TABLE_II_DRF, index, None) for method in GUIDED_ABLATIONS
+              if (method, TABLE_II_DRF) in index]
     _mark_best(group)
     return PaperTable(f"Table II: ablations at DRF {TABLE_II_DRF}", group, _notes(settings, "table"), show_drf=False)
 

@@ -48,6 +48,11 @@ def ldt_register_discriminators(register: Register) -> None:
 
 
 @hookspec
+def ldt_register_guidances(register: Register) -> None:
+    """Register guidance: parts that turn a dose head's prediction into a conditioning of the generator."""
+
+
+@hookspec
 def ldt_register_losses(register: Register) -> None:
     """Register loss terms."""
 

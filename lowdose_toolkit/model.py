@@ -9,20 +9,26 @@ import torch
 from torch import nn
 
 from lowdose_toolkit.errors import RecipeError
+from lowdose_toolkit.guidance import Conditioning
 from lowdose_toolkit.registry import Registry
 
 IMAGE_OUTPUTS = ("coarse", "refined", "pred")
 
 
 class LowDoseModel(nn.Module):
-    """Generator (+ heads reading its features) (+ refiner): everything that synthesises.
+    """Generator (+ heads reading its features) (+ guidance) (+ refiner): everything that synthesises.
 
     The discriminator is kept apart (see :func:`build_model`) so that each network can be wrapped in
     its own DistributedDataParallel and stepped by its own optimizer.
 
     ``forward(low)`` returns ``{"coarse", "refined" (if a refiner), "pred", <head name>: ...}``;
     ``pred`` is the final image (the refined one when there is a refiner). ``predict(low)`` returns
-    only ``pred`` and is what inference uses.
+    only ``pred`` and is what inference uses. Heads read a generator feature or ``image`` (the input).
+
+    With ``guidance``, the head it names (``guide_head``) runs on the features the generator hands over
+    after its encoder, and the guidance part's conditioning modulates the decoder: the head's
+    prediction reaches the image. ``drf_class`` (the true class) is used for teacher forcing in
+    training and as an oracle DRF in evaluation; without it the head alone decides.
     """
 
     def __init__(
@@ -32,6 +38,8 @@ class LowDoseModel(nn.Module):
         head_inputs: Mapping[str, str] | None = None,
         head_targets: Mapping[str, str] | None = None,
         refiner: nn.Module | None = None,
+        guidance: nn.Module | None = None,
+        guide_head: str | None = None,
     ) -> None:
         super().__init__()
         self.generator = generator
@@ -39,31 +47,68 @@ class LowDoseModel(nn.Module):
         self.head_inputs = dict(head_inputs or {})
         self.head_targets = dict(head_targets or {})
         self.refiner = refiner
+        self.guidance = guidance
+        self.guide_head = guide_head
 
-    def forward(self, low: torch.Tensor, use_refiner: bool = True) -> dict[str, torch.Tensor]:
+    @property
+    def dose_head(self) -> str | None:
+        """The head that predicts the DRF class (the guiding one first), or None."""
+        if self.guide_head is not None:
+            return self.guide_head
+        return next((n for n, t in self.head_targets.items() if t == "drf_class"), None)
+
+    def forward(self, low: torch.Tensor, use_refiner: bool = True,
+                drf_class: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
-        if len(self.heads):
+
+        def run_head(name: str, features: Mapping[str, torch.Tensor]) -> None:
+            feature = self.head_inputs[name]
+            out[name] = self.heads[name](low if feature == "image" else features[feature])
+
+        conditions: dict[str, Conditioning] = {}
+        if self.guidance is not None:
+            guidance, guide_head = self.guidance, self.guide_head
+
+            def guide(features: dict[str, torch.Tensor]) -> Conditioning:
+                run_head(guide_head, features)
+                conditions.update(guidance(guidance.code(out[guide_head], drf_class)))
+                out["guide_probs"] = conditions["generator"].probs
+                return conditions["generator"]
+
+            coarse, features = self.generator.forward_features(low, guide=guide)
+            for name in self.heads:
+                if name != guide_head:
+                    run_head(name, features)
+        elif len(self.heads):
             coarse, features = self.generator.forward_features(low)
-            for name, head in self.heads.items():
-                out[name] = head(features[self.head_inputs[name]])
+            for name in self.heads:
+                run_head(name, features)
         else:
             coarse = self.generator(low)
         out["coarse"] = coarse
         if self.refiner is not None and use_refiner:
-            out["refined"] = self.refiner(coarse)
+            if "refiner" in conditions:
+                out["refined"] = self.refiner(coarse, cond=conditions["refiner"])
+            else:
+                out["refined"] = self.refiner(coarse)
             out["pred"] = out["refined"]
         else:
             out["pred"] = coarse
         return out
 
-    def predict(self, low: torch.Tensor) -> torch.Tensor:
-        """The final image only (no heads)."""
+    def predict(self, low: torch.Tensor, use_refiner: bool = True,
+                drf_class: torch.Tensor | None = None) -> torch.Tensor:
+        """The final image only (heads run only when guidance needs them)."""
+        if self.guidance is not None:
+            return self.forward(low, use_refiner, drf_class)["pred"]
         pred = self.generator(low)
-        return self.refiner(pred) if self.refiner is not None else pred
+        return self.refiner(pred) if self.refiner is not None and use_refiner else pred
 
     def generator_parameters(self) -> list[nn.Parameter]:
-        """Parameters of generator, heads and refiner (what the generator optimizer steps)."""
+        """Parameters of generator, heads, guidance and refiner (what the generator optimizer steps)."""
         params = list(self.generator.parameters()) + list(self.heads.parameters())
+        if self.guidance is not None:
+            params += list(self.guidance.parameters())
         if self.refiner is not None:
             params += list(self.refiner.parameters())
         return params
@@ -72,10 +117,11 @@ class LowDoseModel(nn.Module):
 def build_model(recipe: Mapping[str, Any], registry: Registry) -> tuple[LowDoseModel, nn.Module | None]:
     """Build every model part of a resolved recipe: the synthesis model and the discriminator (or None)."""
     spec = recipe["model"]
-    num_classes = len(recipe["data"]["drfs"])
+    drfs = list(recipe["data"]["drfs"])
+    num_classes = len(drfs)
     generator = registry.build("generator", spec["generator"], "model.generator",
                                context={"in_channels": 1, "out_channels": 1})
-    feature_channels: dict[str, int] = dict(getattr(generator, "feature_channels", {}))
+    feature_channels: dict[str, int] = {"image": 1, **dict(getattr(generator, "feature_channels", {}))}
     heads: dict[str, nn.Module] = {}
     inputs: dict[str, str] = {}
     targets: dict[str, str] = {}
@@ -88,7 +134,7 @@ def build_model(recipe: Mapping[str, Any], registry: Registry) -> tuple[LowDoseM
         if feature not in feature_channels:
             raise RecipeError(
                 f"{where}.input: generator {spec['generator']['name']!r} has no feature {feature!r}; "
-                f"available: {', '.join(feature_channels) or 'none (it exposes no features)'}"
+                f"available: {', '.join(feature_channels)}"
             )
         heads[name] = registry.build("head", head_spec, where, engine_keys=("input", "target"),
                                      context={"in_channels": feature_channels[feature], "num_classes": num_classes})
@@ -97,11 +143,33 @@ def build_model(recipe: Mapping[str, Any], registry: Registry) -> tuple[LowDoseM
     refiner = None
     if spec["refiner"] is not None:
         refiner = registry.build("refiner", spec["refiner"], "model.refiner", context={"in_channels": 1})
+    guidance = None
+    guide_head = None
+    if spec.get("guidance") is not None:
+        guide_head = spec["guidance"]["head"]
+        if guide_head not in heads:
+            raise RecipeError(f"model.guidance.head: no head {guide_head!r} in model.heads; "
+                              f"heads: {', '.join(heads) or 'none (add a dose head, e.g. noise_level)'}")
+        if targets[guide_head] != "drf_class":
+            raise RecipeError(f"model.guidance.head: head {guide_head!r} predicts {targets[guide_head]!r}; "
+                              "guidance needs a head with target: drf_class")
+        film_channels = getattr(generator, "film_channels", None)
+        if not film_channels:
+            raise RecipeError(f"model.guidance: generator {spec['generator']['name']!r} cannot be guided (it "
+                              "declares no film_channels); use mlnet or remove model.guidance")
+        channels = {"generator": list(film_channels)}
+        if refiner is not None and getattr(refiner, "film_channels", None):
+            channels["refiner"] = list(refiner.film_channels)
+        guidance = registry.build("guidance", spec["guidance"], "model.guidance", engine_keys=("head",),
+                                  context={"channels": channels, "drfs": drfs, "num_classes": num_classes})
+        if getattr(guidance, "gate", "none") not in ("none", False) and not getattr(generator, "residual", False):
+            raise RecipeError("model.guidance.gate: the gate scales a residual; set model.generator.residual: "
+                              "true or gate: none")
     discriminator = None
     if spec["discriminator"] is not None:
         discriminator = registry.build("discriminator", spec["discriminator"], "model.discriminator",
                                        context={"in_channels": 1})
-    return LowDoseModel(generator, heads, inputs, targets, refiner), discriminator
+    return LowDoseModel(generator, heads, inputs, targets, refiner, guidance, guide_head), discriminator
 
 
 class LossTerm(nn.Module):

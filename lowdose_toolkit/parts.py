@@ -8,6 +8,7 @@ kind            context arguments the engine may pass
 ==============  ===========================================================================
 generator       ``in_channels`` (1), ``out_channels`` (1)
 head            ``in_channels`` (channels of the feature it reads), ``num_classes`` (DRFs)
+guidance        ``channels`` (the generator's ``film_channels``), ``drfs``, ``num_classes``
 refiner         ``in_channels`` (1)
 discriminator   ``in_channels`` (image channels, 1)
 loss            none
@@ -17,15 +18,29 @@ scheme          ``model``, ``discriminator``, ``losses``, ``optimizer``, ``wrap`
 ==============  ===========================================================================
 
 Context names may not be set in a recipe. Engine-level keys that are read by the engine and not
-passed to a factory: heads ``input`` (feature name) and ``target`` (batch key, default
-``drf_class``); losses ``weight`` and ``on`` (``coarse``, ``refined``, ``pred`` or a head name).
+passed to a factory: heads ``input`` (feature name: ``image``, the low-dose input, or one of the
+generator's features) and ``target`` (batch key, default ``drf_class``); guidance ``head`` (the head
+whose prediction drives it); losses ``weight`` and ``on`` (``coarse``, ``refined``, ``pred`` or a
+head name).
 
 Module contracts (all tensors are ``[B, C, D, H, W]``):
 
 * generator: ``forward(x) -> y`` and ``forward_features(x) -> (y, {feature_name: tensor})``;
   attribute ``feature_channels: dict[str, int]`` naming what heads may read (at least
   ``bottleneck`` for encoder-decoder networks). Any spatial size must work.
-* head: ``forward(feature) -> prediction`` (e.g. logits ``[B, num_classes]``).
+* head: ``forward(feature) -> prediction`` (e.g. logits ``[B, num_classes]``). A head that drives
+  guidance (``model.guidance.head``) must return DRF class logits ``[B, num_classes]`` in the order
+  of ``data.drfs`` and have ``target: drf_class``; that is the whole contract, so a third-party head
+  drives the built-in guidance as it is.
+* guidance: ``code(logits, drf_class=None) -> probs [B, num_classes]`` (the head's softmax; the true
+  class where given: always in eval mode, for a fraction of samples in training) and
+  ``forward(probs) -> Conditioning`` (:mod:`lowdose_toolkit.guidance`: one ``(gamma, beta)`` per
+  entry of the generator's ``film_channels``, optional residual ``gate``). The engine runs the head on
+  the features the generator hands it after its encoder and passes the conditioning back.
+* guidable generator (needed only with ``model.guidance``): attribute ``film_channels: list[int]``
+  and ``forward_features(x, guide=None)``, which calls ``guide(features)`` once its encoder features
+  exist, and applies the returned ``Conditioning`` with ``modulate(i, h)`` at modulation point ``i``
+  and ``apply_gate(r)`` to a residual.
 * refiner: ``forward(coarse) -> refined`` of the same shape.
 * discriminator: ``forward(image, condition=None) -> patch logits``; attribute ``conditional``.
 * loss: ``forward(pred, target) -> scalar``; an adversarial loss has ``adversarial = True`` and
@@ -37,6 +52,7 @@ Module contracts (all tensors are ``[B, C, D, H, W]``):
 CONTEXT_ARGS: dict[str, tuple[str, ...]] = {
     "generator": ("in_channels", "out_channels"),
     "head": ("in_channels", "num_classes"),
+    "guidance": ("channels", "drfs", "num_classes"),
     "refiner": ("in_channels",),
     "discriminator": ("in_channels",),
     "loss": (),

@@ -68,6 +68,7 @@ SCHEMA: Schema = {
         "heads": Part("head", [], many=True, engine_keys=("input", "target")),
         "refiner": Part("refiner"),
         "discriminator": Part("discriminator"),
+        "guidance": Part("guidance", engine_keys=("head",)),
     },
     "losses": Part("loss", [], many=True, engine_keys=("weight", "on")),
     "train": {
@@ -84,7 +85,8 @@ SCHEMA: Schema = {
             "name": Field(Literal["plateau", "none"], "plateau"),
             "factor": Field(float, 0.1),
             "patience": Field(int, 5),
-            "monitor": Field(str, "val_psnr", "val_psnr (mean over DRFs), val_psnr_drf<N> (one DRF) or val_loss"),
+            "monitor": Field(str, "val_psnr", "val_gain (DRF-weighted gain over the input), val_psnr (mean over "
+                                               "DRFs), val_psnr_drf<N> (one DRF) or val_loss"),
         },
         "stop_when_lr_below": Field(float | None, 2.0e-6),
         "stages": Field(list[dict] | None, None, "two-stage training; see recipes/cg3dsrgan.yaml"),
@@ -320,6 +322,11 @@ def _one_part(node: Part, value: Any, where: str, registry: Registry) -> dict[st
     if node.kind == "loss":
         spec["weight"] = check_value(spec.get("weight", 1.0), float, f"{where}.weight")
         spec["on"] = check_value(spec.get("on", "pred"), str, f"{where}.on")
+    if node.kind == "guidance":
+        if "head" not in spec:
+            raise RecipeError(f"{where}.head: name the dose head whose prediction guides the generator, "
+                              "e.g. head: noise_level")
+        spec["head"] = check_value(spec["head"], str, f"{where}.head")
     if node.kind == "head":
         if "input" not in spec:
             raise RecipeError(f"{where}.input: a head names the generator feature it reads, e.g. 'bottleneck'")

@@ -44,6 +44,19 @@ def model_from_checkpoint(ckpt: Mapping[str, Any], device: torch.device) -> Any:
     return model.to(device).eval(), recipe
 
 
+def dose_head_markdown(record: Mapping[str, Any]) -> str:
+    """The dose head's accuracy and confusion matrix (rows: true DRF, columns: predicted) as Markdown."""
+    drfs = record["drfs"]
+    role = "guides the generator" if record["guides"] else "auxiliary (does not reach the image)"
+    lines = [f"Dose head `{record['head']}` ({role}): predicted DRF correct for "
+             f"{100 * record['accuracy']:.1f} % of {record['volumes']} test volumes.", "",
+             "| true \\ predicted | " + " | ".join(f"DRF {d}" for d in drfs) + " |",
+             "|---|" + "---|" * len(drfs)]
+    for d, row in zip(drfs, record["confusion"], strict=True):
+        lines.append(f"| DRF {d} | " + " | ".join(str(n) for n in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_case_rows(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
     """Per-case rows (``method, subject, drf, psnr, ssim, nrmse``) as CSV, atomically."""
     buf = io.StringIO()
@@ -103,7 +116,7 @@ def evaluate_run(
     from lowdose_toolkit.evaluate import aggregate, summary_markdown
     from lowdose_toolkit.metrics import body_mask, check_ssim_range, compute_all
     from lowdose_toolkit.plugins import get_registry
-    from lowdose_toolkit.sliding import infer_volume
+    from lowdose_toolkit.predict import confusion_matrix, predict_volume
 
     run_dir = Path(run_dir)
     if checkpoint not in ("best", "last"):
@@ -131,14 +144,18 @@ def evaluate_run(
     dataset = pairs_dataset(records, drfs, recipe["data"]["normalization"])
     amp = recipe["train"]["amp"] != "none" and dev.type == "cuda"
     rows: list[dict[str, Any]] = []
+    dose_true: list[int] = []
+    dose_pred: list[int] = []
     with Progress(console=console, transient=True) as progress, torch.no_grad():
         task = progress.add_task("evaluating test subjects", total=len(dataset))
         for i in range(len(dataset)):
             subject = dataset[i]
             low, full = subject["low"].data.float(), subject["full"].data.float()
-            pred = infer_volume(low, model.predict, patch_size=cfg["patch_size"], overlap=cfg["overlap"],
-                                batch_size=cfg["batch_size"], blending=cfg["blending"], device=dev, amp=amp)
+            pred, probs = predict_volume(model, low, cfg, dev, amp=amp)
             sid, drf = subject["subject_id"], int(subject["drf"])
+            if probs is not None:
+                dose_true.append(drfs.index(drf))
+                dose_pred.append(int(probs.argmax()))
             region = body_mask(full[0], mask_threshold) if mask else None
             for name, image in ((LOW_DOSE, low), (method, pred)):
                 m = compute_all(full[0], image[0], ssim_range=ssim_range, mask=region)
@@ -158,8 +175,16 @@ def evaluate_run(
         settings["mask_threshold"] = mask_threshold
     meta = {"method": method, "checkpoint": str(path), "epoch": ckpt["epoch"], "ssim_range": ssim_range,
             "settings": settings, "test_subjects": sorted(test_ids), "summary": summary}
+    text = f"### {method} on held-out test subjects\n\n" + summary_markdown(summary, settings)
+    if dose_true:
+        head = model.dose_head
+        matrix = confusion_matrix(dose_true, dose_pred, len(drfs))
+        accuracy = sum(t == p for t, p in zip(dose_true, dose_pred, strict=True)) / len(dose_true)
+        meta["dose_head"] = {"head": head, "guides": model.guidance is not None, "drfs": drfs,
+                             "accuracy": accuracy, "volumes": len(dose_true), "confusion": matrix}
+        text += "\n" + dose_head_markdown(meta["dose_head"])
     with atomic_path(out / "results.json") as tmp:
         tmp.write_text(json.dumps(meta, indent=2))
     with atomic_path(out / "results.md") as tmp:
-        tmp.write_text(f"### {method} on held-out test subjects\n\n" + summary_markdown(summary, settings))
+        tmp.write_text(text)
     return summary

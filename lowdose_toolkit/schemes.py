@@ -72,11 +72,22 @@ class Scheme:
 
     # ------------------------------------------------------------------ helpers for subclasses
     def add_optimizer(self, name: str, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-        """Create and keep an optimizer (and its GradScaler, active for fp16 only)."""
+        """Create and keep an optimizer (and its GradScaler, active for fp16 only).
+
+        A parameter with an attribute ``lr_scale`` (set by its part, e.g. a small dose head that must
+        learn faster than the generator it sits beside) goes to a group whose learning rate is
+        ``train.optimizer.lr`` times that factor; the group records it as ``lr_scale``.
+        """
         params = [p for p in params if p.requires_grad]
         if not params:
             raise RecipeError(f"train.scheme: optimizer {name!r} has no trainable parameters")
-        opt = self.make_optimizer(params)
+        scales = sorted({float(getattr(p, "lr_scale", 1.0)) for p in params})
+        opt = self.make_optimizer(params if scales == [1.0] else
+                                  [{"params": [p for p in params if float(getattr(p, "lr_scale", 1.0)) == s]}
+                                   for s in scales])
+        for group, scale in zip(opt.param_groups, scales, strict=True):
+            group["lr_scale"] = scale
+            group["lr"] = group["lr"] * scale
         self.optimizers[name] = opt
         self.scalers[name] = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         return opt

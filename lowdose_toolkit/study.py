@@ -228,9 +228,9 @@ def make_figure(study: Mapping[str, Any], recipes: Mapping[str, Any], run_dirs: 
                 console: Any) -> None:
     """Coronal MIPs of the first test subject at ``figure_drf`` for every trained method (paper Fig. 2)."""
     from lowdose_toolkit.engine import load_checkpoint
+    from lowdose_toolkit.predict import predict_volume
     from lowdose_toolkit.preview import save_mip_png
     from lowdose_toolkit.runeval import model_from_checkpoint
-    from lowdose_toolkit.sliding import infer_volume
 
     drf = study["figure_drf"]
     name = f"{study['checkpoint']}.pt"
@@ -252,8 +252,7 @@ def make_figure(study: Mapping[str, Any], recipes: Mapping[str, Any], run_dirs: 
         model, recipe = model_from_checkpoint(ckpt, device)
         cfg = recipe["eval"]
         with torch.no_grad():
-            pred = infer_volume(low, model.predict, patch_size=cfg["patch_size"], overlap=cfg["overlap"],
-                                batch_size=cfg["batch_size"], blending=cfg["blending"], device=device)
+            pred, _ = predict_volume(model, low, cfg, device)
         panels.append((m["method"], pred[0]))
     panels.append(("full-dose", full[0]))
     save_mip_png(panels, path, title=f"{subject['subject_id']} DRF {drf}")

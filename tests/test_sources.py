@@ -207,3 +207,14 @@ def test_registered_and_built_through_the_registry(tmp_path: Path) -> None:
     assert [sorted(r.low) for r in source.records()] == [[10]]
     with pytest.raises(RecipeError, match=r"data\.source\.skip_bad: expected bool"):
         registry.build("source", {**spec, "skip_bad": "yes"}, "data.source", context={"drfs": [10]})
+
+
+def test_phantom_counts_model_selects_the_noise_regime_and_its_own_cache() -> None:
+    from ldt_plugins.sources.phantom import PhantomSource
+
+    nested = PhantomSource(subjects=2, drfs=[4, 100])
+    independent = PhantomSource(subjects=2, drfs=[4, 100], counts_model="independent")
+    assert nested.config.counts_model == "listmode" and independent.config.counts_model == "independent"
+    assert nested.key != independent.key
+    assert PhantomSource(subjects=2, drfs=[4, 100], counts_model="listmode").key == nested.key
+    assert "counts_model=independent" in repr(independent)

@@ -67,6 +67,9 @@ def check(recipe_path: Path, overrides: list[str]) -> None:
     row("generator", "generator", recipe["model"]["generator"], model.generator)
     for spec in recipe["model"]["heads"]:
         row("head", "head", spec, model.heads[spec["name"]], f" ({spec['input']} -> {spec['target']})")
+    guidance = recipe["model"]["guidance"]
+    if guidance is not None:
+        row("guidance", "guidance", guidance, model.guidance, f" ({guidance['head']} -> generator decoder)")
     row("refiner", "refiner", recipe["model"]["refiner"], model.refiner)
     row("discriminator", "discriminator", recipe["model"]["discriminator"], parts["discriminator"])
     for term, spec in zip(parts["losses"], recipe["losses"], strict=True):

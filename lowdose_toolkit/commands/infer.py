@@ -132,12 +132,13 @@ def plan_jobs(sources: list[Path], out: Path, overwrite: bool) -> list[Job]:
 
 def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None, overlap: float | None,
           batch_size: int | None, blending: str | None, device: str, amp: str, overwrite: bool,
-          previews: bool = True, prefetch: bool = True) -> int:
+          previews: bool = True, prefetch: bool = True, drf: int | None = None) -> int:
     """Run the checkpoint's model over every input; returns the exit code (1 if any input failed).
 
     With ``previews``, ``OUT/previews/<name>.png`` shows coronal MIPs of each input and its output.
     With ``prefetch``, volume k+1 is read and volume k-1 written in threads while volume k is inferred
-    (two inputs and two outputs in memory); without, one volume at a time.
+    (two inputs and two outputs in memory); without, one volume at a time. With ``drf``, a guided model is
+    conditioned on that DRF instead of its dose head's prediction.
     """
     from concurrent.futures import ThreadPoolExecutor, wait
 
@@ -149,7 +150,7 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
     from lowdose_toolkit.engine import load_checkpoint, resolve_device
     from lowdose_toolkit.errors import DataError
     from lowdose_toolkit.io import load_array, save_like
-    from lowdose_toolkit.normalize import fit_normalization
+    from lowdose_toolkit.normalize import LEGACY_QUANTILE, fit_normalization
     from lowdose_toolkit.preview import ras_mip, save_mips_png
     from lowdose_toolkit.runeval import model_from_checkpoint
     from lowdose_toolkit.sliding import infer_volume
@@ -165,15 +166,24 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
         raise UserError(f"--amp {amp!r}: use auto, none, bf16 or fp16")
     use_amp = precision != "none" and dev.type == "cuda"
     method = ckpt["normalization"]["method"]
+    quantile = ckpt["normalization"].get("quantile", LEGACY_QUANTILE)
     drfs: list[int] = list(ckpt["drfs"])
-    dose_head = next((name for name, target in model.head_targets.items() if target == "drf_class"), None)
+    dose_head = model.dose_head
+    drf_class: int | None = None
+    if drf is not None:
+        if model.guidance is None:
+            raise UserError(f"--drf {drf}: this checkpoint's model is not guided by a dose head (no model.guidance "
+                            "in its recipe), so a stated DRF cannot change its output; leave --drf out")
+        if drf not in drfs:
+            raise UserError(f"--drf {drf}: the model was trained on DRFs {drfs}; give one of them")
+        drf_class = drfs.index(drf)
     out.mkdir(parents=True, exist_ok=True)
 
     def read(job: Job) -> tuple[torch.Tensor, Any, Any, Any, float]:
         """Reader thread: load and fit the normalisation (nibabel/zlib release the GIL meanwhile)."""
         t0 = time.monotonic()
         volume, affine, info = load_array(job.source)
-        norm = fit_normalization(volume, method, None, where=str(job.source))
+        norm = fit_normalization(volume, method, None, where=str(job.source), quantile=quantile)
         return volume, affine, info, norm, time.monotonic() - t0
 
     def write(volume: torch.Tensor, job: Job, mips: list[tuple[str, Any]], title: str) -> float:
@@ -191,7 +201,8 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
         def predict(x: torch.Tensor) -> torch.Tensor:
             if dose_head is None:
                 return model.predict(x)
-            result = model(x)
+            cls = None if drf_class is None else torch.full((x.shape[0],), drf_class, device=x.device)
+            result = model(x, drf_class=cls)
             probs.append(result[dose_head].float().softmax(dim=1).sum(dim=0).cpu())
             return result["pred"]
 
@@ -212,6 +223,8 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
             mean = mean / mean.sum()
             k = int(mean.argmax())
             dose = {"predicted_drf": drfs[k], "drf_probability": round(float(mean[k]), 4)}
+            if model.guidance is not None:
+                dose["conditioned_on"] = f"DRF {drf} (--drf)" if drf is not None else "dose head"
         return pred, mips, dose
 
     def fail(row: dict[str, Any], source: Path, exc: Exception) -> None:
@@ -267,7 +280,8 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
             except (DataError, UserError, OSError) as exc:
                 fail(row, job.source, exc)
     failed = sum(row["status"] == "failed" for row in rows)
-    fields = ["input", "output", "status", "shape", "seconds", "predicted_drf", "drf_probability", "error"]
+    fields = ["input", "output", "status", "shape", "seconds", "predicted_drf", "drf_probability", "conditioned_on",
+              "error"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fields)
     writer.writeheader()

@@ -21,6 +21,11 @@ def simulate(
         None, "--subjects", help="Number of phantom subjects (default: 10, as the phantom source)."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of anatomy, uptake and counts (same seed, same files)."),
+    counts_model: str = typer.Option(
+        "listmode", "--counts-model",
+        help="listmode: each low dose is the first 1/DRF of the full-dose events (nested, as the challenge); "
+             "independent: every dose level its own Poisson acquisition.",
+    ),
     report: bool = typer.Option(
         False, "--report", help="Print the low-dose PSNR per DRF against the paper's Low-Dose row."
     ),
@@ -42,11 +47,14 @@ def simulate(
         raise UserError(f"--seed must be >= 0, got {seed}")
     if out is None and not report:
         raise UserError("nothing to do: give --out FOLDER to write the data set, and/or --report")
+    if counts_model not in sim.COUNTS_MODELS:
+        raise UserError(f"--counts-model {counts_model!r}: use one of {', '.join(sim.COUNTS_MODELS)}")
+    config = sim.make_config(counts_model=counts_model)
     console = Console(stderr=True)
     if out is not None:
-        manifest = sim.write_dataset(out, n, seed, progress=True)
+        manifest = sim.write_dataset(out, n, seed, progress=True, config=config)
         console.print(f"wrote {n} subjects to {out} (manifest: {manifest})")
         if report:
             sim.print_calibration(sim.dataset_report(out), Console())
     else:
-        sim.print_calibration(sim.calibration_report(n, seed, progress=True), Console())
+        sim.print_calibration(sim.calibration_report(n, seed, progress=True, config=config), Console())

@@ -25,6 +25,7 @@ Departures from pix2pix, chosen for PET:
   is cropped back.
 """
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,6 +33,7 @@ from torch import nn
 
 from lowdose_toolkit import hookimpl
 from lowdose_toolkit.errors import UserError
+from lowdose_toolkit.guidance import Conditioning
 from lowdose_toolkit.hookspecs import Register
 
 from .shapes import level_widths, pad_to_multiple
@@ -131,6 +133,9 @@ class MLNet(nn.Module):
                     layers.append(nn.Dropout(dropout))
             self.decoder.append(nn.Sequential(*layers))
 
+        #: Widths of the modulation points a guidance part conditions: the normalised output of each inner
+        #: decoder block, innermost first (the order forward_features applies them in).
+        self.film_channels: list[int] = [widths[i - 1] for i in reversed(range(1, depth))]
         self.feature_channels: dict[str, int] = {f"enc{i + 1}": w for i, w in enumerate(widths)}
         self.feature_channels["bottleneck"] = widths[-1]
         if residual:  # start as the identity: the network first reproduces its input, then learns the residual
@@ -143,11 +148,15 @@ class MLNet(nn.Module):
         """The last layer (outermost transposed convolution); zeroing it makes ``residual`` the identity."""
         return self.decoder[0][-1]
 
-    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward_features(
+        self, x: torch.Tensor, guide: Callable[[dict[str, torch.Tensor]], Conditioning] | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Synthesise full-dose PET and return the encoder features.
 
         Args:
             x: Low-dose PET ``[B, in_channels, D, H, W]``, any spatial size.
+            guide: Called with the encoder features once they exist; its :class:`Conditioning`
+                modulates the inner decoder blocks (after their norm) and gates the residual.
 
         Returns:
             ``(y, features)``: ``y`` has ``x``'s spatial size; ``features`` maps ``enc1``..``encN`` and
@@ -162,13 +171,18 @@ class MLNet(nn.Module):
             skips.append(h)
         features = {f"enc{i + 1}": s for i, s in enumerate(skips)}
         features["bottleneck"] = skips[-1]
+        cond = guide(features) if guide is not None else None
+        point = 0
         for i in reversed(range(self.depth)):
             if i < self.depth - 1:
                 h = torch.cat([h, skips[i]], dim=1)
             h = self.decoder[i](h)
+            if cond is not None and i > 0:
+                h = cond.modulate(point, h)
+                point += 1
         y = h[crop]
         if self.residual:
-            y = y + x
+            y = x + (cond.apply_gate(y) if cond is not None else y)
         return y, features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from torch import nn
 
 from lowdose_toolkit import hookimpl
 from lowdose_toolkit.errors import UserError
+from lowdose_toolkit.guidance import Conditioning
 from lowdose_toolkit.hookspecs import Register
 
 
@@ -48,6 +49,8 @@ class ContextualNet(nn.Module):
         in_channels: Image channels (context argument, 1).
         channels: Width of the internal features.
         num_blocks: Number of residual blocks (the paper uses 2).
+        identity_init: Zero the last convolution, so the refiner starts as the identity (a second
+            training stage on a trained ML-Net then starts from ML-Net's output, not from it plus noise).
 
     Example:
         >>> net = ContextualNet(channels=4)
@@ -55,7 +58,8 @@ class ContextualNet(nn.Module):
         torch.Size([1, 1, 9, 10, 11])
     """
 
-    def __init__(self, in_channels: int = 1, channels: int = 32, num_blocks: int = 2) -> None:
+    def __init__(self, in_channels: int = 1, channels: int = 32, num_blocks: int = 2,
+                 identity_init: bool = False) -> None:
         super().__init__()
         if channels < 1:
             raise UserError(f"contextual_net: channels={channels} must be positive")
@@ -71,20 +75,37 @@ class ContextualNet(nn.Module):
             nn.ReLU(),
             nn.Conv3d(channels, in_channels, 3, padding=1),
         )
+        self.identity_init = identity_init
+        #: Modulation points for a guidance part: the output of each residual block.
+        self.film_channels: list[int] = [channels] * num_blocks
+        if identity_init:
+            nn.init.zeros_(self.last_conv.weight)
+            nn.init.zeros_(self.last_conv.bias)
 
     @property
     def last_conv(self) -> nn.Conv3d:
         """The final convolution; zeroing it makes the refiner the identity."""
         return self.tail[-1]
 
-    def forward(self, coarse: torch.Tensor) -> torch.Tensor:
-        """Refine ``coarse`` ``[B, in_channels, D, H, W]``; the result has the same shape."""
+    def forward(self, coarse: torch.Tensor, cond: Conditioning | None = None) -> torch.Tensor:
+        """Refine ``coarse`` ``[B, in_channels, D, H, W]``; the result has the same shape.
+
+        ``cond`` (from a guidance part) modulates the output of each residual block and gates the
+        global residual.
+        """
         if coarse.ndim != 5 or coarse.shape[1] != self.in_channels:
             raise ValueError(f"ContextualNet expects [B, {self.in_channels}, D, H, W], got shape {tuple(coarse.shape)}")
-        return coarse + self.tail(self.blocks(self.head(coarse)))
+        h = self.head(coarse)
+        for i, block in enumerate(self.blocks):
+            h = block(h)
+            if cond is not None:
+                h = cond.modulate(i, h)
+        residual = self.tail(h)
+        return coarse + (cond.apply_gate(residual) if cond is not None else residual)
 
     def extra_repr(self) -> str:
-        return f"in_channels={self.in_channels}, channels={self.channels}, num_blocks={self.num_blocks}"
+        return (f"in_channels={self.in_channels}, channels={self.channels}, num_blocks={self.num_blocks}, "
+                f"identity_init={self.identity_init}")
 
 
 @hookimpl

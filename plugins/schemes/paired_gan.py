@@ -59,7 +59,7 @@ class PairedGAN(Scheme):
         cond = self._condition(low)
         adv = self.adversarial.loss
         with self.autocast():
-            out = self.net(low, use_refiner=self.use_refiner)
+            out = self.net(low, use_refiner=self.use_refiner, drf_class=batch.get("drf_class"))
         fake = out["pred"]
 
         # Discriminator step(s); a stage that freezes the discriminator only scores (for the log).

@@ -28,7 +28,7 @@ class Supervised(Scheme):
 
     def train_step(self, batch: Mapping[str, torch.Tensor]) -> dict[str, float]:
         with self.autocast():
-            out = self.net(batch["low"], use_refiner=self.use_refiner)
+            out = self.net(batch["low"], use_refiner=self.use_refiner, drf_class=batch.get("drf_class"))
             total, values = self.synthesis_losses(out, batch)
         self.backward_step("generator", total)
         values["total"] = float(total.detach())

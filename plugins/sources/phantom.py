@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 from lowdose_toolkit import hookimpl
 from lowdose_toolkit.errors import UserError
@@ -47,6 +48,9 @@ class PhantomSource:
         spacing_mm: Voxel size ``[sz, sy, sx]`` in mm; default ``[6, 6, 6]``.
         counts_per_bq: Full-dose true counts per Bq (noise level); default the calibrated value.
         iterations: OSEM iterations of every reconstruction; default 3.
+        counts_model: ``listmode`` (default: each low-dose scan is the first 1/DRF of the full-dose
+            events, nested as in the challenge) or ``independent`` (every dose level its own Poisson
+            acquisition). The two noise regimes a model is tested on.
 
     Example:
         >>> src = PhantomSource(subjects=2, drfs=[4, 100], shape=[64, 40, 40],
@@ -65,6 +69,7 @@ class PhantomSource:
         spacing_mm: list[float] | None = None,
         counts_per_bq: float | None = None,
         iterations: int | None = None,
+        counts_model: Literal["listmode", "independent"] | None = None,
     ) -> None:
         from lowdose_toolkit import simulate as sim
 
@@ -77,6 +82,7 @@ class PhantomSource:
             "spacing_mm": spacing_mm,
             "counts_per_bq": counts_per_bq,
             "iterations": iterations,
+            "counts_model": counts_model,
         }
         self.params = {k: (tuple(v) if isinstance(v, list) else v) for k, v in params.items() if v is not None}
         self.config = sim.make_config(**self.params)

@@ -1,0 +1,289 @@
+"""Classification guidance: the dose head's prediction conditions the generator (FiLM, gate), the
+noise-level head, the DRF-weighted selection metric, stage budgets and the dose head's test record."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny_dataset, tiny_recipe, write
+
+from ldt_plugins.generators.mlnet import MLNet
+from ldt_plugins.guidance.film import FiLMGuidance
+from ldt_plugins.heads.noise_level import NoiseLevelHead
+from ldt_plugins.refiners.contextual_net import ContextualNet
+from lowdose_toolkit.cli import main
+from lowdose_toolkit.engine import drf_weights, monitor_mode, parse_stages, weighted_gain
+from lowdose_toolkit.errors import RecipeError, UserError
+from lowdose_toolkit.model import LowDoseModel, build_model
+from lowdose_toolkit.plugins import get_registry
+from lowdose_toolkit.recipe import resolve_recipe, safe_load
+
+DRFS = [4, 10, 20, 50, 100]
+
+
+def guided_model(gate: str = "none", teacher_forcing: float = 0.5, detach: bool = True) -> LowDoseModel:
+    torch.manual_seed(0)
+    generator = MLNet(channels=4, depth=3, residual=True)
+    head = NoiseLevelHead(in_channels=1, num_classes=len(DRFS), hidden=8)
+    guidance = FiLMGuidance({"generator": generator.film_channels}, DRFS, hidden=8, teacher_forcing=teacher_forcing,
+                            detach=detach, gate=gate)
+    return LowDoseModel(generator, {"noise_level": head}, {"noise_level": "image"}, {"noise_level": "drf_class"},
+                        guidance=guidance, guide_head="noise_level")
+
+
+def randomise_film(model: LowDoseModel) -> None:
+    """Give the (zero-initialised) FiLM output layer weights, as training would."""
+    torch.manual_seed(1)
+    torch.nn.init.normal_(model.guidance.mlp[-1].weight, std=0.5)
+
+
+def test_guidance_starts_as_the_unguided_model() -> None:
+    model = guided_model().eval()
+    plain = MLNet(channels=4, depth=3, residual=True).eval()
+    plain.load_state_dict(model.generator.state_dict())
+    torch.nn.init.normal_(model.generator.output_layer.weight, std=0.1)  # a trained, non-identity generator
+    plain.output_layer.weight.data.copy_(model.generator.output_layer.weight.data)
+    x = torch.rand(2, 1, 16, 16, 16) + 0.5
+    with torch.no_grad():
+        torch.testing.assert_close(model.predict(x), plain(x))
+        torch.testing.assert_close(model.predict(x, drf_class=torch.tensor([0, 4])), plain(x))
+
+
+def test_the_head_prediction_reaches_the_image() -> None:
+    model = guided_model().eval()
+    randomise_film(model)
+    torch.nn.init.normal_(model.generator.output_layer.weight, std=0.1)
+    x = torch.rand(1, 1, 16, 16, 16) + 0.5
+    with torch.no_grad():
+        at4 = model.predict(x, drf_class=torch.tensor([0]))
+        at100 = model.predict(x, drf_class=torch.tensor([4]))
+        by_head = model(x)
+    assert (at4 - at100).abs().max() > 1e-3  # the DRF code changes the synthesis
+    probs = by_head["noise_level"].softmax(dim=1)
+    torch.testing.assert_close(by_head["guide_probs"], probs)  # inference: the head alone decides
+
+
+def test_teacher_forcing_and_oracle_codes() -> None:
+    guidance = FiLMGuidance({"generator": [4]}, DRFS, teacher_forcing=1.0)
+    logits = torch.randn(6, 5)
+    cls = torch.tensor([0, 1, 2, 3, 4, 0])
+    onehot = torch.nn.functional.one_hot(cls, 5).float()
+    torch.testing.assert_close(guidance.train().code(logits, cls), onehot)  # always forced
+    torch.testing.assert_close(guidance.eval().code(logits, cls), onehot)  # oracle in eval
+    torch.testing.assert_close(guidance.eval().code(logits), logits.softmax(dim=1))  # the head decides
+    guidance.teacher_forcing = 0.0
+    torch.testing.assert_close(guidance.train().code(logits, cls), logits.softmax(dim=1))
+    guidance.teacher_forcing = 0.5
+    torch.manual_seed(0)
+    mixed = guidance.train().code(logits, cls)
+    forced = (mixed == onehot).all(dim=1)
+    assert 0 < int(forced.sum()) < 6  # some samples forced, some by the head
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_the_reconstruction_loss_reaches_the_head_only_without_detach(detach: bool) -> None:
+    model = guided_model(teacher_forcing=0.0, detach=detach).train()
+    randomise_film(model)
+    torch.nn.init.normal_(model.generator.output_layer.weight, std=0.1)  # zero at init: no gradient upstream
+    x = torch.rand(2, 1, 16, 16, 16) + 0.5
+    model(x)["pred"].square().mean().backward()
+    grad = model.heads["noise_level"].mlp[-1].weight.grad
+    assert (grad is not None and grad.abs().sum() > 0) == (not detach)
+
+
+def test_list_mode_gate_scales_the_residual_by_one_minus_one_over_k() -> None:
+    model = guided_model(gate="listmode").eval()
+    torch.nn.init.normal_(model.generator.output_layer.weight, std=0.1)
+    ungated = guided_model(gate="none").eval()
+    ungated.load_state_dict(model.state_dict())
+    x = torch.rand(1, 1, 16, 16, 16) + 0.5
+    with torch.no_grad():
+        for cls, drf in enumerate(DRFS):
+            c = torch.tensor([cls])
+            residual = ungated.predict(x, drf_class=c) - x
+            torch.testing.assert_close(model.predict(x, drf_class=c) - x, (1 - 1 / drf) * residual)
+
+
+def test_learned_gate_starts_open_and_can_close_per_class() -> None:
+    model = guided_model(gate="learned").eval()
+    torch.nn.init.normal_(model.generator.output_layer.weight, std=0.1)
+    ungated = guided_model(gate="none").eval()
+    ungated.load_state_dict(model.state_dict(), strict=False)
+    x = torch.rand(1, 1, 16, 16, 16) + 0.5
+    c4, c100 = torch.tensor([0]), torch.tensor([4])
+    with torch.no_grad():
+        torch.testing.assert_close(model.predict(x, drf_class=c4), ungated.predict(x, drf_class=c4))
+        model.guidance.gate_logits[0, 0] = -30.0  # generator, DRF 4: the correction closed
+        torch.testing.assert_close(model.predict(x, drf_class=c4), x)
+        torch.testing.assert_close(model.predict(x, drf_class=c100), ungated.predict(x, drf_class=c100))
+
+
+def _recipe(text: str) -> dict:
+    return resolve_recipe(safe_load(text), get_registry())
+
+
+BASE = """
+data: {drfs: [4, 100]}
+model:
+  generator: {name: mlnet, channels: 4, depth: 2, residual: true}
+  heads: [{name: noise_level, input: image, target: drf_class}]
+"""
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("  guidance: {name: film, head: nope}", "model.guidance.head: no head 'nope'"),
+        ("  guidance: {name: film}", "model.guidance.head: name the dose head"),
+        ("  guidance: {name: film, head: noise_level, teacher_forcing: 2.0}", "teacher_forcing=2.0 must be in"),
+    ],
+)
+def test_guidance_recipe_errors(extra: str, message: str) -> None:
+    with pytest.raises((RecipeError, UserError), match=message):
+        build_model(_recipe(BASE + extra), get_registry())
+
+
+def test_guidance_needs_a_guidable_generator_a_dose_target_and_a_residual_for_the_gate() -> None:
+    text = BASE.replace("{name: mlnet, channels: 4, depth: 2, residual: true}", "{name: unet3d, channels: 4, num_levels: 2}")
+    with pytest.raises(RecipeError, match="generator 'unet3d' cannot be guided"):
+        build_model(_recipe(text + "  guidance: {name: film, head: noise_level}"), get_registry())
+    text = BASE.replace("target: drf_class", "target: drf")
+    with pytest.raises(RecipeError, match="guidance needs a head with target: drf_class"):
+        build_model(_recipe(text + "  guidance: {name: film, head: noise_level}"), get_registry())
+    text = BASE.replace("residual: true", "residual: false")
+    with pytest.raises(RecipeError, match="the gate scales a residual"):
+        build_model(_recipe(text + "  guidance: {name: film, head: noise_level}"), get_registry())
+
+
+def test_a_head_reading_the_bottleneck_can_drive_the_guidance() -> None:
+    """The contract is logits over data.drfs: the paper's head (or a third party's) drives FiLM as well."""
+    text = BASE.replace("{name: noise_level, input: image, target: drf_class}",
+                        "{name: dose_classifier, input: bottleneck, target: drf_class}")
+    model, _ = build_model(_recipe(text + "  guidance: {name: film, head: dose_classifier}"), get_registry())
+    randomise_film(model)
+    out = model.eval()(torch.rand(2, 1, 8, 8, 8))
+    assert out["dose_classifier"].shape == (2, 2) and out["guide_probs"].shape == (2, 2)
+
+
+def _poisson_like(drf: int, shape: tuple[int, int, int] = (24, 24, 24), seed: int = 0) -> torch.Tensor:
+    """Piecewise-constant activity with noise whose variance is proportional to activity x DRF."""
+    g = torch.Generator().manual_seed(seed)
+    activity = torch.ones(shape)
+    activity[6:18, 6:18, 6:18] = 3.0
+    noise = torch.randn(shape, generator=g) * (activity * drf * 1e-3).sqrt()
+    return (activity + noise)[None, None]
+
+
+def test_noise_level_statistic_follows_log_drf_and_ignores_air() -> None:
+    head = NoiseLevelHead(in_channels=1, num_classes=5)
+    laplacian = [float(head.statistics(_poisson_like(d))[0, 0]) for d in DRFS]
+    steps = [b - a for a, b in zip(laplacian, laplacian[1:], strict=False)]
+    expected = [math.log(b / a) for a, b in zip(DRFS, DRFS[1:], strict=False)]
+    for step, want in zip(steps, expected, strict=True):
+        assert step == pytest.approx(want, abs=0.15)  # the median noise energy per activity grows like DRF
+    # Air beside the body (a window half empty) moves the statistic by a fraction of one DRF step (the
+    # body's surface adds edge voxels); the mean energy per activity would move with the body fraction.
+    padded = torch.nn.functional.pad(_poisson_like(20), (0, 24, 0, 0, 0, 0))
+    assert abs(float(head.statistics(padded)[0, 0]) - laplacian[2]) < 0.2 * math.log(50 / 20)
+    assert float(head.statistics(torch.zeros(1, 1, 12, 12, 12))[0, 0]) == 0.0  # no body: no evidence
+
+
+def test_contextual_net_identity_init() -> None:
+    net = ContextualNet(channels=4, identity_init=True)
+    x = torch.rand(1, 1, 6, 6, 6)
+    torch.testing.assert_close(net(x), x)
+
+
+def test_val_gain_weights_the_drfs_as_the_challenge() -> None:
+    assert drf_weights(DRFS) == pytest.approx({4: 0.05, 10: 0.15, 20: 0.20, 50: 0.25, 100: 0.35})
+    assert drf_weights([4, 100]) == pytest.approx({4: 0.05 / 0.40, 100: 0.35 / 0.40})
+    assert drf_weights([2, 8]) == {2: 0.5, 8: 0.5}  # not the challenge's DRFs: equal weights
+    val = {"per_drf": {"4": {"psnr": 57.0}, "100": {"psnr": 49.0}},
+           "low_dose": {"4": {"psnr": 58.0}, "100": {"psnr": 43.0}}}
+    assert weighted_gain(val) == pytest.approx((0.05 * -1.0 + 0.35 * 6.0) / 0.40)
+    assert monitor_mode("val_gain", DRFS) == "max"
+
+
+def test_stage_max_minutes_is_checked() -> None:
+    train = {"epochs": 3, "stages": [{"epochs": 2, "max_minutes": 0}]}
+    with pytest.raises(RecipeError, match="train.stages.0.max_minutes: expected a positive number"):
+        parse_stages(train, has_refiner=False)
+    train["stages"][0]["max_minutes"] = 1.5
+    assert parse_stages(train, has_refiner=False)[0]["max_minutes"] == 1.5
+
+
+@pytest.fixture(scope="module")
+def guided_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("guided")
+    data = make_tiny_dataset(root / "data")
+    text = tiny_recipe(data).replace("depth: 2}", "depth: 2, residual: true}")
+    text = text.replace("{name: dose_classifier, input: bottleneck, hidden: [8]}]",
+                        "{name: noise_level, input: image, hidden: 4}]\n"
+                        "  guidance: {name: film, head: noise_level, hidden: 4}")
+    text = text.replace("on: dose_classifier", "on: noise_level")
+    text = text.replace("  epochs: 3\n", "  stages:\n"
+                        "    - {name: first, epochs: 3, max_minutes: 1.0e-6}\n"
+                        "    - {name: second, epochs: 1}\n"
+                        "  scheduler: {monitor: val_gain}\n")
+    recipe = write(root / "recipe.yaml", text)
+    assert main(["run", str(recipe), "--out", str(root / "run")]) == 0
+    return root / "run"
+
+
+def test_a_guided_run_records_the_dose_head_and_its_stage_budget(guided_run: Path) -> None:
+    lines = [json.loads(line) for line in (guided_run / "metrics.jsonl").read_text().splitlines()]
+    assert [line["stage"] for line in lines] == ["first", "second"]  # stage 1 ended by its time budget
+    assert all("dose_accuracy" in line["val"] and "gain" in line["val"] for line in lines)
+    results = json.loads((guided_run / "results.json").read_text())
+    head = results["dose_head"]
+    assert head["head"] == "noise_level" and head["guides"] is True and head["drfs"] == [4, 100]
+    assert head["volumes"] == 2 and sum(map(sum, head["confusion"])) == 2
+    assert head["accuracy"] == pytest.approx(sum(head["confusion"][i][i] for i in range(2)) / 2)
+    assert "| true \\ predicted | DRF 4 | DRF 100 |" in (guided_run / "results.md").read_text()
+
+
+def test_infer_drf_conditions_a_guided_model_and_is_refused_otherwise(guided_run: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    data = guided_run.parent / "data"
+    volume = str(data / "sub00" / "drf_004.nii.gz")
+    assert main(["infer", str(guided_run), volume, "--out", str(tmp_path / "a"), "--drf", "100"]) == 0
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())["volumes"][0]
+    assert summary["conditioned_on"] == "DRF 100 (--drf)" and summary["predicted_drf"] in (4, 100)
+    assert main(["infer", str(guided_run), volume, "--out", str(tmp_path / "b"), "--drf", "7"]) == 2
+    assert "--drf 7: the model was trained on DRFs [4, 100]" in capsys.readouterr().err
+
+
+def test_calibrated_head_classifies_whole_volumes_confidently() -> None:
+    """Fitted on whole 'training' volumes of three subjects, it names the DRF of a fourth's, confidently."""
+    from ldt_plugins.heads.noise_level import calibrate_head
+
+    head = NoiseLevelHead(in_channels=1, num_classes=5)
+    volumes, classes = [], []
+    for seed in range(3):
+        for cls, drf in enumerate(DRFS):
+            volumes.append(_poisson_like(drf, seed=seed)[0])
+            classes.append(cls)
+    assert calibrate_head(head, volumes, classes) == 1.0
+    head.eval()
+    with torch.no_grad():
+        probs = torch.cat([head(_poisson_like(d, seed=7)) for d in DRFS]).softmax(dim=1)
+    assert probs.argmax(dim=1).tolist() == [0, 1, 2, 3, 4]
+    assert float(probs.max(dim=1).values.min()) > 0.8
+    head.train()  # in training (patches) the MLP, trained by the cross-entropy, decides
+    assert not torch.allclose(head(_poisson_like(4, seed=7)).softmax(dim=1), probs[:1])
+
+
+def test_lr_scale_puts_a_part_in_its_own_parameter_group() -> None:
+    from lowdose_toolkit.engine import build_training
+
+    recipe = _recipe(BASE + "  guidance: {name: film, head: noise_level, lr_scale: 5.0}\n"
+                     "losses: [{name: l1, weight: 300, on: coarse}, {name: cross_entropy, weight: 10, on: noise_level}]")
+    model, _, _, scheme = build_training(recipe, get_registry(), torch.device("cpu"))
+    groups = scheme.optimizers["generator"].param_groups
+    assert [(g["lr_scale"], g["lr"]) for g in groups] == [(1.0, 2e-4), (5.0, 1e-3), (10.0, 2e-3)]
+    head_params = {id(p) for p in model.heads["noise_level"].parameters()}
+    assert {id(p) for p in groups[2]["params"]} == head_params
