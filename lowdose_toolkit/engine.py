@@ -194,17 +194,20 @@ def drf_weights(drfs: Iterable[int]) -> dict[int, float]:
 
 
 def weighted_gain(val: Mapping[str, Any]) -> float:
-    """DRF-weighted mean of the validation PSNR gain over the low-dose input (dB), see :func:`drf_weights`."""
-    weights = drf_weights(int(d) for d in val["per_drf"])
-    return float(sum(w * (val["per_drf"][str(d)]["psnr"] - val["low_dose"][str(d)]["psnr"])
-                     for d, w in weights.items()))
+    """DRF-weighted mean of the validation PSNR gain over the low-dose input (dB, see :func:`drf_weights`),
+    minus every DRF's loss below the input: ``Σ w_d g_d + Σ min(g_d, 0)``. A model that is worse than
+    its input at any DRF pays the full loss, not its DRF's weight of it (DRF 4 weighs 5 %)."""
+    gains = {int(d): val["per_drf"][d]["psnr"] - val["low_dose"][d]["psnr"] for d in val["per_drf"]}
+    weights = drf_weights(gains)
+    return float(sum(weights[d] * g for d, g in gains.items()) + sum(min(g, 0.0) for g in gains.values()))
 
 
 def monitor_mode(monitor: str, drfs: Iterable[int]) -> str:
     """``"max"`` or ``"min"`` for ``train.scheduler.monitor``, which is checked against ``data.drfs``.
 
     Monitors: ``val_gain`` (the PSNR gain over the input, weighted per DRF as the challenge ranks:
-    4/10/20/50/100 at 5/15/20/25/35 %), ``val_psnr`` (validation PSNR averaged over the DRFs),
+    4/10/20/50/100 at 5/15/20/25/35 %, minus any loss below the input, see :func:`weighted_gain`),
+    ``val_psnr`` (validation PSNR averaged over the DRFs),
     ``val_psnr_drf<N>`` (at DRF N only, e.g. for a DRF-100 ablation like the paper's Table II) and
     ``val_loss``. A plain mean PSNR lets a model trade DRF 4 for DRF 100; the weighted gain does not
     reward a model for matching the input where the input is already good.

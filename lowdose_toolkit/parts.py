@@ -8,7 +8,8 @@ kind            context arguments the engine may pass
 ==============  ===========================================================================
 generator       ``in_channels`` (1), ``out_channels`` (1)
 head            ``in_channels`` (channels of the feature it reads), ``num_classes`` (DRFs)
-guidance        ``channels`` (the generator's ``film_channels``), ``drfs``, ``num_classes``
+guidance        ``channels`` ({part: film_channels} of the generator and a guidable refiner),
+                ``drfs``, ``num_classes``
 refiner         ``in_channels`` (1)
 discriminator   ``in_channels`` (image channels, 1)
 loss            none
@@ -32,21 +33,32 @@ Module contracts (all tensors are ``[B, C, D, H, W]``):
   guidance (``model.guidance.head``) must return DRF class logits ``[B, num_classes]`` in the order
   of ``data.drfs`` and have ``target: drf_class``; that is the whole contract, so a third-party head
   drives the built-in guidance as it is.
+  A dose head may also be *calibrated* on whole volumes: ``statistics(image) -> [B, F]`` (fixed: no
+  trained weights, so the engine computes them once) and ``calibrate(statistics, classes) -> accuracy``;
+  the engine calls it before each validation with whole training volumes, and the head uses the
+  calibrated classifier in eval mode (``noise_level`` does).
 * guidance: ``code(logits, drf_class=None) -> probs [B, num_classes]`` (the head's softmax; the true
   class where given: always in eval mode, for a fraction of samples in training) and
-  ``forward(probs) -> Conditioning`` (:mod:`lowdose_toolkit.guidance`: one ``(gamma, beta)`` per
-  entry of the generator's ``film_channels``, optional residual ``gate``). The engine runs the head on
-  the features the generator hands it after its encoder and passes the conditioning back.
+  ``forward(probs) -> {part: Conditioning}`` (:mod:`lowdose_toolkit.guidance`: per guided part,
+  ``generator`` and ``refiner``, one ``(gamma, beta)`` per entry of its ``film_channels`` and an
+  optional residual ``gate``). The engine runs the head on the features the generator hands it after
+  its encoder and passes the generator's conditioning back, then the refiner's to the refiner.
 * guidable generator (needed only with ``model.guidance``): attribute ``film_channels: list[int]``
   and ``forward_features(x, guide=None)``, which calls ``guide(features)`` once its encoder features
   exist, and applies the returned ``Conditioning`` with ``modulate(i, h)`` at modulation point ``i``
-  and ``apply_gate(r)`` to a residual.
+  and ``apply_gate(r)`` to a residual. A guidable refiner declares ``film_channels`` and takes
+  ``forward(coarse, cond=None)``; an unguidable one is left as it is.
 * refiner: ``forward(coarse) -> refined`` of the same shape.
 * discriminator: ``forward(image, condition=None) -> patch logits``; attribute ``conditional``.
-* loss: ``forward(pred, target) -> scalar``; an adversarial loss has ``adversarial = True`` and
-  ``forward(logits, real: bool) -> scalar``. A loss may expose ``record: dict`` (e.g. which weights
-  the perceptual network used); the engine writes it into the run record.
+* loss: ``forward(pred, target) -> scalar`` (``forward(pred, target, low=...)`` if it has
+  ``uses_input = True``: it is given the low-dose input, e.g. to balance DRFs); an adversarial loss
+  has ``adversarial = True`` and ``forward(logits, real: bool) -> scalar``. A loss may expose
+  ``record: dict`` (e.g. which weights the perceptual network used); the engine writes it into the
+  run record.
 * source: ``records() -> list[SubjectRecord]`` (see ``lowdose_toolkit.records``).
+
+Any part may set ``lr_scale`` on its parameters (``p.lr_scale = 10``): the scheme's optimizer then puts
+them in a group with that factor on ``train.optimizer.lr`` (small heads beside a large generator).
 """
 
 CONTEXT_ARGS: dict[str, tuple[str, ...]] = {

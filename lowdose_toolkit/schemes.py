@@ -132,7 +132,10 @@ class Scheme:
                 if key not in batch:
                     raise RecipeError(f"losses: head {term.on!r} predicts {key!r}, which the data does not provide")
                 target = batch[key]
-            value = term.loss(out[term.on].float(), target)
+            if getattr(term.loss, "uses_input", False):
+                value = term.loss(out[term.on].float(), target, low=batch["low"])
+            else:
+                value = term.loss(out[term.on].float(), target)
             total = total + term.weight * value
             values[term.name] = float(value.detach())
         return total, values

@@ -148,7 +148,8 @@ def test_guidance_recipe_errors(extra: str, message: str) -> None:
 
 
 def test_guidance_needs_a_guidable_generator_a_dose_target_and_a_residual_for_the_gate() -> None:
-    text = BASE.replace("{name: mlnet, channels: 4, depth: 2, residual: true}", "{name: unet3d, channels: 4, num_levels: 2}")
+    text = BASE.replace("{name: mlnet, channels: 4, depth: 2, residual: true}",
+                        "{name: unet3d, channels: 4, num_levels: 2}")
     with pytest.raises(RecipeError, match="generator 'unet3d' cannot be guided"):
         build_model(_recipe(text + "  guidance: {name: film, head: noise_level}"), get_registry())
     text = BASE.replace("target: drf_class", "target: drf")
@@ -192,6 +193,21 @@ def test_noise_level_statistic_follows_log_drf_and_ignores_air() -> None:
     assert float(head.statistics(torch.zeros(1, 1, 12, 12, 12))[0, 0]) == 0.0  # no body: no evidence
 
 
+def test_balanced_l1_weights_each_sample_by_its_inputs_error() -> None:
+    from ldt_plugins.losses.l1 import L1Loss
+
+    target = torch.zeros(2, 1, 4, 4, 4)
+    low = torch.cat([torch.full((1, 1, 4, 4, 4), 0.1), torch.full((1, 1, 4, 4, 4), 0.5)])  # DRF 4-like, 100-like
+    pred = low / 2  # both halve their input's error
+    plain, balanced = L1Loss()(pred, target), L1Loss(balance="input")(pred, target, low=low)
+    assert float(plain) == pytest.approx((0.05 + 0.25) / 2)
+    # weights 1/0.1 : 1/0.5 normalised to mean 1 -> 5/3 and 1/3: the clean sample's error counts 5x more
+    assert float(balanced) == pytest.approx((5 / 3 * 0.05 + 1 / 3 * 0.25) / 2)
+    assert float(L1Loss(balance="input")(low, target, low=low)) == pytest.approx(1 / (0.5 * (1 / 0.1 + 1 / 0.5)))
+    with pytest.raises(ValueError, match="needs the low-dose input"):
+        L1Loss(balance="input")(pred, target)
+
+
 def test_contextual_net_identity_init() -> None:
     net = ContextualNet(channels=4, identity_init=True)
     x = torch.rand(1, 1, 6, 6, 6)
@@ -204,7 +220,9 @@ def test_val_gain_weights_the_drfs_as_the_challenge() -> None:
     assert drf_weights([2, 8]) == {2: 0.5, 8: 0.5}  # not the challenge's DRFs: equal weights
     val = {"per_drf": {"4": {"psnr": 57.0}, "100": {"psnr": 49.0}},
            "low_dose": {"4": {"psnr": 58.0}, "100": {"psnr": 43.0}}}
-    assert weighted_gain(val) == pytest.approx((0.05 * -1.0 + 0.35 * 6.0) / 0.40)
+    assert weighted_gain(val) == pytest.approx((0.05 * -1.0 + 0.35 * 6.0) / 0.40 - 1.0)  # the loss counts whole
+    val["per_drf"]["4"]["psnr"] = 58.5
+    assert weighted_gain(val) == pytest.approx((0.05 * 0.5 + 0.35 * 6.0) / 0.40)
     assert monitor_mode("val_gain", DRFS) == "max"
 
 
@@ -281,7 +299,8 @@ def test_lr_scale_puts_a_part_in_its_own_parameter_group() -> None:
     from lowdose_toolkit.engine import build_training
 
     recipe = _recipe(BASE + "  guidance: {name: film, head: noise_level, lr_scale: 5.0}\n"
-                     "losses: [{name: l1, weight: 300, on: coarse}, {name: cross_entropy, weight: 10, on: noise_level}]")
+                     "losses: [{name: l1, weight: 300, on: coarse},\n"
+                     "         {name: cross_entropy, weight: 10, on: noise_level}]")
     model, _, _, scheme = build_training(recipe, get_registry(), torch.device("cpu"))
     groups = scheme.optimizers["generator"].param_groups
     assert [(g["lr_scale"], g["lr"]) for g in groups] == [(1.0, 2e-4), (5.0, 1e-3), (10.0, 2e-3)]
