@@ -49,20 +49,14 @@ def plain_path(recipe: dict, device: torch.device, precision: str):
     d_opt = torch.optim.Adam(disc.parameters(), lr=opt_cfg["lr"], betas=tuple(opt_cfg["betas"])) if disc else None
     adv = next((t for t in losses if t.adversarial), None)
     pixel = [t for t in losses if not t.adversarial]
-    gen, heads, refiner = model.generator, model.heads, model.refiner
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     cast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
     model.train()
 
     def step(batch: dict) -> None:
         low, full = batch["low"], batch["full"]
-        with cast():
-            coarse, feats = gen.forward_features(low) if len(heads) else (gen(low), {})
-            out = {"coarse": coarse}
-            for name, head in heads.items():
-                out[name] = head(feats[model.head_inputs[name]])
-            out["refined"] = refiner(coarse) if refiner is not None else coarse
-            out["pred"] = out["refined"]
+        with cast():  # the model's own forward: generator, heads, guidance, refiner
+            out = model(low, drf_class=batch["drf_class"])
         if disc is not None:
             for p in disc.parameters():
                 p.requires_grad_(True)
@@ -78,7 +72,8 @@ def plain_path(recipe: dict, device: torch.device, precision: str):
             total = 0.0
             for t in pixel:
                 target = full if t.on in IMAGE_OUTPUTS else batch["drf_class"]
-                total = total + t.weight * t.loss(out[t.on].float(), target)
+                extra = {"low": low} if getattr(t.loss, "uses_input", False) else {}
+                total = total + t.weight * t.loss(out[t.on].float(), target, **extra)
             if disc is not None:
                 total = total + adv.weight * adv.loss(disc(out["pred"], low).float(), True)
         g_opt.zero_grad(set_to_none=True)

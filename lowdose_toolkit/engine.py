@@ -149,7 +149,8 @@ def parse_stages(train: Mapping[str, Any], has_refiner: bool) -> list[dict[str, 
     A stage trains the parts it lists in ``trainable`` (generator, heads, refiner, discriminator) and
     freezes the others: no gradient, no optimizer step, and eval mode (BatchNorm statistics kept).
     Networks a scheme owns belong to the part it names (CycleGAN's G_B: generator, D_B: discriminator);
-    a guidance part belongs to the generator. ``max_minutes`` ends a stage after the epoch that crosses
+    a guidance part belongs to the part it conditions (its ``stage_parts``; else the generator).
+    ``max_minutes`` ends a stage after the epoch that crosses
     that wall-clock budget (the next stage then starts), so a time-budgeted run still reaches every stage.
     """
     if not train["stages"]:
@@ -194,19 +195,21 @@ def drf_weights(drfs: Iterable[int]) -> dict[int, float]:
 
 
 def weighted_gain(val: Mapping[str, Any]) -> float:
-    """DRF-weighted mean of the validation PSNR gain over the low-dose input (dB, see :func:`drf_weights`),
-    minus every DRF's loss below the input: ``Σ w_d g_d + Σ min(g_d, 0)``. A model that is worse than
-    its input at any DRF pays the full loss, not its DRF's weight of it (DRF 4 weighs 5 %)."""
+    """DRF-weighted mean of the validation PSNR gain over the low-dose input (dB), see :func:`drf_weights`.
+
+    (A variant that also subtracted every DRF's loss below the input selected the first, near-identity
+    epoch of every unguided ML-Net run in the CPU study and stopped plateau schedules within a few
+    epochs, so it was dropped: docs/RESULTS.md.)"""
     gains = {int(d): val["per_drf"][d]["psnr"] - val["low_dose"][d]["psnr"] for d in val["per_drf"]}
     weights = drf_weights(gains)
-    return float(sum(weights[d] * g for d, g in gains.items()) + sum(min(g, 0.0) for g in gains.values()))
+    return float(sum(weights[d] * g for d, g in gains.items()))
 
 
 def monitor_mode(monitor: str, drfs: Iterable[int]) -> str:
     """``"max"`` or ``"min"`` for ``train.scheduler.monitor``, which is checked against ``data.drfs``.
 
     Monitors: ``val_gain`` (the PSNR gain over the input, weighted per DRF as the challenge ranks:
-    4/10/20/50/100 at 5/15/20/25/35 %, minus any loss below the input, see :func:`weighted_gain`),
+    4/10/20/50/100 at 5/15/20/25/35 %, see :func:`weighted_gain`),
     ``val_psnr`` (validation PSNR averaged over the DRFs),
     ``val_psnr_drf<N>`` (at DRF N only, e.g. for a DRF-100 ablation like the paper's Table II) and
     ``val_loss``. A plain mean PSNR lets a model trade DRF 4 for DRF 100; the weighted gain does not
@@ -359,8 +362,12 @@ class Trainer:
 
     def stage_modules(self) -> list[tuple[str, nn.Module]]:
         """Every network with the stage part it belongs to, scheme-owned ones (e.g. CycleGAN's G_B) included."""
-        parts = [("generator", self.model.generator), ("generator", self.model.guidance), ("heads", self.model.heads),
-                 ("refiner", self.model.refiner), ("discriminator", self.discriminator)]
+        parts = [("generator", self.model.generator), ("heads", self.model.heads), ("refiner", self.model.refiner),
+                 ("discriminator", self.discriminator)]
+        guidance = self.model.guidance
+        if guidance is not None:  # per part when it says which part each piece conditions, else the generator's
+            pieces = getattr(guidance, "stage_parts", None)
+            parts += list(pieces.items()) if pieces is not None else [("generator", guidance)]
         parts += [(self.scheme.extra_module_parts.get(n, ""), m) for n, m in self.scheme.extra_modules.items()]
         return [(part, module) for part, module in parts if module is not None]
 

@@ -42,7 +42,9 @@ Module contracts (all tensors are ``[B, C, D, H, W]``):
   ``forward(probs) -> {part: Conditioning}`` (:mod:`lowdose_toolkit.guidance`: per guided part,
   ``generator`` and ``refiner``, one ``(gamma, beta)`` per entry of its ``film_channels`` and an
   optional residual ``gate``). The engine runs the head on the features the generator hands it after
-  its encoder and passes the generator's conditioning back, then the refiner's to the refiner.
+  its encoder and passes the generator's conditioning back, then the refiner's to the refiner. A
+  guidance may expose ``stage_parts: {part: module}`` so that ``train.stages`` trains each piece with
+  the part it conditions; without it the whole guidance trains and freezes with the generator.
 * guidable generator (needed only with ``model.guidance``): attribute ``film_channels: list[int]``
   and ``forward_features(x, guide=None)``, which calls ``guide(features)`` once its encoder features
   exist, and applies the returned ``Conditioning`` with ``modulate(i, h)`` at modulation point ``i``

@@ -38,7 +38,7 @@ def guided_model(gate: str = "none", teacher_forcing: float = 0.5, detach: bool 
 def randomise_film(model: LowDoseModel) -> None:
     """Give the (zero-initialised) FiLM output layer weights, as training would."""
     torch.manual_seed(1)
-    torch.nn.init.normal_(model.guidance.mlp[-1].weight, std=0.5)
+    torch.nn.init.normal_(model.guidance.stage_parts["generator"].mlp[-1].weight, std=0.5)
 
 
 def test_guidance_starts_as_the_unguided_model() -> None:
@@ -117,7 +117,7 @@ def test_learned_gate_starts_open_and_can_close_per_class() -> None:
     c4, c100 = torch.tensor([0]), torch.tensor([4])
     with torch.no_grad():
         torch.testing.assert_close(model.predict(x, drf_class=c4), ungated.predict(x, drf_class=c4))
-        model.guidance.gate_logits[0, 0] = -30.0  # generator, DRF 4: the correction closed
+        model.guidance.stage_parts["generator"].gate_logits[0] = -30.0  # DRF 4: the correction closed
         torch.testing.assert_close(model.predict(x, drf_class=c4), x)
         torch.testing.assert_close(model.predict(x, drf_class=c100), ungated.predict(x, drf_class=c100))
 
@@ -220,9 +220,7 @@ def test_val_gain_weights_the_drfs_as_the_challenge() -> None:
     assert drf_weights([2, 8]) == {2: 0.5, 8: 0.5}  # not the challenge's DRFs: equal weights
     val = {"per_drf": {"4": {"psnr": 57.0}, "100": {"psnr": 49.0}},
            "low_dose": {"4": {"psnr": 58.0}, "100": {"psnr": 43.0}}}
-    assert weighted_gain(val) == pytest.approx((0.05 * -1.0 + 0.35 * 6.0) / 0.40 - 1.0)  # the loss counts whole
-    val["per_drf"]["4"]["psnr"] = 58.5
-    assert weighted_gain(val) == pytest.approx((0.05 * 0.5 + 0.35 * 6.0) / 0.40)
+    assert weighted_gain(val) == pytest.approx((0.05 * -1.0 + 0.35 * 6.0) / 0.40)
     assert monitor_mode("val_gain", DRFS) == "max"
 
 
@@ -241,21 +239,34 @@ def guided_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     text = tiny_recipe(data).replace("depth: 2}", "depth: 2, residual: true}")
     text = text.replace("{name: dose_classifier, input: bottleneck, hidden: [8]}]",
                         "{name: noise_level, input: image, hidden: 4}]\n"
-                        "  guidance: {name: film, head: noise_level, hidden: 4}")
-    text = text.replace("on: dose_classifier", "on: noise_level")
+                        "  guidance: {name: film, head: noise_level, hidden: 4}\n"
+                        "  refiner: {name: contextual_net, channels: 2, num_blocks: 1, identity_init: true}")
+    text = text.replace("on: dose_classifier}", "on: noise_level}\n  - {name: l1, weight: 300, on: refined}")
     text = text.replace("  epochs: 3\n", "  stages:\n"
-                        "    - {name: first, epochs: 3, max_minutes: 1.0e-6}\n"
-                        "    - {name: second, epochs: 1}\n"
+                        "    - {name: first, epochs: 3, max_minutes: 1.0e-6, trainable: [generator, heads],"
+                        " use_refiner: false}\n"
+                        "    - {name: second, epochs: 1, trainable: [refiner]}\n"
                         "  scheduler: {monitor: val_gain}\n")
     recipe = write(root / "recipe.yaml", text)
     assert main(["run", str(recipe), "--out", str(root / "run")]) == 0
     return root / "run"
 
 
+def test_a_refiner_stage_trains_the_refiners_conditioning_only(guided_run: Path) -> None:
+    """Stage 2 trains [refiner]: the refiner's FiLM (zero at the start) learns; the generator's is frozen."""
+    from lowdose_toolkit.engine import load_checkpoint
+
+    state = load_checkpoint(guided_run / "checkpoints" / "last.pt")["model"]
+    refiner_film = state["guidance.stage_parts.refiner.mlp.2.weight"]
+    assert refiner_film.abs().sum() > 0
+    assert "guidance.stage_parts.generator.mlp.2.weight" in state
+
+
 def test_a_guided_run_records_the_dose_head_and_its_stage_budget(guided_run: Path) -> None:
     lines = [json.loads(line) for line in (guided_run / "metrics.jsonl").read_text().splitlines()]
     assert [line["stage"] for line in lines] == ["first", "second"]  # stage 1 ended by its time budget
     assert all("dose_accuracy" in line["val"] and "gain" in line["val"] for line in lines)
+    assert all(0.0 <= line["val"]["dose_calibration_accuracy"] <= 1.0 for line in lines)  # fitted on train volumes
     results = json.loads((guided_run / "results.json").read_text())
     head = results["dose_head"]
     assert head["head"] == "noise_level" and head["guides"] is True and head["drfs"] == [4, 100]

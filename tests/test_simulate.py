@@ -328,3 +328,8 @@ def test_simulate_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     res = runner.invoke(app, ["--out", str(out), "--subjects", "0"])
     assert isinstance(res.exception, UserError) and "--subjects" in str(res.exception)
     assert math.isfinite(sim.dataset_report(out)[0]["psnr_mean"])
+    res = runner.invoke(app, ["--out", str(tmp_path / "ind"), "--subjects", "1", "--counts-model", "independent"])
+    assert res.exit_code == 0, res.output
+    assert '"counts_model": "independent"' in (tmp_path / "ind" / "simulation.json").read_text()
+    res = runner.invoke(app, ["--out", str(tmp_path / "bad"), "--subjects", "1", "--counts-model", "nested"])
+    assert isinstance(res.exception, UserError) and "--counts-model 'nested': use one of listmode" in str(res.exception)

@@ -40,6 +40,28 @@ from lowdose_toolkit.hookspecs import Register
 GATES = ("learned", "listmode", "none")
 
 
+class PartFiLM(nn.Module):
+    """The conditioning of one guided part: an MLP from the class code to its ``(gamma, beta)`` and, for a
+    learned gate, one logit per class (``gate = Σ_k p_k · 2σ(a_k)``, 1 at the start)."""
+
+    def __init__(self, channels: list[int], num_classes: int, hidden: int, learned_gate: bool) -> None:
+        super().__init__()
+        self.channels = list(channels)
+        self.mlp = nn.Sequential(nn.Linear(num_classes, hidden), nn.SiLU(), nn.Linear(hidden, 2 * sum(channels)))
+        nn.init.zeros_(self.mlp[-1].weight)  # start as the identity: the unguided model
+        nn.init.zeros_(self.mlp[-1].bias)
+        self.gate_logits = nn.Parameter(torch.zeros(num_classes)) if learned_gate else None
+
+    def forward(self, probs: torch.Tensor) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]:
+        params = self.mlp(probs)
+        film, start = [], 0
+        for c in self.channels:
+            film.append((params[:, start:start + c], params[:, start + c:start + 2 * c]))
+            start += 2 * c
+        gate = None if self.gate_logits is None else probs @ (2.0 * torch.sigmoid(self.gate_logits.float()))
+        return film, gate
+
+
 class FiLMGuidance(nn.Module):
     """Dose-class code → FiLM ``(gamma, beta)`` per decoder modulation point (+ optional list-mode gate).
 
@@ -86,13 +108,10 @@ class FiLMGuidance(nn.Module):
         self.detach = detach
         self.gate = gate
         self.lr_scale = lr_scale
-        width = 2 * sum(sum(c) for c in self.channels.values())
-        self.mlp = nn.Sequential(nn.Linear(self.num_classes, hidden), nn.SiLU(), nn.Linear(hidden, width))
-        nn.init.zeros_(self.mlp[-1].weight)  # start as the identity: the unguided model
-        nn.init.zeros_(self.mlp[-1].bias)
-        # One learned gate per guided part and class, 2·sigmoid(0) = 1 at the start.
-        self.gate_logits = nn.Parameter(torch.zeros(len(self.channels), self.num_classes)) if gate == "learned" \
-            else None
+        #: One conditioning module per guided part, named as the ``train.stages`` part it belongs to (a stage
+        #: that trains only the refiner trains the refiner's conditioning, not the generator's).
+        self.stage_parts = nn.ModuleDict({part: PartFiLM(c, self.num_classes, hidden, gate == "learned")
+                                          for part, c in self.channels.items()})
         self.register_buffer("inverse_drf", 1.0 / torch.tensor(self.drfs, dtype=torch.float32), persistent=False)
         for p in self.parameters():
             p.lr_scale = lr_scale  # type: ignore[attr-defined]  # read by Scheme.add_optimizer
@@ -116,19 +135,12 @@ class FiLMGuidance(nn.Module):
 
     def forward(self, probs: torch.Tensor) -> dict[str, Conditioning]:
         """The conditioning of each guided part (``generator``, ``refiner``) for a code ``[B, K]``."""
-        params = self.mlp(probs.float())
+        probs = probs.float()
         out: dict[str, Conditioning] = {}
-        start = 0
-        for index, (part, channels) in enumerate(self.channels.items()):
-            film = []
-            for c in channels:
-                film.append((params[:, start:start + c], params[:, start + c:start + 2 * c]))
-                start += 2 * c
-            gate = None
+        for part, module in self.stage_parts.items():
+            film, gate = module(probs)
             if self.gate == "listmode":
-                gate = 1.0 - probs.float() @ self.inverse_drf
-            elif self.gate_logits is not None:
-                gate = probs.float() @ (2.0 * torch.sigmoid(self.gate_logits[index].float()))
+                gate = 1.0 - probs @ self.inverse_drf
             out[part] = Conditioning(film=film, gate=gate, probs=probs)
         return out
 
