@@ -151,7 +151,9 @@ def parse_stages(train: Mapping[str, Any], has_refiner: bool) -> list[dict[str, 
     Networks a scheme owns belong to the part it names (CycleGAN's G_B: generator, D_B: discriminator);
     a guidance part belongs to the part it conditions (its ``stage_parts``; else the generator).
     ``max_minutes`` ends a stage after the epoch that crosses
-    that wall-clock budget (the next stage then starts), so a time-budgeted run still reaches every stage.
+    that wall-clock budget (the next stage then starts), so a time-budgeted run still reaches every stage;
+    epochs keep their planned numbers (the next stage's first epoch is the one after the earlier stages'
+    planned epochs).
     """
     if not train["stages"]:
         return [{"name": "end-to-end", "epochs": train["epochs"], "trainable": list(STAGE_PARTS),

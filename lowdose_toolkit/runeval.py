@@ -57,6 +57,24 @@ def dose_head_markdown(record: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def print_dose_head(results: Path, console: Any) -> None:
+    """Print the dose head's test accuracy and confusion matrix from ``results`` (a results.json), if any."""
+    from rich.table import Table
+
+    record = json.loads(Path(results).read_text()).get("dose_head")
+    if not record:
+        return
+    console.print(f"dose head {record['head']}: predicted DRF right for {100 * record['accuracy']:.0f} % of "
+                  f"{record['volumes']} test volumes (rows: true DRF, columns: predicted)")
+    table = Table()
+    table.add_column("DRF")
+    for d in record["drfs"]:
+        table.add_column(str(d), justify="right")
+    for d, row in zip(record["drfs"], record["confusion"], strict=True):
+        table.add_row(str(d), *map(str, row))
+    console.print(table)
+
+
 def write_case_rows(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
     """Per-case rows (``method, subject, drf, psnr, ssim, nrmse``) as CSV, atomically."""
     buf = io.StringIO()

@@ -275,6 +275,13 @@ def test_a_guided_run_records_the_dose_head_and_its_stage_budget(guided_run: Pat
     assert "| true \\ predicted | DRF 4 | DRF 100 |" in (guided_run / "results.md").read_text()
 
 
+def test_evaluate_prints_the_dose_heads_confusion(guided_run: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    assert main(["evaluate", str(guided_run), "--out", str(tmp_path / "eval")]) == 0
+    out = capsys.readouterr().out
+    assert "dose head noise_level:" in out and "rows: true DRF, columns: predicted" in out
+
+
 def test_infer_drf_conditions_a_guided_model_and_is_refused_otherwise(guided_run: Path, tmp_path: Path,
                                                                       capsys: pytest.CaptureFixture) -> None:
     data = guided_run.parent / "data"

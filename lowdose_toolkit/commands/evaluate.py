@@ -76,7 +76,7 @@ def run_directory(run_dir: Path, console: Any = None, **options: Any) -> list[di
     from rich.console import Console
 
     from lowdose_toolkit.evaluate import print_summary
-    from lowdose_toolkit.runeval import evaluate_run, results_dir
+    from lowdose_toolkit.runeval import evaluate_run, print_dose_head, results_dir
 
     if not Path(run_dir).is_dir():
         raise UserError(f"{run_dir} is not a directory; pass a run directory made by `ldt run`")
@@ -85,6 +85,7 @@ def run_directory(run_dir: Path, console: Any = None, **options: Any) -> list[di
     out = results_dir(run_dir, options.get("out"), options.get("mask", False))
     region = "inside a body mask" if options.get("mask") else "whole volume"
     print_summary(summary, console, title=f"{run_dir}: held-out test subjects ({region})")
+    print_dose_head(Path(out) / "results.json", console)
     console.print(f"wrote {Path(out) / 'results.csv'}, results.json, results.md")
     return summary
 

@@ -14,7 +14,7 @@ def run(recipe_path: Path | None, overrides: list[str], out: Path | None, resume
     from lowdose_toolkit.evaluate import print_summary
     from lowdose_toolkit.plugins import get_registry
     from lowdose_toolkit.recipe import load_recipe, resolve_recipe, safe_load
-    from lowdose_toolkit.runeval import evaluate_run
+    from lowdose_toolkit.runeval import evaluate_run, print_dose_head
 
     console = Console(stderr=True)
     registry = get_registry()
@@ -46,4 +46,5 @@ def run(recipe_path: Path | None, overrides: list[str], out: Path | None, resume
     if trainer.dist.is_main and trainer.split.test:
         summary = evaluate_run(run_dir, console=console)
         print_summary(summary, Console(), title=f"{recipe['name']}: held-out test subjects")
+        print_dose_head(run_dir / "results.json", Console())
         console.print(f"results: {run_dir / 'results.md'}")
