@@ -222,3 +222,29 @@ def test_interrupt_keeps_finished_outputs_whole(trained: tuple[Path, Path], tmp_
     assert "interrupted" in capsys.readouterr().err
     assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["a.nii.gz", "a.png"]
     np.testing.assert_array_equal(nib.load(out / "a.nii.gz").shape, nib.load(inputs / "a.nii.gz").shape)
+
+
+def test_infer_normalises_with_the_quantile_the_checkpoint_was_trained_with(
+        trained: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """New checkpoints record the robust normalisation's quantile (0.99); older ones, without it, used 0.999."""
+    import torch
+
+    from lowdose_toolkit import normalize
+
+    run, data = trained
+    seen: list[float | None] = []
+    original = normalize.fit_normalization
+
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - the patched function's signature
+        seen.append(kwargs.get("quantile"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(normalize, "fit_normalization", spy)
+    volume = str(data / "sub00" / "drf_004.nii.gz")
+    assert main(["infer", str(run), volume, "--out", str(tmp_path / "new")]) == 0
+    ckpt = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    assert ckpt["normalization"] == {"method": "robust", "quantile": 0.99}
+    del ckpt["normalization"]["quantile"]
+    torch.save(ckpt, tmp_path / "old.pt")
+    assert main(["infer", str(tmp_path / "old.pt"), volume, "--out", str(tmp_path / "old")]) == 0
+    assert seen == [0.99, 0.999]
