@@ -59,8 +59,9 @@ Module contracts (all tensors are ``[B, C, D, H, W]``):
   run record.
 * source: ``records() -> list[SubjectRecord]`` (see ``lowdose_toolkit.records``).
 
-Any part may set ``lr_scale`` on its parameters (``p.lr_scale = 10``): the scheme's optimizer then puts
-them in a group with that factor on ``train.optimizer.lr`` (small heads beside a large generator).
+Any part may set a learning-rate factor on its parameters (``schemes.set_lr_scale(self, 10)``): the
+scheme's optimizer then puts them in a group with that factor on ``train.optimizer.lr`` (small heads
+beside a large generator).
 """
 
 CONTEXT_ARGS: dict[str, tuple[str, ...]] = {

@@ -21,6 +21,18 @@ from lowdose_toolkit.model import IMAGE_OUTPUTS, LossTerm, LowDoseModel
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 
+def set_lr_scale(module: nn.Module, scale: float) -> None:
+    """Mark every parameter of ``module`` for a learning rate ``scale`` times ``train.optimizer.lr``
+    (:meth:`Scheme.add_optimizer` puts them in a group of their own)."""
+    for p in module.parameters():
+        p.lr_scale = scale  # type: ignore[attr-defined]
+
+
+def lr_scale(p: nn.Parameter) -> float:
+    """The learning-rate factor of a parameter (1 unless a part set one with :func:`set_lr_scale`)."""
+    return float(getattr(p, "lr_scale", 1.0))
+
+
 def identity(module: nn.Module) -> nn.Module:
     """The default ``wrap``: no wrapping (single process)."""
     return module
@@ -81,10 +93,9 @@ class Scheme:
         params = [p for p in params if p.requires_grad]
         if not params:
             raise RecipeError(f"train.scheme: optimizer {name!r} has no trainable parameters")
-        scales = sorted({float(getattr(p, "lr_scale", 1.0)) for p in params})
+        scales = sorted({lr_scale(p) for p in params})
         opt = self.make_optimizer(params if scales == [1.0] else
-                                  [{"params": [p for p in params if float(getattr(p, "lr_scale", 1.0)) == s]}
-                                   for s in scales])
+                                  [{"params": [p for p in params if lr_scale(p) == s]} for s in scales])
         for group, scale in zip(opt.param_groups, scales, strict=True):
             group["lr_scale"] = scale
             group["lr"] = group["lr"] * scale

@@ -151,9 +151,9 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
     from lowdose_toolkit.errors import DataError
     from lowdose_toolkit.io import load_array, save_like
     from lowdose_toolkit.normalize import LEGACY_QUANTILE, fit_normalization
+    from lowdose_toolkit.predict import predict_volume
     from lowdose_toolkit.preview import ras_mip, save_mips_png
     from lowdose_toolkit.runeval import model_from_checkpoint
-    from lowdose_toolkit.sliding import infer_volume
 
     console = Console(stderr=True)
     ckpt = load_checkpoint(checkpoint)
@@ -168,7 +168,6 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
     method = ckpt["normalization"]["method"]
     quantile = ckpt["normalization"].get("quantile", LEGACY_QUANTILE)
     drfs: list[int] = list(ckpt["drfs"])
-    dose_head = model.dose_head
     drf_class: int | None = None
     if drf is not None:
         if model.guidance is None:
@@ -177,6 +176,9 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
         if drf not in drfs:
             raise UserError(f"--drf {drf}: the model was trained on DRFs {drfs}; give one of them")
         drf_class = drfs.index(drf)
+    window = {"patch_size": patch_size or cfg["patch_size"],
+              "overlap": cfg["overlap"] if overlap is None else (int(overlap) if overlap >= 1 else overlap),
+              "batch_size": batch_size or cfg["batch_size"], "blending": blending or cfg["blending"]}
     out.mkdir(parents=True, exist_ok=True)
 
     def read(job: Job) -> tuple[torch.Tensor, Any, Any, Any, float]:
@@ -196,33 +198,15 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
 
     def denoise(volume: torch.Tensor, affine: Any, norm: Any) -> tuple[torch.Tensor, list[tuple[str, Any]], dict]:
         """Sliding-window prediction (normalised units), the preview MIPs (if wanted), the dose head's verdict."""
-        probs: list[torch.Tensor] = []
-
-        def predict(x: torch.Tensor) -> torch.Tensor:
-            if dose_head is None:
-                return model.predict(x)
-            cls = None if drf_class is None else torch.full((x.shape[0],), drf_class, device=x.device)
-            result = model(x, drf_class=cls)
-            probs.append(result[dose_head].float().softmax(dim=1).sum(dim=0).cpu())
-            return result["pred"]
-
         with torch.no_grad():
-            pred = infer_volume(
-                norm.apply(volume), predict,
-                patch_size=patch_size or cfg["patch_size"],
-                overlap=cfg["overlap"] if overlap is None else (int(overlap) if overlap >= 1 else overlap),
-                batch_size=batch_size or cfg["batch_size"], blending=blending or cfg["blending"],
-                device=dev, amp=use_amp,
-            )
+            pred, probs = predict_volume(model, norm.apply(volume), window, dev, amp=use_amp, drf_class=drf_class)
         mips = []
         if previews:
             mips = [("input", ras_mip(volume, affine)), ("denoised", ras_mip(pred, affine) * norm.scale)]
         dose: dict[str, Any] = {}
-        if probs:
-            mean = torch.stack(probs).sum(0)
-            mean = mean / mean.sum()
-            k = int(mean.argmax())
-            dose = {"predicted_drf": drfs[k], "drf_probability": round(float(mean[k]), 4)}
+        if probs is not None:
+            k = int(probs.argmax())
+            dose = {"predicted_drf": drfs[k], "drf_probability": round(float(probs[k]), 4)}
             if model.guidance is not None:
                 dose["conditioned_on"] = f"DRF {drf} (--drf)" if drf is not None else "dose head"
         return pred, mips, dose

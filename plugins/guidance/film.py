@@ -36,6 +36,7 @@ from lowdose_toolkit import hookimpl
 from lowdose_toolkit.errors import UserError
 from lowdose_toolkit.guidance import Conditioning
 from lowdose_toolkit.hookspecs import Register
+from lowdose_toolkit.schemes import set_lr_scale
 
 GATES = ("learned", "listmode", "none")
 
@@ -113,8 +114,7 @@ class FiLMGuidance(nn.Module):
         self.stage_parts = nn.ModuleDict({part: PartFiLM(c, self.num_classes, hidden, gate == "learned")
                                           for part, c in self.channels.items()})
         self.register_buffer("inverse_drf", 1.0 / torch.tensor(self.drfs, dtype=torch.float32), persistent=False)
-        for p in self.parameters():
-            p.lr_scale = lr_scale  # type: ignore[attr-defined]  # read by Scheme.add_optimizer
+        set_lr_scale(self, lr_scale)
 
     def code(self, logits: torch.Tensor, drf_class: torch.Tensor | None = None) -> torch.Tensor:
         """Class probabilities ``[B, K]`` from the head's logits; the true class where it is given.

@@ -34,6 +34,7 @@ from torch.nn import functional as F
 from lowdose_toolkit import hookimpl
 from lowdose_toolkit.errors import UserError
 from lowdose_toolkit.hookspecs import Register
+from lowdose_toolkit.schemes import set_lr_scale
 
 EPS = 1e-6
 FILTERS = ("laplacian", "laplacian_half", "diff_x", "diff_y", "diff_z")
@@ -95,8 +96,7 @@ class NoiseLevelHead(nn.Module):
         self.register_buffer("bank", filter_bank(), persistent=False)
         self.norm = nn.BatchNorm1d(features, affine=False)  # standardises the statistics of patches
         self.mlp = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
-        for p in self.parameters():
-            p.lr_scale = lr_scale  # type: ignore[attr-defined]  # read by Scheme.add_optimizer
+        set_lr_scale(self, lr_scale)
         # The whole-volume classifier (fitted by calibrate; saved with the model).
         self.register_buffer("volume_mean", torch.zeros(features))
         self.register_buffer("volume_std", torch.ones(features))
@@ -104,14 +104,19 @@ class NoiseLevelHead(nn.Module):
         self.register_buffer("volume_bias", torch.zeros(num_classes))
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
 
-    def _noise_medians(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, filters]`` medians over body voxels of log(response² / local mean)."""
-        response = F.conv3d(x, self.bank.to(x.dtype))  # valid: [B, 4, D-2, H-2, W-2]
-        local = F.avg_pool3d(x.clamp(min=0), 5, stride=1, padding=2, count_include_pad=False)[:, :, 1:-1, 1:-1, 1:-1]
+    def _noise_medians(self, x: torch.Tensor, bank: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        """``[B, filters]`` medians over body voxels of log(response² / local mean) for the filters ``bank``."""
+        response = F.conv3d(x, bank.to(x.dtype))  # valid: [B, filters, D-2, H-2, W-2]
+        local = local[:, :, 1:-1, 1:-1, 1:-1]
         body = local > self.body_threshold
         ratio = torch.log(response.square() + EPS) - torch.log(local + EPS)
         ratio = ratio.masked_fill(~body, float("nan")).flatten(2)
         return ratio.nanmedian(dim=2).values.nan_to_num(0.0)  # a window without body says nothing: 0
+
+    @staticmethod
+    def _local_mean(x: torch.Tensor) -> torch.Tensor:
+        """The 5³ local mean of the non-negative activity (same size as ``x``)."""
+        return F.avg_pool3d(x.clamp(min=0), 5, stride=1, padding=2, count_include_pad=False)
 
     def statistics(self, image: torch.Tensor) -> torch.Tensor:
         """``[B, 7]``: per filter the median log noise energy per unit activity over the body voxels
@@ -122,9 +127,10 @@ class NoiseLevelHead(nn.Module):
         if min(image.shape[2:]) < 10:
             raise ValueError(f"NoiseLevelHead needs windows of at least 10 voxels per side, got {tuple(image.shape)}")
         x = image.float()
-        full = self._noise_medians(x)
-        half = self._noise_medians(F.avg_pool3d(x, 2))[:, :1]
-        local = F.avg_pool3d(x.clamp(min=0), 5, stride=1, padding=2, count_include_pad=False)
+        local = self._local_mean(x)
+        full = self._noise_medians(x, self.bank, local)
+        half_x = F.avg_pool3d(x, 2)
+        half = self._noise_medians(half_x, self.bank[:1], self._local_mean(half_x))  # the Laplacian only
         fraction = (local > self.body_threshold).flatten(1).float().mean(dim=1, keepdim=True)
         log_activity = torch.log(x.clamp(min=0).mean(dim=(2, 3, 4)) + EPS)
         return torch.cat([full[:, :1], half, full[:, 1:], fraction, log_activity], dim=1)
