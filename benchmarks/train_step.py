@@ -3,7 +3,9 @@
 Both paths use the same networks (built from the recipe, same seed), the same synthetic batch, the
 same losses and weights and the same optimizers; the plain loop is what a researcher writes by hand
 (pix2pix's order: G forward, D step, G step). Prints ms/step for each and the ratio engine/plain
-(target <= 1.10). Run on CPU, and on CUDA with autocast where a GPU is present::
+(target <= 1.10), then a roofline: the device's dense 3D-convolution throughput at the model's shapes
+(fp32 and the step's precision) and the step's achieved FLOP rate (counted by torch's FlopCounterMode,
+forward and backward) as a fraction of it. Run on CPU, and on CUDA with autocast where a GPU is present::
 
     python benchmarks/train_step.py --recipe recipes/quickstart.yaml --steps 20
     python benchmarks/train_step.py --recipe recipes/cg3dsrgan.yaml --device cuda --amp bf16
@@ -96,6 +98,40 @@ def timed(step, batch: dict, steps: int, device: torch.device) -> list[float]:
     return times
 
 
+def conv_peak(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> tuple[float, str]:
+    """Best TFLOP/s of a 3x3x3 convolution (forward + backward) over shapes ML-Net and the U-Net run."""
+    shapes = [(4, 32, 64), (4, 64, 32), (4, 128, 16), (4, 256, 8)]  # batch, channels in = out, edge
+    if device.type == "cpu":
+        shapes = [(2, 16, 32), (2, 32, 16), (2, 64, 8)]
+    best, where = 0.0, ""
+    for b, c, s in shapes:
+        conv = torch.nn.Conv3d(c, c, 3, padding=1).to(device)
+        x = torch.randn(b, c, s, s, s, device=device, requires_grad=True)
+        flops = 3 * 2 * b * c * c * 27 * s ** 3  # forward, grad input, grad weight
+        cast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+
+        def run() -> None:
+            with cast:
+                y = conv(x)
+            y.float().sum().backward()
+
+        run()
+        t = statistics.median(timed(lambda _: run(), {}, repeats, device))
+        rate = flops / t / 1e12
+        if rate > best:
+            best, where = rate, f"{c} ch at {s}^3, batch {b}"
+    return best, where
+
+
+def step_flops(step, batch: dict) -> float:
+    """FLOPs of one training step (forward and backward of every network), as torch counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step(batch)
+    return float(counter.get_total_flops())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default=str(REPO / "recipes" / "quickstart.yaml"))
@@ -130,6 +166,14 @@ def main() -> None:
     print(f"engine  {1000 * e:8.1f} ms/step (median of {len(e_all)})")
     print(f"plain   {1000 * pl:8.1f} ms/step (median of {len(p_all)})")
     print(f"ratio engine/plain = {e / pl:.3f} (target <= 1.10)")
+    flops = step_flops(engine, batch)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    peak32, where32 = conv_peak(device, torch.float32)
+    print(f"roofline: step {flops / 1e12:.3f} TFLOP, achieved {flops / e / 1e12:.2f} TFLOP/s")
+    print(f"  dense conv3d fp32 {peak32:.2f} TFLOP/s ({where32}); step at {flops / e / 1e12 / peak32:.1%} of it")
+    if dtype != torch.float32:
+        peak, where = conv_peak(device, dtype)
+        print(f"  dense conv3d {precision} {peak:.2f} TFLOP/s ({where}); step at {flops / e / 1e12 / peak:.1%} of it")
 
 
 if __name__ == "__main__":
