@@ -108,10 +108,9 @@ def conv_peak(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> tup
         conv = torch.nn.Conv3d(c, c, 3, padding=1).to(device)
         x = torch.randn(b, c, s, s, s, device=device, requires_grad=True)
         flops = 3 * 2 * b * c * c * 27 * s ** 3  # forward, grad input, grad weight
-        cast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
 
-        def run() -> None:
-            with cast:
+        def run(conv=conv, x=x) -> None:
+            with torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext():
                 y = conv(x)
             y.float().sum().backward()
 
