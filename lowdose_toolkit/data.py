@@ -21,6 +21,7 @@ from lowdose_toolkit.errors import DataError, RecipeError
 from lowdose_toolkit.io import read_image
 from lowdose_toolkit.normalize import fit_normalization
 from lowdose_toolkit.records import SubjectRecord
+from lowdose_toolkit.spec import three
 
 
 @dataclass(frozen=True)
@@ -127,14 +128,6 @@ def pairs_dataset(records: Sequence[SubjectRecord], drfs: Sequence[int], normali
     return tio.SubjectsDataset(loaded)
 
 
-def _as_3(value: int | Sequence[int], key: str) -> tuple[int, int, int]:
-    if isinstance(value, int):
-        return (value, value, value)
-    if len(value) != 3:
-        raise RecipeError(f"{key}: expected one size or three, got {list(value)!r}")
-    return (int(value[0]), int(value[1]), int(value[2]))
-
-
 class PatchStream:
     """An endless, reproducible stream of training batches from a TorchIO ``Queue``.
 
@@ -144,7 +137,7 @@ class PatchStream:
 
     def __init__(self, dataset: tio.SubjectsDataset, data_cfg: dict[str, Any]) -> None:
         self.dataset = dataset
-        self.patch_size = _as_3(data_cfg["patch_size"], "data.patch_size")
+        self.patch_size = three(data_cfg["patch_size"], "data.patch_size")
         self.batch_size = data_cfg["batch_size"]
         self.samples_per_volume = data_cfg["samples_per_volume"]
         self.queue_length = max(data_cfg["queue_length"], self.batch_size)

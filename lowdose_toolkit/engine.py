@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import platform
 import random
-import re
 import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -40,16 +39,16 @@ from lowdose_toolkit.distributed import (
     init_distributed,
 )
 from lowdose_toolkit.errors import RecipeError, UserError
-from lowdose_toolkit.model import LossTerm, LowDoseModel, build_losses, build_model
+from lowdose_toolkit.model import LossTerm, LowDoseModel, build_losses, build_model, dry_run
 from lowdose_toolkit.normalize import QUANTILE
 from lowdose_toolkit.recipe import dump_recipe
 from lowdose_toolkit.records import SubjectRecord
 from lowdose_toolkit.registry import Registry
 from lowdose_toolkit.schemes import Scheme, identity
+from lowdose_toolkit.spec import STAGE_PARTS, run_spec
 
 CHECKPOINT_FORMAT = 1
 CALIBRATION_VOLUMES = 200  # whole training volumes a calibrated dose head is fitted on (evenly spaced)
-STAGE_PARTS = ("generator", "heads", "refiner", "discriminator")
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -58,9 +57,7 @@ STAGE_PARTS = ("generator", "heads", "refiner", "discriminator")
 def make_optimizer_factory(cfg: Mapping[str, Any]) -> Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]:
     """Optimizer factory from ``train.optimizer`` (paper: Adam, lr 2e-4; betas as pix2pix)."""
     name, lr, wd = cfg["name"], cfg["lr"], cfg["weight_decay"]
-    betas = tuple(cfg["betas"])
-    if len(betas) != 2:
-        raise RecipeError(f"train.optimizer.betas: expected two values, got {list(betas)}")
+    betas = tuple(cfg["betas"])  # two values in [0, 1) (checked by spec.run_spec)
 
     def factory(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
         if name == "adam":
@@ -143,46 +140,6 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return ckpt
 
 
-def parse_stages(train: Mapping[str, Any], has_refiner: bool) -> list[dict[str, Any]]:
-    """``train.stages`` checked, or one stage of ``train.epochs`` training everything end-to-end.
-
-    A stage trains the parts it lists in ``trainable`` (generator, heads, refiner, discriminator) and
-    freezes the others: no gradient, no optimizer step, and eval mode (BatchNorm statistics kept).
-    Networks a scheme owns belong to the part it names (CycleGAN's G_B: generator, D_B: discriminator);
-    a guidance part belongs to the part it conditions (its ``stage_parts``; else the generator).
-    ``max_minutes`` ends a stage after the epoch that crosses
-    that wall-clock budget (the next stage then starts), so a time-budgeted run still reaches every stage;
-    epochs keep their planned numbers (the next stage's first epoch is the one after the earlier stages'
-    planned epochs).
-    """
-    if not train["stages"]:
-        return [{"name": "end-to-end", "epochs": train["epochs"], "trainable": list(STAGE_PARTS),
-                 "use_refiner": True, "max_minutes": None}]
-    stages = []
-    allowed = {"name", "epochs", "trainable", "use_refiner", "max_minutes"}
-    for i, stage in enumerate(train["stages"]):
-        where = f"train.stages.{i}"
-        unknown = set(stage) - allowed
-        if unknown:
-            raise RecipeError(f"{where}.{sorted(unknown)[0]}: unknown key; stage keys: {', '.join(sorted(allowed))}")
-        if not isinstance(stage.get("epochs"), int) or stage["epochs"] < 1:
-            raise RecipeError(f"{where}.epochs: expected a positive int, got {stage.get('epochs')!r}")
-        trainable = stage.get("trainable", list(STAGE_PARTS))
-        bad = [p for p in trainable if p not in STAGE_PARTS]
-        if bad:
-            raise RecipeError(f"{where}.trainable: unknown part {bad[0]!r}; parts: {', '.join(STAGE_PARTS)}")
-        minutes = stage.get("max_minutes")
-        if minutes is not None and (isinstance(minutes, bool) or not isinstance(minutes, (int, float))
-                                    or minutes <= 0):
-            raise RecipeError(f"{where}.max_minutes: expected a positive number of minutes, got {minutes!r}")
-        use_refiner = bool(stage.get("use_refiner", True))
-        if use_refiner and not has_refiner and "refiner" in trainable and train["stages"]:
-            use_refiner = False
-        stages.append({"name": stage.get("name", f"stage{i + 1}"), "epochs": stage["epochs"],
-                       "trainable": list(trainable), "use_refiner": use_refiner, "max_minutes": minutes})
-    return stages
-
-
 #: The Ultra-Low-Dose PET challenge's ranking weights per DRF (udpet-challenge.github.io, evaluation).
 CHALLENGE_DRF_WEIGHTS: dict[int, float] = {4: 0.05, 10: 0.15, 20: 0.20, 50: 0.25, 100: 0.35}
 
@@ -207,29 +164,6 @@ def weighted_gain(val: Mapping[str, Any]) -> float:
     return float(sum(weights[d] * g for d, g in gains.items()))
 
 
-def monitor_mode(monitor: str, drfs: Iterable[int]) -> str:
-    """``"max"`` or ``"min"`` for ``train.scheduler.monitor``, which is checked against ``data.drfs``.
-
-    Monitors: ``val_gain`` (the PSNR gain over the input, weighted per DRF as the challenge ranks:
-    4/10/20/50/100 at 5/15/20/25/35 %, see :func:`weighted_gain`),
-    ``val_psnr`` (validation PSNR averaged over the DRFs),
-    ``val_psnr_drf<N>`` (at DRF N only, e.g. for a DRF-100 ablation like the paper's Table II) and
-    ``val_loss``. A plain mean PSNR lets a model trade DRF 4 for DRF 100; the weighted gain does not
-    reward a model for matching the input where the input is already good.
-    """
-    if monitor == "val_loss":
-        return "min"
-    if monitor in ("val_psnr", "val_gain"):
-        return "max"
-    match = re.fullmatch(r"val_psnr_drf(\d+)", monitor)
-    drfs = [int(d) for d in drfs]
-    if match is None or int(match.group(1)) not in drfs:
-        raise RecipeError(f"train.scheduler.monitor: {monitor!r} is unknown; use val_gain (DRF-weighted gain over "
-                          f"the input), val_psnr (mean over the DRFs), val_loss, or val_psnr_drf<N> with N one of "
-                          f"data.drfs {drfs}")
-    return "max"
-
-
 def monitor_value(monitor: str, val: Mapping[str, Any]) -> float:
     """The monitored number in a validation record (see :func:`monitor_mode`)."""
     if monitor == "val_loss":
@@ -249,7 +183,6 @@ def build_training(
     wrap: Callable[[nn.Module], nn.Module] | None = None,
 ) -> tuple[LowDoseModel, nn.Module | None, list[LossTerm], Scheme]:
     """Build the model, discriminator, loss terms (on ``device``) and the scheme that trains them."""
-    monitor_mode(recipe["train"]["scheduler"]["monitor"], recipe["data"]["drfs"])
     model, discriminator = build_model(recipe, registry)
     model.to(device)
     if discriminator is not None:
@@ -295,20 +228,22 @@ class Trainer:
             self.device = torch.device("cuda", self.dist.local_rank)
         self.console = console or Console(stderr=True)
         self.precision = train["amp"] if self.device.type == "cuda" else "none"
-        self.drfs: list[int] = list(recipe["data"]["drfs"])
-        if len(set(self.drfs)) != len(self.drfs) or not self.drfs:
-            raise RecipeError(f"data.drfs: expected distinct dose reduction factors, got {self.drfs}")
+        self.spec = run_spec(recipe)
+        self.drfs: list[int] = list(self.spec.drfs)
         seed_everything(recipe["seed"], train["deterministic"])
         if self.device.type == "cpu" and train["deterministic"]:
             torch.use_deterministic_algorithms(True, warn_only=True)
 
         # Model, losses, scheme.
-        self.stages = parse_stages(train, recipe["model"]["refiner"] is not None)
+        self.stages = self.spec.stages
         wrap = ddp_wrapper(self.dist, self.device, find_unused=len(self.stages) > 1)
         self.model, self.discriminator, self.losses, self.scheme = build_training(
             recipe, registry, self.device, self.precision, wrap)
         self.schedulers = self._make_schedulers()
         self.base_lr = train["optimizer"]["lr"]
+        if not self.dist.enabled:  # shapes checked before any data is read (ldt check does the same)
+            dry_run(self.model, self.discriminator, self.spec, recipe["data"]["batch_size"],
+                    recipe["eval"]["batch_size"])
 
         # Data.
         self.source = registry.build("source", recipe["data"]["source"], "data.source", context={"drfs": self.drfs})
@@ -337,7 +272,7 @@ class Trainer:
         cfg = self.recipe["train"]["scheduler"]
         if cfg["name"] == "none":
             return {}
-        mode = monitor_mode(cfg["monitor"], self.drfs)
+        mode = self.spec.schedule.mode
         return {
             name: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=mode, factor=cfg["factor"],
                                                              patience=cfg["patience"])
@@ -353,14 +288,14 @@ class Trainer:
         """(stage index, first epoch of that stage) for a 0-based epoch."""
         start = 0
         for i, stage in enumerate(self.stages):
-            if epoch < start + stage["epochs"]:
+            if epoch < start + stage.epochs:
                 return i, start
-            start += stage["epochs"]
-        return len(self.stages) - 1, start - self.stages[-1]["epochs"]
+            start += stage.epochs
+        return len(self.stages) - 1, start - self.stages[-1].epochs
 
     @property
     def total_epochs(self) -> int:
-        return sum(s["epochs"] for s in self.stages)
+        return self.spec.total_epochs
 
     def stage_modules(self) -> list[tuple[str, nn.Module]]:
         """Every network with the stage part it belongs to, scheme-owned ones (e.g. CycleGAN's G_B) included."""
@@ -377,9 +312,9 @@ class Trainer:
         stage = self.stages[index]
         for part, module in self.stage_modules():
             for p in module.parameters():  # a scheme module of no stage part ("") always trains
-                p.requires_grad_(part in stage["trainable"] or not part)
-        self.scheme.frozen_parts = frozenset(STAGE_PARTS) - set(stage["trainable"])
-        self.scheme.use_refiner = stage["use_refiner"] and self.model.refiner is not None
+                p.requires_grad_(part in stage.trainable or not part)
+        self.scheme.frozen_parts = frozenset(STAGE_PARTS) - set(stage.trainable)
+        self.scheme.use_refiner = stage.use_refiner and self.model.refiner is not None
         if fresh and index > 0:  # a new stage starts from the base learning rate and a fresh schedule
             for opt in self.scheme.optimizers.values():
                 for group in opt.param_groups:
@@ -487,14 +422,14 @@ class Trainer:
         with progress:
             while self.epoch < self.total_epochs:
                 index, start = self.stage_at(self.epoch)
-                stage_end = start + self.stages[index]["epochs"]
+                stage_end = start + self.stages[index].epochs
                 if entered != index:
                     # A stage entered at its first epoch starts fresh; a resumed one keeps its lr and schedule.
                     self._enter_stage(index, fresh=self.epoch == start)
                     entered = index
                     stage_started = time.monotonic()
                 if floor is not None and self.lr() < floor:
-                    self._say(f"lr {self.lr():.2e} is below {floor:.0e}: stage {self.stages[index]['name']!r} stops")
+                    self._say(f"lr {self.lr():.2e} is below {floor:.0e}: stage {self.stages[index].name!r} stops")
                     self.epoch = stage_end
                     continue
                 record = self._train_epoch(progress, index)
@@ -504,10 +439,10 @@ class Trainer:
                 if budget is not None and (time.monotonic() - started) / 60 > budget:
                     self._say(f"time budget of {budget} min spent after epoch {self.epoch}")
                     break
-                stage_budget = self.stages[index]["max_minutes"]
+                stage_budget = self.stages[index].max_minutes
                 if stage_budget is not None and self.epoch < stage_end \
                         and (time.monotonic() - stage_started) / 60 > stage_budget:
-                    self._say(f"stage {self.stages[index]['name']!r}: its {stage_budget} min spent after epoch "
+                    self._say(f"stage {self.stages[index].name!r}: its {stage_budget} min spent after epoch "
                               f"{self.epoch}")
                     self.epoch = stage_end
         cleanup(self.dist)
@@ -544,13 +479,13 @@ class Trainer:
             for sched in self.schedulers.values():
                 sched.step(value)
             best = self.best["value"]
-            higher = monitor_mode(monitor, self.drfs) == "max"
+            higher = self.spec.schedule.mode == "max"
             better = best is None or (value > best if higher else value < best)
             if better:
                 self.best = {"epoch": self.epoch, "value": value, "monitor": monitor}
         record = {
             "epoch": self.epoch,
-            "stage": self.stages[stage]["name"],
+            "stage": self.stages[stage].name,
             "lr": self.lr(),
             "losses": losses,
             "val": val,

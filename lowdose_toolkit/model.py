@@ -11,6 +11,7 @@ from torch import nn
 from lowdose_toolkit.errors import RecipeError
 from lowdose_toolkit.guidance import Conditioning
 from lowdose_toolkit.registry import Registry
+from lowdose_toolkit.spec import RunSpec
 
 IMAGE_OUTPUTS = ("coarse", "refined", "pred")
 
@@ -213,3 +214,45 @@ def build_losses(
 def count_parameters(module: nn.Module | None) -> int:
     """Number of trainable parameters."""
     return 0 if module is None else sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def _meta_limit(exc: Exception) -> bool:
+    """A part that reads values (``.item()``, data-dependent shapes) cannot run on meta: not the recipe's fault."""
+    return isinstance(exc, NotImplementedError) or "meta" in str(exc)
+
+
+def dry_run(model: LowDoseModel, discriminator: nn.Module | None, spec: RunSpec, batch_size: int,
+            eval_batch_size: int) -> None:
+    """Run a training batch and a validation window through copies of the networks on the meta device.
+
+    No memory is allocated and no arithmetic is done, but every shape is checked, so a patch too small
+    for the network's depth or a head's window is a RecipeError naming the key before any data loads.
+    """
+    import copy
+
+    meta = torch.device("meta")
+    net = copy.deepcopy(model).to(meta)
+    disc = copy.deepcopy(discriminator).to(meta) if discriminator is not None else None
+    train_shape = (batch_size, 1, *spec.patch_size)
+    try:
+        with torch.no_grad():
+            net.train()
+            low = torch.empty(train_shape, device=meta)
+            out = net(low, drf_class=torch.zeros(batch_size, dtype=torch.long, device=meta))
+            if disc is not None:
+                disc(out["pred"], low) if getattr(disc, "conditional", True) else disc(out["pred"])
+    except Exception as exc:  # noqa: BLE001 - any failure of the networks on this shape is the recipe's
+        if _meta_limit(exc):
+            return
+        raise RecipeError(f"data.patch_size: the model cannot train on a {list(train_shape)} batch ({exc}); "
+                          f"use a larger data.patch_size or a shallower network") from None
+    eval_shape = (eval_batch_size, 1, *spec.window.patch_size)
+    try:
+        with torch.no_grad():
+            net.eval()
+            net.predict(torch.empty(eval_shape, device=meta))
+    except Exception as exc:  # noqa: BLE001
+        if _meta_limit(exc):
+            return
+        raise RecipeError(f"eval.patch_size: the model cannot predict a {list(eval_shape)} window ({exc}); "
+                          f"use a larger eval.patch_size") from None

@@ -22,12 +22,46 @@ from lowdose_toolkit.typecheck import check_value
 
 
 @dataclass(frozen=True)
+class Range:
+    """Bounds of a number (or of each number of a list): ``lo <= v`` (``lo < v`` if ``open_lo``), ``v <= hi``."""
+
+    lo: float | None = None
+    hi: float | None = None
+    open_lo: bool = False
+    open_hi: bool = False
+
+    def check(self, value: Any, where: str) -> None:
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if v is None or isinstance(v, (bool, str)):
+                continue
+            low = self.lo is not None and (v <= self.lo if self.open_lo else v < self.lo)
+            high = self.hi is not None and (v >= self.hi if self.open_hi else v > self.hi)
+            if low or high:
+                raise RecipeError(f"{where}: {value!r} is out of range; expected {self.describe()}")
+
+    def describe(self) -> str:
+        parts = []
+        if self.lo is not None:
+            parts.append(f"{'>' if self.open_lo else '>='} {self.lo:g}")
+        if self.hi is not None:
+            parts.append(f"{'<' if self.open_hi else '<='} {self.hi:g}")
+        return " and ".join(parts)
+
+
+POSITIVE = Range(lo=0, open_lo=True)
+AT_LEAST_1 = Range(lo=1)
+NON_NEGATIVE = Range(lo=0)
+
+
+@dataclass(frozen=True)
 class Field:
-    """An engine-level recipe key: its type and default."""
+    """An engine-level recipe key: its type, default and range."""
 
     annotation: Any
     default: Any
     help: str = ""
+    range: Range | None = None
 
 
 @dataclass(frozen=True)
@@ -46,21 +80,21 @@ Schema = dict[str, "Field | Part | Schema"]
 SCHEMA: Schema = {
     "name": Field(str, "unnamed", "run name, used for the run directory"),
     "description": Field(str, ""),
-    "seed": Field(int, 0, "seed for torch, numpy, TorchIO and the data split"),
+    "seed": Field(int, 0, "seed for torch, numpy, TorchIO and the data split", Range(0, 2**32 - 1)),
     "data": {
         "source": Part("source", {"name": "phantom"}, required=True),
-        "drfs": Field(list[int], [4, 10, 20, 50, 100], "dose reduction factors to train on"),
-        "patch_size": Field(int | list[int], 64),
-        "batch_size": Field(int, 4),
-        "samples_per_volume": Field(int, 8),
-        "queue_length": Field(int, 48),
-        "num_workers": Field(int, 0, "workers of the TorchIO queue (the outer loader always uses 0)"),
+        "drfs": Field(list[int], [4, 10, 20, 50, 100], "dose reduction factors to train on", AT_LEAST_1),
+        "patch_size": Field(int | list[int], 64, "", AT_LEAST_1),
+        "batch_size": Field(int, 4, "", AT_LEAST_1),
+        "samples_per_volume": Field(int, 8, "", AT_LEAST_1),
+        "queue_length": Field(int, 48, "", AT_LEAST_1),
+        "num_workers": Field(int, 0, "workers of the TorchIO queue (the outer loader always uses 0)", NON_NEGATIVE),
         "sampler": Field(Literal["uniform", "weighted"], "uniform"),
         "normalization": Field(Literal["auto", "suv", "robust", "none"], "auto"),
         "preload": Field(bool, False, "read and normalise every volume once, keep in memory (small data)"),
         "split": {
-            "val": Field(float | int, 0.2, "fraction (<1) or number of validation subjects"),
-            "test": Field(float | int, 0.2, "fraction (<1) or number of test subjects"),
+            "val": Field(float | int, 0.2, "fraction (<1) or number of validation subjects", NON_NEGATIVE),
+            "test": Field(float | int, 0.2, "fraction (<1) or number of test subjects", NON_NEGATIVE),
         },
     },
     "model": {
@@ -73,37 +107,37 @@ SCHEMA: Schema = {
     "losses": Part("loss", [], many=True, engine_keys=("weight", "on")),
     "train": {
         "scheme": Part("scheme", {"name": "supervised"}, required=True),
-        "epochs": Field(int, 100),
-        "steps_per_epoch": Field(int | None, None, "default: one pass over the queue's patches"),
+        "epochs": Field(int, 100, "", AT_LEAST_1),
+        "steps_per_epoch": Field(int | None, None, "default: one pass over the queue's patches", AT_LEAST_1),
         "optimizer": {
             "name": Field(Literal["adam", "adamw", "sgd"], "adam"),
-            "lr": Field(float, 2.0e-4),
+            "lr": Field(float, 2.0e-4, "", POSITIVE),
             "betas": Field(list[float], [0.5, 0.999]),
-            "weight_decay": Field(float, 0.0),
+            "weight_decay": Field(float, 0.0, "", NON_NEGATIVE),
         },
         "scheduler": {
             "name": Field(Literal["plateau", "none"], "plateau"),
-            "factor": Field(float, 0.1),
-            "patience": Field(int, 5),
+            "factor": Field(float, 0.1, "", Range(0, 1, open_lo=True, open_hi=True)),
+            "patience": Field(int, 5, "", NON_NEGATIVE),
             "monitor": Field(str, "val_psnr", "val_gain (DRF-weighted gain over the input), val_psnr (mean over "
                                                "DRFs), val_psnr_drf<N> (one DRF) or val_loss"),
         },
-        "stop_when_lr_below": Field(float | None, 2.0e-6),
+        "stop_when_lr_below": Field(float | None, 2.0e-6, "", NON_NEGATIVE),
         "stages": Field(list[dict] | None, None, "two-stage training; see recipes/cg3dsrgan.yaml"),
         "device": Field(str, "auto", "auto, cpu, cuda or cuda:N"),
         "amp": Field(Literal["none", "bf16", "fp16"], "none", "autocast on CUDA (ignored on CPU)"),
-        "val_every": Field(int, 1),
-        "max_minutes": Field(float | None, None, "wall-clock budget; training stops after the epoch"),
+        "val_every": Field(int, 1, "", AT_LEAST_1),
+        "max_minutes": Field(float | None, None, "wall-clock budget; training stops after the epoch", POSITIVE),
         "deterministic": Field(bool, True),
         "previews": Field(bool, True),
     },
     "eval": {
-        "patch_size": Field(int | list[int], 64),
-        "overlap": Field(int | float, 0.25, "voxels (int) or fraction of the patch (float < 1)"),
-        "batch_size": Field(int, 4),
+        "patch_size": Field(int | list[int], 64, "", AT_LEAST_1),
+        "overlap": Field(int | float, 0.25, "voxels (int) or fraction of the patch (float < 1)", NON_NEGATIVE),
+        "batch_size": Field(int, 4, "", AT_LEAST_1),
         "blending": Field(Literal["hann", "average", "crop"], "hann"),
         "ssim_range": Field(Literal["challenge", "standard"], "challenge"),
-        "val_subjects": Field(int | None, 2, "validation volumes per epoch (None: all)"),
+        "val_subjects": Field(int | None, 2, "validation volumes per epoch (None: all)", AT_LEAST_1),
     },
 }
 
@@ -235,7 +269,8 @@ def apply_override(recipe: dict[str, Any], item: str, source: str = "--set") -> 
         if not isinstance(node, dict):
             raise RecipeError(f"--set {item}: {'.'.join(keys[:depth])} is a value, not a section")
         schema = _schema_at(keys[: depth + 1])
-        in_part = isinstance(_schema_at(keys[:depth]), Part) or schema is None and _inside_part(keys[:depth])
+        in_part = isinstance(_schema_at(keys[:depth]), Part) or schema is None and _inside_part(keys[:depth]) \
+            or _is_stage_key(keys[: depth + 1])
         if key not in node:
             if schema is None and not in_part:
                 known = list(node) + list(_schema_keys(keys[:depth]))
@@ -247,6 +282,13 @@ def apply_override(recipe: dict[str, Any], item: str, source: str = "--set") -> 
             node[key] = value
             return
         node = node[key]
+
+
+def _is_stage_key(path: list[str]) -> bool:
+    """``train.stages.N.<stage key>``: a key a stage may have but this recipe's stage does not set yet."""
+    from lowdose_toolkit.spec import STAGE_KEYS
+
+    return len(path) == 4 and path[:2] == ["train", "stages"] and path[3] in STAGE_KEYS
 
 
 def _inside_part(path: list[str]) -> bool:
@@ -264,11 +306,16 @@ def _schema_keys(path: list[str]) -> list[str]:
 def resolve_recipe(recipe: Mapping[str, Any], registry: Registry, source: str = "recipe") -> dict[str, Any]:
     """Validate ``recipe`` and return it with defaults filled in and parts in mapping form.
 
-    Every unknown section or key, wrong type and unknown part name is a RecipeError whose message
+    Every unknown section or key, wrong type, number out of range, unknown part name and every key
+    that contradicts another (:func:`lowdose_toolkit.spec.run_spec`) is a RecipeError whose message
     starts with ``source`` and the dotted key path.
     """
+    from lowdose_toolkit.spec import run_spec
+
     try:
-        return _resolve(recipe, SCHEMA, [], registry)
+        resolved = _resolve(recipe, SCHEMA, [], registry)
+        run_spec(resolved)
+        return resolved
     except RecipeError as exc:
         raise RecipeError(f"{source}: {exc}") from None
 
@@ -293,6 +340,8 @@ def _resolve(data: Mapping[str, Any], schema: Schema, path: list[str], registry:
             out[key] = _resolve(value if value is not None else {}, node, [*path, key], registry)
         elif isinstance(node, Field):
             out[key] = check_value(value, node.annotation, dotted) if present else copy.deepcopy(node.default)
+            if present and node.range is not None:
+                node.range.check(out[key], dotted)
         else:
             out[key] = _resolve_part(node, value if present else copy.deepcopy(node.default), dotted, registry)
     return out
@@ -321,6 +370,7 @@ def _one_part(node: Part, value: Any, where: str, registry: Registry) -> dict[st
                 spec[key] = value[key]
     if node.kind == "loss":
         spec["weight"] = check_value(spec.get("weight", 1.0), float, f"{where}.weight")
+        NON_NEGATIVE.check(spec["weight"], f"{where}.weight")
         spec["on"] = check_value(spec.get("on", "pred"), str, f"{where}.on")
     if node.kind == "guidance":
         if "head" not in spec:

@@ -16,11 +16,12 @@ from ldt_plugins.guidance.film import FiLMGuidance
 from ldt_plugins.heads.noise_level import NoiseLevelHead
 from ldt_plugins.refiners.contextual_net import ContextualNet
 from lowdose_toolkit.cli import main
-from lowdose_toolkit.engine import drf_weights, monitor_mode, parse_stages, weighted_gain
+from lowdose_toolkit.engine import drf_weights, weighted_gain
 from lowdose_toolkit.errors import RecipeError, UserError
 from lowdose_toolkit.model import LowDoseModel, build_model
 from lowdose_toolkit.plugins import get_registry
 from lowdose_toolkit.recipe import resolve_recipe, safe_load
+from lowdose_toolkit.spec import monitor_mode, parse_stages
 
 DRFS = [4, 10, 20, 50, 100]
 
@@ -229,7 +230,7 @@ def test_stage_max_minutes_is_checked() -> None:
     with pytest.raises(RecipeError, match="train.stages.0.max_minutes: expected a positive number"):
         parse_stages(train, has_refiner=False)
     train["stages"][0]["max_minutes"] = 1.5
-    assert parse_stages(train, has_refiner=False)[0]["max_minutes"] == 1.5
+    assert parse_stages(train, has_refiner=False)[0].max_minutes == 1.5
 
 
 @pytest.fixture(scope="module")

@@ -50,9 +50,15 @@ def check(recipe_path: Path, overrides: list[str]) -> None:
     recipe, registry, model = parts["recipe"], parts["registry"], parts["model"]
     # Building the scheme validates that it fits the model (e.g. paired_gan needs a discriminator).
     from lowdose_toolkit.engine import build_training
+    from lowdose_toolkit.model import dry_run
+    from lowdose_toolkit.spec import run_spec
 
     model, discriminator, losses, scheme = build_training(recipe, registry, torch.device("cpu"))
     parts.update(model=model, discriminator=discriminator, losses=losses)
+    try:  # every shape a run will use, on the meta device (no memory, no arithmetic)
+        dry_run(model, discriminator, run_spec(recipe), recipe["data"]["batch_size"], recipe["eval"]["batch_size"])
+    except RecipeError as exc:
+        raise RecipeError(f"{recipe_path}: {exc}") from None
     table = Table(title=f"{recipe_path} ({recipe['name']})")
     for col in ("part", "name", "plugin", "parameters"):
         table.add_column(col, justify="right" if col == "parameters" else "left")
