@@ -10,3 +10,4 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   torchio==1.2.1 nibabel==5.4.2 pydicom==3.0.2 simpleitk==2.5.7 deprecated==1.3.1 humanize==4.17.0
 python3 -m pip wheel -q --no-deps --no-build-isolation . -w .whl
 du -sh .whl
+rm -rf build

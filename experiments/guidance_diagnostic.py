@@ -12,34 +12,34 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lowdose_toolkit.checkpoint import load_checkpoint
 from lowdose_toolkit.data import pairs_dataset
-from lowdose_toolkit.engine import load_checkpoint
 from lowdose_toolkit.metrics import compute_all
 from lowdose_toolkit.plugins import get_registry
-from lowdose_toolkit.predict import predict_volume
-from lowdose_toolkit.runeval import model_from_checkpoint
+from lowdose_toolkit.predictor import Predictor
 
 run = Path(sys.argv[1])
 which = sys.argv[2] if len(sys.argv) > 2 else "test"
 ck = sys.argv[3] if len(sys.argv) > 3 else "best"
 ckpt = load_checkpoint(run / "checkpoints" / f"{ck}.pt")
-model, recipe = model_from_checkpoint(ckpt, torch.device("cpu"))
-drfs = list(ckpt["drfs"])
+predictor, recipe = Predictor.from_checkpoint(ckpt, torch.device("cpu"), "fp32")
+model = predictor.model
+drfs = list(ckpt.drfs)
 src = get_registry().build("source", recipe["data"]["source"], "data.source", context={"drfs": drfs})
-ids = set(ckpt["split"][which])
+ids = set(ckpt.split[which])
 ds = pairs_dataset([r for r in src.records() if r.subject in ids], drfs, recipe["data"]["normalization"])
 res = {}
 with torch.no_grad():
     for i in range(len(ds)):
         s = ds[i]
         low, full, d = s["low"].data.float(), s["full"].data.float(), int(s["drf"])
-        ph, probs = predict_volume(model, low, recipe["eval"], torch.device("cpu"))
+        ph, probs = predictor.predict(low)
         row = [compute_all(full[0], low[0])["psnr"], compute_all(full[0], ph[0])["psnr"]]
         if model.guidance is not None:
-            po, _ = predict_volume(model, low, recipe["eval"], torch.device("cpu"), drf_class=drfs.index(d))
+            po, _ = predictor.predict(low, drf_class=drfs.index(d))
             row.append(compute_all(full[0], po[0])["psnr"])
         if model.refiner is not None:
-            pc, _ = predict_volume(model, low, recipe["eval"], torch.device("cpu"), use_refiner=False)
+            pc, _ = predictor.predict(low, use_refiner=False)
             row.append(compute_all(full[0], pc[0])["psnr"])
         res.setdefault(d, []).append(row)
         print(s["subject_id"], d, "probs", None if probs is None else [round(float(p), 2) for p in probs], flush=True)

@@ -100,7 +100,10 @@ def infer_cmd(
     batch_size: int | None = typer.Option(None, "--batch-size"),
     blending: str | None = typer.Option(None, "--blending", help="hann | average | crop"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
-    amp: str = typer.Option("auto", "--amp", help="auto (the recipe's) | none | bf16 | fp16 (CUDA only)"),
+    precision: str = typer.Option(
+        "auto", "--precision", "--amp", help="auto (bf16 where the device runs it natively, else fp32) | fp32 | bf16 "
+                                             "| fp16, on CPU and CUDA"
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
     previews: bool = typer.Option(True, "--previews/--no-previews", help="Coronal MIP PNGs in OUT/previews."),
     prefetch: bool = typer.Option(
@@ -114,7 +117,8 @@ def infer_cmd(
     """Denoise whole volumes with a trained model (sliding window, affine and header kept)."""
     from lowdose_toolkit.commands.infer import infer
 
-    raise typer.Exit(infer(checkpoint, inputs, out, patch_size, overlap, batch_size, blending, device, amp, overwrite,
+    raise typer.Exit(infer(checkpoint, inputs, out, patch_size, overlap, batch_size, blending, device, precision,
+                           overwrite,
                            previews, prefetch, drf))
 
 

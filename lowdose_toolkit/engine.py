@@ -28,6 +28,7 @@ from torch import nn
 
 from lowdose_toolkit import __version__
 from lowdose_toolkit.atomic import atomic_path
+from lowdose_toolkit.checkpoint import Checkpoint, Normalization, load_checkpoint
 from lowdose_toolkit.data import PatchStream, Split, pairs_dataset, shard, split_records
 from lowdose_toolkit.distributed import (
     DistInfo,
@@ -41,13 +42,14 @@ from lowdose_toolkit.distributed import (
 from lowdose_toolkit.errors import RecipeError, UserError
 from lowdose_toolkit.model import LossTerm, LowDoseModel, build_losses, build_model, dry_run
 from lowdose_toolkit.normalize import QUANTILE
+from lowdose_toolkit.precision import resolve_precision
+from lowdose_toolkit.predictor import Predictor
 from lowdose_toolkit.recipe import dump_recipe
 from lowdose_toolkit.records import SubjectRecord
 from lowdose_toolkit.registry import Registry
 from lowdose_toolkit.schemes import Scheme, identity
 from lowdose_toolkit.spec import STAGE_PARTS, run_spec
 
-CHECKPOINT_FORMAT = 1
 CALIBRATION_VOLUMES = 200  # whole training volumes a calibrated dose head is fitted on (evenly spaced)
 
 
@@ -114,30 +116,6 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(state: Mapping[str, Any], path: Path) -> None:
-    """``torch.save`` to a temporary file, then rename (an interrupted write leaves the old file)."""
-    with atomic_path(path) as tmp:
-        torch.save(dict(state), tmp)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True``; a clear error for a missing or foreign file."""
-    if path.is_dir():
-        for candidate in (path / "checkpoints" / "best.pt", path / "checkpoints" / "last.pt", path / "last.pt"):
-            if candidate.is_file():
-                path = candidate
-                break
-    if not path.is_file():
-        raise UserError(f"{path}: no checkpoint here (expected a .pt file or a run directory with checkpoints/)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise UserError(f"{path}: not a lowdose-toolkit checkpoint ({type(exc).__name__}: {exc})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "recipe" not in ckpt:
-        raise UserError(f"{path}: not a lowdose-toolkit checkpoint (format {CHECKPOINT_FORMAT} expected)")
-    return ckpt
 
 
 #: The Ultra-Low-Dose PET challenge's ranking weights per DRF (udpet-challenge.github.io, evaluation).
@@ -241,6 +219,8 @@ class Trainer:
             recipe, registry, self.device, self.precision, wrap)
         self.schedulers = self._make_schedulers()
         self.base_lr = train["optimizer"]["lr"]
+        self.predictor = Predictor(self.model, recipe["eval"], self.device, resolve_precision(
+            self.precision, self.device), tuple(self.drfs))
         if not self.dist.enabled:  # shapes checked before any data is read (ldt check does the same)
             dry_run(self.model, self.discriminator, self.spec, recipe["data"]["batch_size"],
                     recipe["eval"]["batch_size"])
@@ -322,41 +302,34 @@ class Trainer:
             self.schedulers = self._make_schedulers()
 
     # ------------------------------------------------------------------ checkpoints
-    def checkpoint_state(self, rng: list[dict[str, Any]]) -> dict[str, Any]:
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "version": __version__,
-            "recipe": self.recipe,
-            "epoch": self.epoch,
-            "drfs": self.drfs,
-            "model": self.model.state_dict(),
-            "discriminator": None if self.discriminator is None else self.discriminator.state_dict(),
-            "scheme": self.scheme.state_dict(),
-            "scheme_modules": {n: m.state_dict() for n, m in self.scheme.extra_modules.items()},
-            "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()},
-            "rng": rng,
-            "best": self.best,
-            "normalization": {"method": "robust" if self.recipe["data"]["normalization"] == "auto"
-                              else self.recipe["data"]["normalization"], "quantile": QUANTILE},
-            "split": self.split.summary(),
-            "world_size": self.dist.world,
-        }
+    def checkpoint_state(self, rng: list[dict[str, Any]]) -> Checkpoint:
+        method = self.recipe["data"]["normalization"]
+        return Checkpoint(
+            recipe=self.recipe, epoch=self.epoch, drfs=self.drfs, model=self.model.state_dict(),
+            normalization=Normalization("robust" if method == "auto" else method, QUANTILE),
+            version=__version__,
+            discriminator=None if self.discriminator is None else self.discriminator.state_dict(),
+            scheme=self.scheme.state_dict(),
+            scheme_modules={n: m.state_dict() for n, m in self.scheme.extra_modules.items()},
+            schedulers={n: s.state_dict() for n, s in self.schedulers.items()},
+            rng=rng, best=self.best, split=self.split.summary(), world_size=self.dist.world,
+        )
 
     def _load(self, path: Path) -> None:
         ckpt = load_checkpoint(path)
-        if ckpt.get("world_size", 1) != self.dist.world:
-            raise UserError(f"{path}: saved with {ckpt.get('world_size', 1)} processes; resume with the same number")
-        self.model.load_state_dict(ckpt["model"])
+        if ckpt.world_size != self.dist.world:
+            raise UserError(f"{path}: saved with {ckpt.world_size} processes; resume with the same number")
+        self.model.load_state_dict(ckpt.model)
         if self.discriminator is not None:
-            self.discriminator.load_state_dict(ckpt["discriminator"])
-        self.epoch = int(ckpt["epoch"])
-        self.best = dict(ckpt["best"])
+            self.discriminator.load_state_dict(ckpt.discriminator)
+        self.epoch = ckpt.epoch
+        self.best = dict(ckpt.best)
         for name, module in self.scheme.extra_modules.items():
-            module.load_state_dict(ckpt["scheme_modules"][name])
-        self.scheme.load_state_dict(ckpt["scheme"])
+            module.load_state_dict(ckpt.scheme_modules[name])
+        self.scheme.load_state_dict(ckpt.scheme)
         for name, sched in self.schedulers.items():
-            sched.load_state_dict(ckpt["schedulers"][name])
-        set_rng_state(ckpt["rng"][self.dist.rank])
+            sched.load_state_dict(ckpt.schedulers[name])
+        set_rng_state(ckpt.rng[self.dist.rank])
 
     # ------------------------------------------------------------------ run directory
     def _prepare_run_dir(self) -> None:
@@ -495,7 +468,7 @@ class Trainer:
         rng = gather_objects(self.dist, rng_state())
         if self.dist.is_main:
             state = self.checkpoint_state(rng)
-            save_checkpoint(state, self.run_dir / "checkpoints" / "last.pt")
+            state.save(self.run_dir / "checkpoints" / "last.pt")
             if self.best["epoch"] == self.epoch:
                 with atomic_path(self.run_dir / "checkpoints" / "best.pt") as tmp:
                     shutil.copyfile(self.run_dir / "checkpoints" / "last.pt", tmp)
@@ -535,7 +508,7 @@ class Trainer:
         for i in range(len(self.val_set)):
             subject = self.val_set[i]
             low, full = subject["low"].data.float(), subject["full"].data.float()
-            pred, probs = self.predict_volume(low, cfg)
+            pred, probs = self.predict_volume(low)
             if probs is not None:
                 dose_hits.append(int(probs.argmax()) == int(subject["drf_class"]))
             m = compute_all(full[0], pred[0], ssim_range=cfg["ssim_range"])
@@ -583,15 +556,11 @@ class Trainer:
             self._calibration = (torch.cat(stats), torch.tensor(classes))
         return float(head.calibrate(*self._calibration))
 
-    def predict_volume(self, low: torch.Tensor, cfg: Mapping[str, Any],
-                       coarse_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def predict_volume(self, low: torch.Tensor, coarse_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Sliding-window prediction of a whole normalised volume ``[1, X, Y, Z]`` and the dose head's
-        class probabilities (None without a dose head); see :func:`lowdose_toolkit.predict.predict_volume`."""
-        from lowdose_toolkit.predict import predict_volume
-
+        class probabilities (None without a dose head), through the one :class:`Predictor`."""
         use_refiner = self.scheme.use_refiner and not coarse_only
-        return predict_volume(self.model, low, cfg, self.device, amp=self.precision != "none",
-                              use_refiner=use_refiner)
+        return self.predictor.predict(low, use_refiner=use_refiner)
 
     def _preview(self, low: torch.Tensor, full: torch.Tensor, pred: torch.Tensor, cfg: Mapping[str, Any],
                  drf: int, subject: str) -> None:
@@ -599,7 +568,7 @@ class Trainer:
 
         panels = [("low-dose", low)]
         if self.model.refiner is not None and self.scheme.use_refiner:
-            panels.append(("coarse", self.predict_volume(low, cfg, coarse_only=True)[0]))
+            panels.append(("coarse", self.predict_volume(low, coarse_only=True)[0]))
             panels.append(("refined", pred))
         else:
             panels.append(("prediction", pred))

@@ -20,28 +20,11 @@ from typing import Any
 import torch
 
 from lowdose_toolkit.atomic import atomic_path
-from lowdose_toolkit.errors import RecipeError, UserError
+from lowdose_toolkit.errors import UserError
 
 LOW_DOSE = "Low-Dose"
 COLUMNS = ("method", "subject", "drf", "psnr", "ssim", "nrmse", "ssim_range", "masked")
 MASK_DIR = "body_mask"
-
-
-def model_from_checkpoint(ckpt: Mapping[str, Any], device: torch.device) -> Any:
-    """Rebuild the synthesis model of a checkpoint (its recipe names the parts) and load its weights."""
-    from lowdose_toolkit.model import build_model
-    from lowdose_toolkit.plugins import get_registry
-    from lowdose_toolkit.recipe import resolve_recipe
-
-    registry = get_registry()
-    try:
-        recipe = resolve_recipe(ckpt["recipe"], registry, "checkpoint recipe")
-        model, _ = build_model(recipe, registry)
-    except RecipeError as exc:
-        raise RecipeError(f"{exc} -- the checkpoint was trained with a part that is not installed here; "
-                          "install the plugin that provides it (see `ldt plugins`)") from None
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), recipe
 
 
 def dose_head_markdown(record: Mapping[str, Any]) -> str:
@@ -129,12 +112,13 @@ def evaluate_run(
     """
     from rich.progress import Progress
 
+    from lowdose_toolkit.checkpoint import load_checkpoint
     from lowdose_toolkit.data import pairs_dataset
-    from lowdose_toolkit.engine import load_checkpoint, resolve_device
+    from lowdose_toolkit.engine import resolve_device
     from lowdose_toolkit.evaluate import aggregate, summary_markdown
     from lowdose_toolkit.metrics import body_mask, check_ssim_range, compute_all
     from lowdose_toolkit.plugins import get_registry
-    from lowdose_toolkit.predict import confusion_matrix, predict_volume
+    from lowdose_toolkit.predictor import Predictor, confusion_matrix
 
     run_dir = Path(run_dir)
     if checkpoint not in ("best", "last"):
@@ -146,21 +130,24 @@ def evaluate_run(
         raise UserError(f"mask threshold must be in (0, 1) (a fraction of the reference maximum), got {mask_threshold}")
     ckpt = load_checkpoint(path)
     dev = resolve_device(device)
-    model, recipe = model_from_checkpoint(ckpt, dev)
+    # The precision validation used (the recipe's train.amp on CUDA, fp32 on the CPU), so test and
+    # validation numbers are comparable.
+    precision = ckpt.recipe["train"]["amp"] if dev.type == "cuda" else "fp32"
+    predictor, recipe = Predictor.from_checkpoint(ckpt, dev, precision)
+    model = predictor.model
     method = method or recipe["name"]
     cfg = recipe["eval"]
     ssim_range = ssim_range or cfg["ssim_range"]
     check_ssim_range(ssim_range)
     out = results_dir(run_dir, out, mask)
     registry = get_registry()
-    drfs = list(ckpt["drfs"])
+    drfs = list(ckpt.drfs)
     source = registry.build("source", recipe["data"]["source"], "data.source", context={"drfs": drfs})
-    test_ids = set(ckpt["split"]["test"])
+    test_ids = set(ckpt.split["test"])
     records = [r for r in source.records() if r.subject in test_ids]
     if not records:
         raise UserError(f"{run_dir}: the run has no test subjects (data.split.test is 0)")
     dataset = pairs_dataset(records, drfs, recipe["data"]["normalization"])
-    amp = recipe["train"]["amp"] != "none" and dev.type == "cuda"
     rows: list[dict[str, Any]] = []
     dose_true: list[int] = []
     dose_pred: list[int] = []
@@ -169,7 +156,7 @@ def evaluate_run(
         for i in range(len(dataset)):
             subject = dataset[i]
             low, full = subject["low"].data.float(), subject["full"].data.float()
-            pred, probs = predict_volume(model, low, cfg, dev, amp=amp)
+            pred, probs = predictor.predict(low)
             sid, drf = subject["subject_id"], int(subject["drf"])
             if probs is not None:
                 dose_true.append(drfs.index(drf))
@@ -191,7 +178,7 @@ def evaluate_run(
     settings = {"ssim_range": ssim_range, "mask": mask}
     if mask:
         settings["mask_threshold"] = mask_threshold
-    meta = {"method": method, "checkpoint": str(path), "epoch": ckpt["epoch"], "ssim_range": ssim_range,
+    meta = {"method": method, "checkpoint": str(path), "epoch": ckpt.epoch, "ssim_range": ssim_range,
             "settings": settings, "test_subjects": sorted(test_ids), "summary": summary}
     text = f"### {method} on held-out test subjects\n\n" + summary_markdown(summary, settings)
     if dose_true:

@@ -268,7 +268,7 @@ def infer_volume(
     batch_size: int,
     blending: Blending = "hann",
     device: torch.device | str = "cpu",
-    amp: bool | Literal["none", "bf16", "fp16"] = False,
+    amp: bool | Literal["none", "fp32", "bf16", "fp16"] = False,
     amp_dtype: Literal["bf16", "fp16"] = "bf16",
     progress: ProgressLike | None = None,
 ) -> torch.Tensor:
@@ -285,8 +285,9 @@ def infer_volume(
         batch_size: Patches per call of ``predict``.
         blending: ``"hann"``, ``"average"`` or ``"crop"`` (see the module docstring).
         device: Where batches are sent before ``predict``.
-        amp: Autocast ``predict`` on CUDA (ignored on other devices): ``True`` for ``amp_dtype``,
-            ``"bf16"`` / ``"fp16"`` for that dtype, ``False`` / ``"none"`` for full precision.
+        amp: Autocast ``predict`` on ``device`` (CPU or CUDA): ``True`` for ``amp_dtype``, ``"bf16"`` /
+            ``"fp16"`` for that dtype, ``False`` / ``"none"`` / ``"fp32"`` for full precision. The blending
+            and the output stay float32.
         amp_dtype: Autocast dtype when ``amp is True``: ``"bf16"`` or ``"fp16"``.
         progress: A rich ``Progress`` (a task is added), a ``(Progress, TaskID)`` pair, or a callback
             ``callback(patches_done, patches_total)``; ``None`` for silence.
@@ -310,9 +311,9 @@ def infer_volume(
     if not isinstance(batch_size, int) or batch_size < 1:
         raise UserError(f"batch_size must be a positive int, got {batch_size!r}")
     if isinstance(amp, str):
-        if amp not in (*AMP_DTYPES, "none"):
-            raise UserError(f"amp {amp!r} is unknown; use True/False, 'none', 'bf16' or 'fp16'")
-        amp, amp_dtype = amp != "none", (amp if amp != "none" else amp_dtype)  # type: ignore[assignment]
+        if amp not in (*AMP_DTYPES, "none", "fp32"):
+            raise UserError(f"amp {amp!r} is unknown; use True/False, 'fp32', 'bf16' or 'fp16'")
+        amp, amp_dtype = amp in AMP_DTYPES, (amp if amp in AMP_DTYPES else amp_dtype)  # type: ignore[assignment]
     if amp_dtype not in AMP_DTYPES:
         raise UserError(f"amp_dtype {amp_dtype!r} is unknown; use one of {sorted(AMP_DTYPES)}")
     patch = parse_patch_size(patch_size)
@@ -329,8 +330,7 @@ def infer_volume(
     locations = torch.as_tensor(sampler.locations, dtype=torch.int64)
     blender = Blender(tuple(padded.shape[1:]), patch, ovl, locations, blending, device)
 
-    use_amp = amp and device.type == "cuda"
-    autocast = torch.autocast(device_type="cuda", dtype=AMP_DTYPES[amp_dtype]) if use_amp else contextlib.nullcontext()
+    autocast = torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp_dtype]) if amp else contextlib.nullcontext()
     reporter = _Reporter(progress)
     reporter.start(len(locations))
     pin = device.type == "cuda"

@@ -168,12 +168,12 @@ def _write_summary_csv(summary: Sequence[Mapping[str, Any]], path: Path) -> None
 
 
 def _test_dataset(recipe: Mapping[str, Any], run_dir: Path, split: str = "test") -> Any:
+    from lowdose_toolkit.checkpoint import load_checkpoint
     from lowdose_toolkit.data import pairs_dataset
-    from lowdose_toolkit.engine import load_checkpoint
     from lowdose_toolkit.plugins import get_registry
 
     ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-    ids = set(ckpt["split"][split])
+    ids = set(ckpt.split[split])
     source = get_registry().build("source", recipe["data"]["source"], "data.source",
                                   context={"drfs": recipe["data"]["drfs"]})
     records = [r for r in source.records() if r.subject in ids]
@@ -227,10 +227,8 @@ def evaluate_classical(recipe: Mapping[str, Any], run_dir: Path, study: Mapping[
 def make_figure(study: Mapping[str, Any], recipes: Mapping[str, Any], run_dirs: Mapping[str, Path], path: Path,
                 console: Any) -> None:
     """Coronal MIPs of the first test subject at ``figure_drf`` for every trained method (paper Fig. 2)."""
-    from lowdose_toolkit.engine import load_checkpoint
-    from lowdose_toolkit.predict import predict_volume
+    from lowdose_toolkit.predictor import Predictor
     from lowdose_toolkit.preview import save_mip_png
-    from lowdose_toolkit.runeval import model_from_checkpoint
 
     drf = study["figure_drf"]
     name = f"{study['checkpoint']}.pt"
@@ -248,11 +246,8 @@ def make_figure(study: Mapping[str, Any], recipes: Mapping[str, Any], run_dirs: 
     panels = [("low-dose", low[0])]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for m in done:
-        ckpt = load_checkpoint(run_dirs[m["method"]] / "checkpoints" / name)
-        model, recipe = model_from_checkpoint(ckpt, device)
-        cfg = recipe["eval"]
-        with torch.no_grad():
-            pred, _ = predict_volume(model, low, cfg, device)
+        predictor, _ = Predictor.from_checkpoint(run_dirs[m["method"]] / "checkpoints" / name, device, "fp32")
+        pred, _ = predictor.predict(low)
         panels.append((m["method"], pred[0]))
     panels.append(("full-dose", full[0]))
     save_mip_png(panels, path, title=f"{subject['subject_id']} DRF {drf}")

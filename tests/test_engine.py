@@ -15,8 +15,9 @@ import torch
 import yaml
 from conftest import make_tiny_dataset, tiny_gan_recipe, tiny_recipe, write
 
+from lowdose_toolkit.checkpoint import load_checkpoint
 from lowdose_toolkit.cli import main
-from lowdose_toolkit.engine import Trainer, load_checkpoint
+from lowdose_toolkit.engine import Trainer
 from lowdose_toolkit.plugins import get_registry
 from lowdose_toolkit.recipe import load_recipe, resolve_recipe
 
@@ -106,7 +107,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path, data_roo
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait(timeout=60)
-    killed_at = load_checkpoint(run / "checkpoints" / "last.pt")["epoch"]
+    killed_at = load_checkpoint(run / "checkpoints" / "last.pt").epoch
     assert 2 <= killed_at < 4
     assert main(["run", "--resume", str(run)]) == 0
     ref = torch.load(tmp_path / "ref" / "checkpoints" / "last.pt", weights_only=True)
@@ -174,7 +175,7 @@ def test_monitor_one_drf_picks_the_best_checkpoint_at_that_drf(tmp_path: Path, d
     metrics = read_metrics(tmp_path / "run")
     at_100 = [m["val"]["per_drf"]["100"]["psnr"] for m in metrics]
     assert metrics[-1]["best_epoch"] == 1 + at_100.index(max(at_100))
-    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")["epoch"] == metrics[-1]["best_epoch"]
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt").epoch == metrics[-1]["best_epoch"]
 
 
 @pytest.mark.parametrize("monitor", ["val_psnr_drf50", "val_ssim", "val_psnr_drf"])

@@ -255,9 +255,9 @@ def guided_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_a_refiner_stage_trains_the_refiners_conditioning_only(guided_run: Path) -> None:
     """Stage 2 trains [refiner]: the refiner's FiLM (zero at the start) learns; the generator's is frozen."""
-    from lowdose_toolkit.engine import load_checkpoint
+    from lowdose_toolkit.checkpoint import load_checkpoint
 
-    state = load_checkpoint(guided_run / "checkpoints" / "last.pt")["model"]
+    state = load_checkpoint(guided_run / "checkpoints" / "last.pt").model
     refiner_film = state["guidance.stage_parts.refiner.mlp.2.weight"]
     assert refiner_film.abs().sum() > 0
     assert "guidance.stage_parts.generator.mlp.2.weight" in state

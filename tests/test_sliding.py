@@ -109,15 +109,25 @@ def test_convolution_matches_full_volume() -> None:
     torch.testing.assert_close(hann[:, :3, :3, :3], full[:, :3, :3, :3], atol=1e-5, rtol=1e-5)
 
 
-def test_module_on_device_argument_and_amp_ignored_on_cpu() -> None:
+@pytest.mark.parametrize(("amp", "dtype", "tol"), [(False, torch.float32, 1e-6), ("fp32", torch.float32, 1e-6),
+                                                    ("bf16", torch.bfloat16, 3e-2), (True, torch.bfloat16, 3e-2),
+                                                    ("fp16", torch.float16, 3e-3)])
+def test_precision_is_honoured_on_cpu(amp, dtype: torch.dtype, tol: float) -> None:
+    """bf16 and fp16 autocast the network on the CPU too; the blended output is float32 and close to fp32."""
     net = _conv_net(1)
     vol = _volume(1, 14, 14, 14, seed=5)
-    a = infer_volume(vol, net, 14, 0, batch_size=1, device="cpu", amp=True)
-    b = infer_volume(vol, net, 14, 0, batch_size=1, device=torch.device("cpu"), amp="fp16")
+    seen: list[torch.dtype] = []
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        y = net(x)
+        seen.append(y.dtype)
+        return y
+
+    out = infer_volume(vol, predict, 14, 0, batch_size=1, device=torch.device("cpu"), amp=amp)
     with torch.inference_mode():
         full = net(vol[None])[0]
-    torch.testing.assert_close(a, full, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(b, full, atol=1e-6, rtol=1e-6)
+    assert seen == [dtype] and out.dtype == torch.float32
+    torch.testing.assert_close(out, full, atol=tol, rtol=tol)
     with pytest.raises(UserError, match="'fp8'"):
         infer_volume(vol, net, 14, 0, batch_size=1, amp="fp8")  # type: ignore[arg-type]
 

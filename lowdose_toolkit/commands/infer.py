@@ -8,36 +8,12 @@ from __future__ import annotations
 
 import csv
 import glob
-import io
-import json
-import time
-from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from lowdose_toolkit.errors import UserError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-
-
-class Inline:
-    """An executor that runs each task when it is submitted: ``ldt infer --no-prefetch``."""
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
-        future: Future[Any] = Future()
-        try:
-            future.set_result(fn(*args))
-        except Exception as exc:  # noqa: BLE001 - handed to the caller through the future, as a thread would
-            future.set_exception(exc)
-        return future
-
-    def __enter__(self) -> Inline:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 @dataclass(frozen=True)
@@ -131,148 +107,40 @@ def plan_jobs(sources: list[Path], out: Path, overwrite: bool) -> list[Job]:
 
 
 def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None, overlap: float | None,
-          batch_size: int | None, blending: str | None, device: str, amp: str, overwrite: bool,
+          batch_size: int | None, blending: str | None, device: str, precision: str, overwrite: bool,
           previews: bool = True, prefetch: bool = True, drf: int | None = None) -> int:
     """Run the checkpoint's model over every input; returns the exit code (1 if any input failed).
 
     With ``previews``, ``OUT/previews/<name>.png`` shows coronal MIPs of each input and its output.
-    With ``prefetch``, volume k+1 is read and volume k-1 written in threads while volume k is inferred
-    (two inputs and two outputs in memory); without, one volume at a time. With ``drf``, a guided model is
-    conditioned on that DRF instead of its dose head's prediction.
+    With ``prefetch``, volume k+1 is read and volume k-1 written in threads while volume k is inferred.
+    With ``drf``, a guided model is conditioned on that DRF instead of its dose head's prediction.
+    ``precision``: auto (bf16 where the device runs it natively, else fp32), fp32, bf16 or fp16.
     """
-    from concurrent.futures import ThreadPoolExecutor, wait
-
-    import torch
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from lowdose_toolkit.atomic import atomic_path
-    from lowdose_toolkit.engine import load_checkpoint, resolve_device
-    from lowdose_toolkit.errors import DataError
-    from lowdose_toolkit.io import load_array, save_like
-    from lowdose_toolkit.normalize import LEGACY_QUANTILE, fit_normalization
-    from lowdose_toolkit.predict import predict_volume
-    from lowdose_toolkit.preview import ras_mip, save_mips_png
-    from lowdose_toolkit.runeval import model_from_checkpoint
+    from lowdose_toolkit.checkpoint import load_checkpoint
+    from lowdose_toolkit.engine import resolve_device
+    from lowdose_toolkit.pipeline import denoise_all, write_summary
+    from lowdose_toolkit.predictor import Predictor
 
     console = Console(stderr=True)
     ckpt = load_checkpoint(checkpoint)
     jobs = plan_jobs(expand_inputs(inputs), out, overwrite)
     dev = resolve_device(device)
-    model, recipe = model_from_checkpoint(ckpt, dev)
-    cfg = recipe["eval"]
-    precision = recipe["train"]["amp"] if amp == "auto" else amp
-    if precision not in ("none", "bf16", "fp16"):
-        raise UserError(f"--amp {amp!r}: use auto, none, bf16 or fp16")
-    use_amp = precision != "none" and dev.type == "cuda"
-    method = ckpt["normalization"]["method"]
-    quantile = ckpt["normalization"].get("quantile", LEGACY_QUANTILE)
-    drfs: list[int] = list(ckpt["drfs"])
-    drf_class: int | None = None
-    if drf is not None:
-        if model.guidance is None:
-            raise UserError(f"--drf {drf}: this checkpoint's model is not guided by a dose head (no model.guidance "
-                            "in its recipe), so a stated DRF cannot change its output; leave --drf out")
-        if drf not in drfs:
-            raise UserError(f"--drf {drf}: the model was trained on DRFs {drfs}; give one of them")
-        drf_class = drfs.index(drf)
-    window = {"patch_size": patch_size or cfg["patch_size"],
-              "overlap": cfg["overlap"] if overlap is None else (int(overlap) if overlap >= 1 else overlap),
-              "batch_size": batch_size or cfg["batch_size"], "blending": blending or cfg["blending"]}
+    window = {"patch_size": patch_size, "overlap": None if overlap is None else (int(overlap) if overlap >= 1
+                                                                                 else overlap),
+              "batch_size": batch_size, "blending": blending}
+    predictor, _ = Predictor.from_checkpoint(ckpt, dev, precision.replace("none", "fp32"), **window)
+    drf_class = predictor.drf_class(drf)
+    conditioned = None
+    if predictor.guided and predictor.dose_head is not None:
+        conditioned = f"DRF {drf} (--drf)" if drf is not None else "dose head"
     out.mkdir(parents=True, exist_ok=True)
-
-    def read(job: Job) -> tuple[torch.Tensor, Any, Any, Any, float]:
-        """Reader thread: load and fit the normalisation (nibabel/zlib release the GIL meanwhile)."""
-        t0 = time.monotonic()
-        volume, affine, info = load_array(job.source)
-        norm = fit_normalization(volume, method, None, where=str(job.source), quantile=quantile)
-        return volume, affine, info, norm, time.monotonic() - t0
-
-    def write(volume: torch.Tensor, job: Job, mips: list[tuple[str, Any]], title: str) -> float:
-        """Writer thread: save atomically (temp file + rename), then the preview; returns the seconds."""
-        t0 = time.monotonic()
-        save_like(volume, job.source, job.output)
-        if mips:
-            save_mips_png(mips, out / "previews" / f"{_stem(job.output)}.png", title=title)
-        return time.monotonic() - t0
-
-    def denoise(volume: torch.Tensor, affine: Any, norm: Any) -> tuple[torch.Tensor, list[tuple[str, Any]], dict]:
-        """Sliding-window prediction (normalised units), the preview MIPs (if wanted), the dose head's verdict."""
-        with torch.no_grad():
-            pred, probs = predict_volume(model, norm.apply(volume), window, dev, amp=use_amp, drf_class=drf_class)
-        mips = []
-        if previews:
-            mips = [("input", ras_mip(volume, affine)), ("denoised", ras_mip(pred, affine) * norm.scale)]
-        dose: dict[str, Any] = {}
-        if probs is not None:
-            k = int(probs.argmax())
-            dose = {"predicted_drf": drfs[k], "drf_probability": round(float(probs[k]), 4)}
-            if model.guidance is not None:
-                dose["conditioned_on"] = f"DRF {drf} (--drf)" if drf is not None else "dose head"
-        return pred, mips, dose
-
-    def fail(row: dict[str, Any], source: Path, exc: Exception) -> None:
-        row.update(status="failed", error=str(exc))
-        console.print(f"[red]failed[/] {source}: {exc}")
-
-    # A three-stage pipeline: volume k+1 is read and volume k-1 written while volume k is inferred, so
-    # for a folder of scans the decompression and compression of NIfTI files hide behind the model.
-    # At most two inputs and two outputs are in memory at a time.
-    rows: list[dict[str, Any]] = []
-    writes: list[tuple[dict[str, Any], Job, Future[float], float]] = []
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with (
-        ThreadPoolExecutor(1, thread_name_prefix="ldt-read") if prefetch else Inline() as reader,
-        ThreadPoolExecutor(1, thread_name_prefix="ldt-write") if prefetch else Inline() as writer,
-        Progress(*columns, console=console) as progress,
-    ):
-        task = progress.add_task("denoising", total=len(jobs))
-        reads = {0: reader.submit(read, jobs[0])}
-        try:
-            for i, job in enumerate(jobs):
-                if i + 1 < len(jobs) and prefetch:
-                    reads[i + 1] = reader.submit(read, jobs[i + 1])
-                elif i not in reads:
-                    reads[i] = reader.submit(read, job)
-                row: dict[str, Any] = {"input": str(job.source), "output": str(job.output)}
-                rows.append(row)
-                try:
-                    volume, affine, info, norm, seconds = reads.pop(i).result()  # popped: freed early
-                    t0 = time.monotonic()
-                    pred, mips, dose = denoise(volume, affine, norm)
-                    del volume
-                    row.update(status="ok", shape="x".join(map(str, info.shape)), **dose)
-                    title = _stem(job.source)
-                    if dose:
-                        title += f" - predicted DRF {dose['predicted_drf']} ({dose['drf_probability']:.0%})"
-                    if writes:
-                        wait([writes[-1][2]])  # one write behind at most
-                    future = writer.submit(write, norm.invert(pred), job, mips, title)
-                    del pred
-                    future.add_done_callback(lambda _: progress.advance(task))
-                    writes.append((row, job, future, seconds + time.monotonic() - t0))
-                except (DataError, UserError) as exc:
-                    fail(row, job.source, exc)
-                    progress.advance(task)
-        except BaseException:  # Ctrl-C: drop the queued read; the running write finishes (atomically)
-            for pending in reads.values():
-                pending.cancel()
-            raise
-        for row, job, future, seconds in writes:
-            try:
-                row["seconds"] = round(seconds + future.result(), 2)
-            except (DataError, UserError, OSError) as exc:
-                fail(row, job.source, exc)
+    rows = denoise_all(predictor, jobs, out, console, previews=previews, prefetch=prefetch, drf_class=drf_class,
+                       conditioned_on=conditioned)
+    write_summary(rows, out, {"checkpoint": str(checkpoint), "normalization": ckpt.normalization.method,
+                              "precision": predictor.precision, "device": str(dev)})
     failed = sum(row["status"] == "failed" for row in rows)
-    fields = ["input", "output", "status", "shape", "seconds", "predicted_drf", "drf_probability", "conditioned_on",
-              "error"]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
-    with atomic_path(out / "summary.csv") as tmp:
-        tmp.write_text(buf.getvalue())
-    with atomic_path(out / "summary.json") as tmp:
-        tmp.write_text(json.dumps({"checkpoint": str(checkpoint), "normalization": method, "volumes": rows}, indent=2))
-    console.print(f"{len(rows) - failed}/{len(rows)} volumes written to {out} (summary.csv)")
+    console.print(f"{len(rows) - failed}/{len(rows)} volumes written to {out} (summary.csv; {predictor.precision} on "
+                  f"{dev})")
     return 1 if failed else 0
