@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
+from lowdose_toolkit.build import build_training, resolve_device
 from lowdose_toolkit.data import PatchStream, pairs_dataset
-from lowdose_toolkit.engine import build_training, resolve_device
 from lowdose_toolkit.plugins import get_registry
 from lowdose_toolkit.recipe import load_recipe, resolve_recipe
 

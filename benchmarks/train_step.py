@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from lowdose_toolkit.engine import build_training, resolve_device
+from lowdose_toolkit.build import build_training, resolve_device
 from lowdose_toolkit.model import IMAGE_OUTPUTS, build_losses, build_model
 from lowdose_toolkit.plugins import get_registry
 from lowdose_toolkit.recipe import load_recipe, resolve_recipe

@@ -1,6 +1,4 @@
-"""The training engine: data, model, scheme, schedules, validation, checkpoints, previews.
-
-``Trainer(recipe, run_dir).fit()`` trains a resolved recipe into a run directory::
+"""The training loop: ``Trainer(recipe, run_dir).fit()`` trains a resolved recipe into a run directory::
 
     run_dir/
       recipe.yaml          the resolved recipe
@@ -9,16 +7,20 @@
       checkpoints/last.pt  written atomically at each epoch's end (resume from here)
       checkpoints/best.pt  the epoch with the best validation metric
       previews/epoch_NNN.png  MIPs of low-dose / coarse / refined / full-dose (one val subject)
+
+The parts around the loop live in their own modules: the composition root (:mod:`lowdose_toolkit.build`),
+the stage controller (:mod:`lowdose_toolkit.stages`), validation (:mod:`lowdose_toolkit.validation`), the
+checkpoint file (:mod:`lowdose_toolkit.checkpoint`) and prediction (:mod:`lowdose_toolkit.predictor`).
+After each epoch the same steps run in one fixed order: validate, schedule, track the best, save.
 """
 
 from __future__ import annotations
 
 import json
 import platform
-import random
 import shutil
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from torch import nn
 
 from lowdose_toolkit import __version__
 from lowdose_toolkit.atomic import atomic_path
+from lowdose_toolkit.build import build_training, resolve_device
 from lowdose_toolkit.checkpoint import Checkpoint, Normalization, load_checkpoint
 from lowdose_toolkit.data import PatchStream, Split, pairs_dataset, shard, split_records
 from lowdose_toolkit.distributed import (
@@ -40,144 +43,19 @@ from lowdose_toolkit.distributed import (
     init_distributed,
 )
 from lowdose_toolkit.errors import RecipeError, UserError
-from lowdose_toolkit.model import LossTerm, LowDoseModel, build_losses, build_model, dry_run
+from lowdose_toolkit.model import dry_run
 from lowdose_toolkit.normalize import QUANTILE
 from lowdose_toolkit.precision import resolve_precision
 from lowdose_toolkit.predictor import Predictor
 from lowdose_toolkit.recipe import dump_recipe
 from lowdose_toolkit.records import SubjectRecord
 from lowdose_toolkit.registry import Registry
-from lowdose_toolkit.schemes import Scheme, identity
-from lowdose_toolkit.spec import STAGE_PARTS, run_spec
+from lowdose_toolkit.rng import rng_state, seed_everything, set_rng_state
+from lowdose_toolkit.spec import run_spec
+from lowdose_toolkit.stages import StageController
+from lowdose_toolkit.validation import Validator, monitor_value
 
-CALIBRATION_VOLUMES = 200  # whole training volumes a calibrated dose head is fitted on (evenly spaced)
-
-
-# --------------------------------------------------------------------------- small helpers
-
-
-def make_optimizer_factory(cfg: Mapping[str, Any]) -> Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]:
-    """Optimizer factory from ``train.optimizer`` (paper: Adam, lr 2e-4; betas as pix2pix)."""
-    name, lr, wd = cfg["name"], cfg["lr"], cfg["weight_decay"]
-    betas = tuple(cfg["betas"])  # two values in [0, 1) (checked by spec.run_spec)
-
-    def factory(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-        if name == "adam":
-            return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=wd)  # type: ignore[arg-type]
-        if name == "adamw":
-            return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=wd)  # type: ignore[arg-type]
-        return torch.optim.SGD(params, lr=lr, momentum=betas[0], weight_decay=wd)
-
-    return factory
-
-
-def resolve_device(spec: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; a clear error for unusable devices."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise RecipeError(f"train.device: {spec!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RecipeError(f"train.device: {spec!r} asked for but CUDA is not available; use auto or cpu")
-    return device
-
-
-def seed_everything(seed: int, deterministic: bool = True) -> None:
-    """Seed torch, numpy and Python's random (TorchIO samples with torch's RNG)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
-
-
-def rng_state() -> dict[str, Any]:
-    """All RNG states as tensors and ints (loadable with ``weights_only=True``)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
-        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-#: The Ultra-Low-Dose PET challenge's ranking weights per DRF (udpet-challenge.github.io, evaluation).
-CHALLENGE_DRF_WEIGHTS: dict[int, float] = {4: 0.05, 10: 0.15, 20: 0.20, 50: 0.25, 100: 0.35}
-
-
-def drf_weights(drfs: Iterable[int]) -> dict[int, float]:
-    """Weights of the DRFs in ``val_gain``: the challenge's (renormalised) when every DRF has one, else equal."""
-    drfs = [int(d) for d in drfs]
-    if all(d in CHALLENGE_DRF_WEIGHTS for d in drfs):
-        total = sum(CHALLENGE_DRF_WEIGHTS[d] for d in drfs)
-        return {d: CHALLENGE_DRF_WEIGHTS[d] / total for d in drfs}
-    return {d: 1.0 / len(drfs) for d in drfs}
-
-
-def weighted_gain(val: Mapping[str, Any]) -> float:
-    """DRF-weighted mean of the validation PSNR gain over the low-dose input (dB), see :func:`drf_weights`.
-
-    (A variant that also subtracted every DRF's loss below the input selected the first, near-identity
-    epoch of every unguided ML-Net run in the CPU study and stopped plateau schedules within a few
-    epochs, so it was dropped: docs/RESULTS.md.)"""
-    gains = {int(d): val["per_drf"][d]["psnr"] - val["low_dose"][d]["psnr"] for d in val["per_drf"]}
-    weights = drf_weights(gains)
-    return float(sum(weights[d] * g for d, g in gains.items()))
-
-
-def monitor_value(monitor: str, val: Mapping[str, Any]) -> float:
-    """The monitored number in a validation record (see :func:`monitor_mode`)."""
-    if monitor == "val_loss":
-        return float(val["loss"])
-    if monitor == "val_psnr":
-        return float(val["psnr"])
-    if monitor == "val_gain":
-        return float(val["gain"])
-    return float(val["per_drf"][str(int(monitor.removeprefix("val_psnr_drf")))]["psnr"])
-
-
-def build_training(
-    recipe: Mapping[str, Any],
-    registry: Registry,
-    device: torch.device,
-    precision: str = "none",
-    wrap: Callable[[nn.Module], nn.Module] | None = None,
-) -> tuple[LowDoseModel, nn.Module | None, list[LossTerm], Scheme]:
-    """Build the model, discriminator, loss terms (on ``device``) and the scheme that trains them."""
-    model, discriminator = build_model(recipe, registry)
-    model.to(device)
-    if discriminator is not None:
-        discriminator.to(device)
-    losses = build_losses(recipe, registry, model, discriminator)
-    for term in losses:
-        term.to(device)
-    scheme = registry.build(
-        "scheme", recipe["train"]["scheme"], "train.scheme",
-        context={"model": model, "discriminator": discriminator, "losses": losses,
-                 "optimizer": make_optimizer_factory(recipe["train"]["optimizer"]), "wrap": wrap or identity,
-                 "precision": precision, "device": device, "registry": registry},
-    )
-    return model, discriminator, losses, scheme
-
-
-# --------------------------------------------------------------------------- the trainer
+__all__ = ["Trainer", "build_training", "default_run_dir", "resolve_device"]
 
 
 class Trainer:
@@ -212,11 +90,11 @@ class Trainer:
         if self.device.type == "cpu" and train["deterministic"]:
             torch.use_deterministic_algorithms(True, warn_only=True)
 
-        # Model, losses, scheme.
-        self.stages = self.spec.stages
-        wrap = ddp_wrapper(self.dist, self.device, find_unused=len(self.stages) > 1)
+        # Model, losses, scheme, stages.
+        wrap = ddp_wrapper(self.dist, self.device, find_unused=len(self.spec.stages) > 1)
         self.model, self.discriminator, self.losses, self.scheme = build_training(
             recipe, registry, self.device, self.precision, wrap)
+        self.stages = StageController(self.spec.stages, self.model.refiner is not None)
         self.schedulers = self._make_schedulers()
         self.base_lr = train["optimizer"]["lr"]
         self.predictor = Predictor(self.model, recipe["eval"], self.device, resolve_precision(
@@ -242,8 +120,9 @@ class Trainer:
         self.val_set = pairs_dataset(val_records, self.drfs, data_cfg["normalization"], preload=data_cfg["preload"])
         self.steps_per_epoch = train["steps_per_epoch"] or self.stream.default_steps()
 
-        self._val_inputs: dict[str, dict[str, float]] | None = None
-        self._calibration: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.validator = Validator(self.model, self.predictor, self.val_set, self.train_set, self.drfs,
+                                   recipe["eval"]["ssim_range"],
+                                   self.run_dir / "previews" if train["previews"] else None)
         self.epoch = 0  # epochs completed
         self.best: dict[str, Any] = {"epoch": -1, "value": None}
 
@@ -264,18 +143,9 @@ class Trainer:
         first = next(iter(self.scheme.optimizers.values()))
         return float(first.param_groups[0]["lr"])
 
-    def stage_at(self, epoch: int) -> tuple[int, int]:
-        """(stage index, first epoch of that stage) for a 0-based epoch."""
-        start = 0
-        for i, stage in enumerate(self.stages):
-            if epoch < start + stage.epochs:
-                return i, start
-            start += stage.epochs
-        return len(self.stages) - 1, start - self.stages[-1].epochs
-
     @property
     def total_epochs(self) -> int:
-        return self.spec.total_epochs
+        return self.stages.total_epochs
 
     def stage_modules(self) -> list[tuple[str, nn.Module]]:
         """Every network with the stage part it belongs to, scheme-owned ones (e.g. CycleGAN's G_B) included."""
@@ -289,12 +159,7 @@ class Trainer:
         return [(part, module) for part, module in parts if module is not None]
 
     def _enter_stage(self, index: int, fresh: bool) -> None:
-        stage = self.stages[index]
-        for part, module in self.stage_modules():
-            for p in module.parameters():  # a scheme module of no stage part ("") always trains
-                p.requires_grad_(part in stage.trainable or not part)
-        self.scheme.frozen_parts = frozenset(STAGE_PARTS) - set(stage.trainable)
-        self.scheme.use_refiner = stage.use_refiner and self.model.refiner is not None
+        self.stages.enter(index, self.stage_modules(), self.scheme)
         if fresh and index > 0:  # a new stage starts from the base learning rate and a fresh schedule
             for opt in self.scheme.optimizers.values():
                 for group in opt.param_groups:
@@ -394,38 +259,38 @@ class Trainer:
         )
         with progress:
             while self.epoch < self.total_epochs:
-                index, start = self.stage_at(self.epoch)
-                stage_end = start + self.stages[index].epochs
+                index, start = self.stages.at(self.epoch)
+                stage = self.stages.stages[index]
+                stage_end = start + stage.epochs
                 if entered != index:
                     # A stage entered at its first epoch starts fresh; a resumed one keeps its lr and schedule.
                     self._enter_stage(index, fresh=self.epoch == start)
                     entered = index
                     stage_started = time.monotonic()
                 if floor is not None and self.lr() < floor:
-                    self._say(f"lr {self.lr():.2e} is below {floor:.0e}: stage {self.stages[index].name!r} stops")
+                    self._say(f"lr {self.lr():.2e} is below {floor:.0e}: stage {stage.name!r} stops")
                     self.epoch = stage_end
                     continue
-                record = self._train_epoch(progress, index)
-                if self.dist.is_main:
-                    self._write_epoch(record)
+                t0 = time.monotonic()
+                losses = self._train_epoch(progress)
+                record = self._after_epoch(losses, stage.name, t0)
                 budget = train["max_minutes"]
                 if budget is not None and (time.monotonic() - started) / 60 > budget:
                     self._say(f"time budget of {budget} min spent after epoch {self.epoch}")
                     break
-                stage_budget = self.stages[index].max_minutes
+                stage_budget = stage.max_minutes
                 if stage_budget is not None and self.epoch < stage_end \
                         and (time.monotonic() - stage_started) / 60 > stage_budget:
-                    self._say(f"stage {self.stages[index].name!r}: its {stage_budget} min spent after epoch "
+                    self._say(f"stage {stage.name!r}: its {stage_budget} min spent after epoch "
                               f"{self.epoch}")
                     self.epoch = stage_end
         cleanup(self.dist)
         return record
 
-    def _train_epoch(self, progress: Any, stage: int) -> dict[str, Any]:
-        t0 = time.monotonic()
+    def _train_epoch(self, progress: Any) -> dict[str, float]:
+        """The optimisation steps of one epoch; returns the mean loss terms."""
         self.model.train()
-        for part, module in self.stage_modules():  # a frozen part also keeps its BatchNorm statistics
-            module.train(part not in self.scheme.frozen_parts)
+        self.stages.set_modes(self.stage_modules())
         self.stream.reset()
         sums: dict[str, float] = {}
         task = progress.add_task(f"epoch {self.epoch + 1}/{self.total_epochs}", total=self.steps_per_epoch,
@@ -443,36 +308,45 @@ class Trainer:
         if self.dist.enabled:
             losses = {k: float(np.mean([r[k] for r in gather_objects(self.dist, losses)])) for k in losses}
         self.epoch += 1
-        val: dict[str, Any] = {}
-        if self.epoch % self.recipe["train"]["val_every"] == 0 or self.epoch == self.total_epochs:
-            val = self._validate() if self.dist.is_main else {}
-            val = broadcast_object(self.dist, val)
-            monitor = self.recipe["train"]["scheduler"]["monitor"]
-            value = monitor_value(monitor, val)
-            for sched in self.schedulers.values():
-                sched.step(value)
-            best = self.best["value"]
-            higher = self.spec.schedule.mode == "max"
-            better = best is None or (value > best if higher else value < best)
-            if better:
-                self.best = {"epoch": self.epoch, "value": value, "monitor": monitor}
-        record = {
-            "epoch": self.epoch,
-            "stage": self.stages[stage].name,
-            "lr": self.lr(),
-            "losses": losses,
-            "val": val,
-            "best_epoch": self.best["epoch"],
-            "epoch_seconds": round(time.monotonic() - t0, 3),
-        }
+        return losses
+
+    def _after_epoch(self, losses: dict[str, float], stage: str, t0: float) -> dict[str, Any]:
+        """The end of an epoch, always in this order: validate, schedule, best, save, log."""
+        val = self._validate_step()
+        if val:
+            value = monitor_value(self.spec.schedule.monitor, val)
+            self._schedule_step(value)
+            self._best_step(value)
+        record = {"epoch": self.epoch, "stage": stage, "lr": self.lr(), "losses": losses, "val": val,
+                  "best_epoch": self.best["epoch"], "epoch_seconds": round(time.monotonic() - t0, 3)}
+        self._save_step()
+        if self.dist.is_main:
+            self._write_epoch(record)
+        return record
+
+    def _validate_step(self) -> dict[str, Any]:
+        if self.epoch % self.spec.val_every and self.epoch != self.total_epochs:
+            return {}
+        val = self.validator(self.epoch, self.stages.use_refiner) if self.dist.is_main else {}
+        return broadcast_object(self.dist, val)
+
+    def _schedule_step(self, value: float) -> None:
+        for sched in self.schedulers.values():
+            sched.step(value)
+
+    def _best_step(self, value: float) -> None:
+        best = self.best["value"]
+        higher = self.spec.schedule.mode == "max"
+        if best is None or (value > best if higher else value < best):
+            self.best = {"epoch": self.epoch, "value": value, "monitor": self.spec.schedule.monitor}
+
+    def _save_step(self) -> None:
         rng = gather_objects(self.dist, rng_state())
         if self.dist.is_main:
-            state = self.checkpoint_state(rng)
-            state.save(self.run_dir / "checkpoints" / "last.pt")
+            self.checkpoint_state(rng).save(self.run_dir / "checkpoints" / "last.pt")
             if self.best["epoch"] == self.epoch:
                 with atomic_path(self.run_dir / "checkpoints" / "best.pt") as tmp:
                     shutil.copyfile(self.run_dir / "checkpoints" / "last.pt", tmp)
-        return record
 
     def _write_epoch(self, record: dict[str, Any]) -> None:
         with (self.run_dir / "metrics.jsonl").open("a") as fh:
@@ -492,89 +366,9 @@ class Trainer:
         if self.dist.is_main:
             self.console.print(text)
 
-    # ------------------------------------------------------------------ validation
-    @torch.no_grad()
-    def _validate(self) -> dict[str, Any]:
-        from lowdose_toolkit.metrics import compute_all
-
-        self.model.eval()
-        calibration = self._calibrate_dose_head()
-        cfg = self.recipe["eval"]
-        per_drf: dict[int, list[dict[str, float]]] = {}
-        inputs: dict[int, list[dict[str, float]]] = {}
-        l1: list[float] = []
-        dose_hits: list[bool] = []
-        preview_index = len(self.drfs) - 1  # the first validation subject at the last (highest) DRF
-        for i in range(len(self.val_set)):
-            subject = self.val_set[i]
-            low, full = subject["low"].data.float(), subject["full"].data.float()
-            pred, probs = self.predict_volume(low)
-            if probs is not None:
-                dose_hits.append(int(probs.argmax()) == int(subject["drf_class"]))
-            m = compute_all(full[0], pred[0], ssim_range=cfg["ssim_range"])
-            per_drf.setdefault(int(subject["drf"]), []).append(m)
-            if self._val_inputs is None:  # the low-dose input's own metrics, once: the bar to clear
-                inputs.setdefault(int(subject["drf"]), []).append(
-                    compute_all(full[0], low[0], ssim_range=cfg["ssim_range"]))
-            l1.append(float((pred - full).abs().mean()))
-            if self.recipe["train"]["previews"] and i == preview_index:
-                self._preview(low, full, pred, cfg, int(subject["drf"]), subject["subject_id"])
-        self.model.train()
-        out: dict[str, Any] = {"per_drf": {}}
-        for drf, rows in sorted(per_drf.items()):
-            out["per_drf"][str(drf)] = {k: float(np.mean([r[k] for r in rows])) for k in ("psnr", "ssim", "nrmse")}
-        for key in ("psnr", "ssim", "nrmse"):
-            out[key] = float(np.mean([v[key] for v in out["per_drf"].values()]))
-        out["loss"] = float(np.mean(l1))
-        if dose_hits:
-            out["dose_accuracy"] = float(np.mean(dose_hits))
-        if calibration is not None:
-            out["dose_calibration_accuracy"] = calibration
-        if self._val_inputs is None:
-            self._val_inputs = {str(d): {k: float(np.mean([r[k] for r in rows])) for k in ("psnr", "ssim", "nrmse")}
-                                for d, rows in sorted(inputs.items())}
-        out["low_dose"] = self._val_inputs
-        out["gain"] = weighted_gain(out)
-        return out
-
-    def _calibrate_dose_head(self) -> float | None:
-        """Calibrate a dose head that can be (``calibrate(statistics, classes)``, see ``parts.py``) on whole
-        training volumes; returns its training accuracy, or None. The statistics are computed once."""
-        name = self.model.dose_head
-        head = self.model.heads[name] if name is not None else None
-        if head is None or not callable(getattr(head, "calibrate", None)):
-            return None
-        if self._calibration is None:
-            n = len(self.train_set)
-            picks = sorted({round(i * (n - 1) / max(1, CALIBRATION_VOLUMES - 1)) for i in range(CALIBRATION_VOLUMES)}) \
-                if n > CALIBRATION_VOLUMES else range(n)
-            stats, classes = [], []
-            for i in picks:
-                subject = self.train_set[i]
-                stats.append(head.statistics(subject["low"].data[None].float().to(self.device)).cpu())
-                classes.append(int(subject["drf_class"]))
-            self._calibration = (torch.cat(stats), torch.tensor(classes))
-        return float(head.calibrate(*self._calibration))
-
     def predict_volume(self, low: torch.Tensor, coarse_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Sliding-window prediction of a whole normalised volume ``[1, X, Y, Z]`` and the dose head's
-        class probabilities (None without a dose head), through the one :class:`Predictor`."""
-        use_refiner = self.scheme.use_refiner and not coarse_only
-        return self.predictor.predict(low, use_refiner=use_refiner)
-
-    def _preview(self, low: torch.Tensor, full: torch.Tensor, pred: torch.Tensor, cfg: Mapping[str, Any],
-                 drf: int, subject: str) -> None:
-        from lowdose_toolkit.preview import save_mip_png
-
-        panels = [("low-dose", low)]
-        if self.model.refiner is not None and self.scheme.use_refiner:
-            panels.append(("coarse", self.predict_volume(low, coarse_only=True)[0]))
-            panels.append(("refined", pred))
-        else:
-            panels.append(("prediction", pred))
-        panels.append(("full-dose", full))
-        path = self.run_dir / "previews" / f"epoch_{self.epoch:03d}.png"
-        save_mip_png([(name, t[0]) for name, t in panels], path, title=f"{subject} DRF {drf}")
+        """Whole-volume prediction through the run's :class:`Predictor` (the current stage's refiner switch)."""
+        return self.predictor.predict(low, use_refiner=self.stages.use_refiner and not coarse_only)
 
 
 def default_run_dir(recipe: Mapping[str, Any], root: Path = Path("runs")) -> Path:

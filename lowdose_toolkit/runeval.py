@@ -112,9 +112,9 @@ def evaluate_run(
     """
     from rich.progress import Progress
 
+    from lowdose_toolkit.build import resolve_device
     from lowdose_toolkit.checkpoint import load_checkpoint
     from lowdose_toolkit.data import pairs_dataset
-    from lowdose_toolkit.engine import resolve_device
     from lowdose_toolkit.evaluate import aggregate, summary_markdown
     from lowdose_toolkit.metrics import body_mask, check_ssim_range, compute_all
     from lowdose_toolkit.plugins import get_registry

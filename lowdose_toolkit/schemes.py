@@ -9,7 +9,7 @@ listed in :mod:`lowdose_toolkit.parts` by name; recipe keys of ``train.scheme`` 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -78,9 +78,15 @@ class Scheme:
         self.extra_modules: dict[str, nn.Module] = {}
         #: The ``train.stages`` part (generator, discriminator, ...) of each extra module, so stages freeze it too.
         self.extra_module_parts: dict[str, str] = {}
-        #: Parts the current ``train.stages`` stage freezes (set by the engine).
+        #: Parts the current ``train.stages`` stage freezes, and whether it trains through the refiner
+        #: (given by the engine through :meth:`enter_stage`).
         self.frozen_parts: frozenset[str] = frozenset()
         self.use_refiner = True
+
+    def enter_stage(self, frozen_parts: frozenset[str], use_refiner: bool) -> None:
+        """Called by the engine when a ``train.stages`` stage starts (their ``requires_grad`` already set)."""
+        self.frozen_parts = frozenset(frozen_parts)
+        self.use_refiner = use_refiner
 
     # ------------------------------------------------------------------ helpers for subclasses
     def add_optimizer(self, name: str, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
@@ -151,12 +157,20 @@ class Scheme:
             values[term.name] = float(value.detach())
         return total, values
 
-    def set_trainable(self, module: nn.Module | None, flag: bool) -> None:
-        """Switch ``requires_grad`` of every parameter of ``module``; a part the stage froze stays frozen."""
-        if module is self.discriminator and not self.trains("discriminator"):
-            flag = False
-        if module is not None:
-            for p in module.parameters():
+    @staticmethod
+    @contextlib.contextmanager
+    def frozen(*modules: nn.Module | None) -> Iterator[None]:
+        """Switch off ``requires_grad`` of ``modules`` meanwhile (e.g. the discriminator during the
+        generator's step); each parameter gets its own flag back after, so a part the stage froze stays
+        frozen. The one freezing mechanism of every scheme."""
+        params = [p for m in modules if m is not None for p in m.parameters()]
+        flags = [p.requires_grad for p in params]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p, flag in zip(params, flags, strict=True):
                 p.requires_grad_(flag)
 
     # ------------------------------------------------------------------ interface

@@ -185,3 +185,24 @@ def test_unknown_monitor_is_a_recipe_error(tmp_path: Path, data_root: Path, moni
     assert main(["check", str(recipe), "--set", f"train.scheduler.monitor={monitor}"]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert f"train.scheduler.monitor: '{monitor}' is unknown" in err and "data.drfs [4, 100]" in err
+
+
+def test_after_epoch_steps_run_in_one_order_and_the_stage_is_passed_to_the_scheme(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """validate -> schedule -> best -> save, every epoch; entering a stage hands the scheme its state."""
+    data = make_tiny_dataset(tmp_path / "data")
+    text = tiny_recipe(data).replace("  epochs: 3\n", "  epochs: 2\n  stages:\n    - {name: a, epochs: 1, trainable: "
+                                     "[generator, heads]}\n    - {name: b, epochs: 1, trainable: [heads]}\n")
+    recipe = resolve_recipe(load_recipe(write(tmp_path / "r.yaml", text)), get_registry())
+    trainer = Trainer(recipe, tmp_path / "run", get_registry())
+    calls: list[str] = []
+    for name in ("_validate_step", "_schedule_step", "_best_step", "_save_step"):
+        original = getattr(trainer, name)
+        monkeypatch.setattr(trainer, name, lambda *a, _o=original, _n=name: (calls.append(_n), _o(*a))[1])
+    entered: list[tuple[frozenset[str], bool]] = []
+    original_enter = trainer.scheme.enter_stage
+    monkeypatch.setattr(trainer.scheme, "enter_stage", lambda f, r: (entered.append((f, r)), original_enter(f, r)))
+    trainer.fit()
+    assert calls == ["_validate_step", "_schedule_step", "_best_step", "_save_step"] * 2
+    assert entered == [(frozenset({"refiner", "discriminator"}), False),
+                       (frozenset({"generator", "refiner", "discriminator"}), False)]

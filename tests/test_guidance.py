@@ -16,12 +16,12 @@ from ldt_plugins.guidance.film import FiLMGuidance
 from ldt_plugins.heads.noise_level import NoiseLevelHead
 from ldt_plugins.refiners.contextual_net import ContextualNet
 from lowdose_toolkit.cli import main
-from lowdose_toolkit.engine import drf_weights, weighted_gain
 from lowdose_toolkit.errors import RecipeError, UserError
 from lowdose_toolkit.model import LowDoseModel, build_model
 from lowdose_toolkit.plugins import get_registry
 from lowdose_toolkit.recipe import resolve_recipe, safe_load
 from lowdose_toolkit.spec import monitor_mode, parse_stages
+from lowdose_toolkit.validation import drf_weights, weighted_gain
 
 DRFS = [4, 10, 20, 50, 100]
 
@@ -315,7 +315,7 @@ def test_calibrated_head_classifies_whole_volumes_confidently() -> None:
 
 
 def test_lr_scale_puts_a_part_in_its_own_parameter_group() -> None:
-    from lowdose_toolkit.engine import build_training
+    from lowdose_toolkit.build import build_training
 
     recipe = _recipe(BASE + "  guidance: {name: film, head: noise_level, lr_scale: 5.0}\n"
                      "losses: [{name: l1, weight: 300, on: coarse},\n"

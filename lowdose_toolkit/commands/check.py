@@ -49,7 +49,7 @@ def check(recipe_path: Path, overrides: list[str]) -> None:
     parts = build_parts(recipe_path, overrides)
     recipe, registry, model = parts["recipe"], parts["registry"], parts["model"]
     # Building the scheme validates that it fits the model (e.g. paired_gan needs a discriminator).
-    from lowdose_toolkit.engine import build_training
+    from lowdose_toolkit.build import build_training
     from lowdose_toolkit.model import dry_run
     from lowdose_toolkit.spec import run_spec
 

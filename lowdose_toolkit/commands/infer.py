@@ -118,8 +118,8 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
     """
     from rich.console import Console
 
+    from lowdose_toolkit.build import resolve_device
     from lowdose_toolkit.checkpoint import load_checkpoint
-    from lowdose_toolkit.engine import resolve_device
     from lowdose_toolkit.pipeline import denoise_all, write_summary
     from lowdose_toolkit.predictor import Predictor
 

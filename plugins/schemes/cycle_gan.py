@@ -46,9 +46,8 @@ and rank 0's are saved.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -137,20 +136,6 @@ class ImagePool:
                 f"says {self.size}; resume with pool_size: {state['size']}"
             )
         self.images = [t.to(device) for t in state["images"]]
-
-
-@contextlib.contextmanager
-def frozen(*modules: nn.Module) -> Iterator[None]:
-    """Switch off ``requires_grad`` of ``modules`` meanwhile; restore each parameter's flag after."""
-    params = [p for m in modules for p in m.parameters()]
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in zip(params, flags, strict=True):
-            p.requires_grad_(flag)
 
 
 def derangement(n: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -245,7 +230,7 @@ class CycleGAN(Scheme):
         lam_idt = self.lambda_cycle * self.lambda_identity
 
         # Generator step: both discriminators frozen and called unwrapped (no DDP gradient sync for them).
-        with frozen(self.discriminator, self.discriminator_b), self.autocast():
+        with self.frozen(self.discriminator, self.discriminator_b), self.autocast():
             out = self.net(real_a, use_refiner=self.use_refiner)
             fake_b = out["pred"]
             rec_a = self.g_b_net(fake_b)

@@ -64,7 +64,6 @@ class PairedGAN(Scheme):
 
         # Discriminator step(s); a stage that freezes the discriminator only scores (for the log).
         train_d = self.trains("discriminator")
-        self.set_trainable(self.discriminator, True)
         for _ in range(self.d_steps if train_d else 1):
             with self.autocast(), torch.set_grad_enabled(train_d):
                 d_real = adv(self.d_net(full, cond).float(), True)
@@ -73,13 +72,11 @@ class PairedGAN(Scheme):
             self.backward_step("discriminator", d_loss)
 
         # Generator step: the discriminator is frozen and called unwrapped (no DDP gradient sync for it).
-        self.set_trainable(self.discriminator, False)
-        with self.autocast():
+        with self.frozen(self.discriminator), self.autocast():
             g_adv = adv(self.discriminator(fake, cond).float(), True)
             total, values = self.synthesis_losses(out, batch)
             total = total + self.adversarial.weight * g_adv
         self.backward_step("generator", total)
-        self.set_trainable(self.discriminator, True)
 
         values[f"{self.adversarial.name}_g"] = float(g_adv.detach())
         values[f"{self.adversarial.name}_d"] = float(d_loss.detach())
