@@ -7,9 +7,9 @@ Table I and Table II, with the paper's figures beside ours (:func:`build_table_i
 :func:`build_table_ii`, :func:`write_table`, :func:`print_table`).
 
 Pairing accepts, on either side, a folder of NIfTI files (searched recursively) or a manifest CSV
-``subject,drf,path`` (paths relative to the CSV; ``drf`` is ``full`` for a full-dose row, as
-:func:`lowdose_toolkit.records.write_manifest` writes it). The DRF of a file is read from its
-relative path: ``drf_100``, ``DRF-100``, ``_DRF100``, ``drf100`` or the challenge's ``1-100 dose``.
+``subject,drf,path`` (paths relative to the CSV; ``drf`` is ``full`` for a full-dose row), read by
+:mod:`lowdose_toolkit.manifest`. The DRF of a file is read from its relative path: ``drf_100``,
+``DRF-100``, ``_DRF100``, ``drf100`` or the challenge's ``1-100 dose``.
 
 Example:
     >>> pairs = pair_by_filename("preds/", "full_dose/", method="cg3dsrgan")  # doctest: +SKIP
@@ -33,6 +33,8 @@ import numpy as np
 
 from lowdose_toolkit.atomic import atomic_path
 from lowdose_toolkit.errors import DataError, UserError
+from lowdose_toolkit.manifest import read_manifest
+from lowdose_toolkit.naming import is_nifti, strip_nifti_suffix
 from lowdose_toolkit.paper import (
     LOW_DOSE,
     PAPER_DRFS,
@@ -44,7 +46,6 @@ from lowdose_toolkit.paper import (
     Figures,
     canonical_method,
 )
-from lowdose_toolkit.records import FULL
 
 __all__ = [
     "METRICS",
@@ -60,7 +61,6 @@ __all__ = [
     "parse_drf",
     "print_summary",
     "print_table",
-    "read_manifest",
     "summary_markdown",
     "table_markdown",
     "write_results",
@@ -73,7 +73,6 @@ CASE_COLUMNS = (
     "method", "subject", "drf", "psnr", "ssim", "nrmse", "rmse", "ssim_range", "ssim_data_range", "masked",
     "pred", "ref",
 )  # fmt: skip
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 _DRF_PATTERNS = (
     re.compile(r"(?<![a-z])drf[ _-]?(\d+)(?!\d)", re.IGNORECASE),
@@ -117,13 +116,6 @@ class _Entry:
     full: bool = False
 
 
-def _strip_suffix(name: str) -> str:
-    for suffix in (".nii.gz", ".nii"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 def parse_drf(name: str) -> int | None:
     """DRF written in a file name or relative path (``sub01_drf_100.nii.gz`` -> 100), else ``None``."""
     for pattern in _DRF_PATTERNS:
@@ -137,7 +129,7 @@ def parse_drf(name: str) -> int | None:
 
 def _subject_of(name: str) -> str:
     """The name without extension, DRF and full-dose tokens; separators collapsed to ``_``."""
-    stem = _strip_suffix(name)
+    stem = strip_nifti_suffix(name)
     for pattern in _DRF_PATTERNS:
         stem = pattern.sub(" ", stem)
     stem = _FULL_PATTERN.sub(" ", stem)
@@ -145,7 +137,7 @@ def _subject_of(name: str) -> str:
 
 
 def _scan_folder(folder: Path) -> list[_Entry]:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES))
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and is_nifti(p))
     if not files:
         raise DataError(f"{folder}: no NIfTI files (*.nii, *.nii.gz) found, searched recursively")
     entries = []
@@ -155,45 +147,9 @@ def _scan_folder(folder: Path) -> list[_Entry]:
     return entries
 
 
-def read_manifest(path: str | Path) -> list[tuple[str, str, Path]]:
-    """Rows ``(subject, drf, path)`` of a manifest CSV, paths resolved against the CSV's folder.
-
-    Raises:
-        DataError: If the file lacks the ``subject,drf,path`` columns or a row is incomplete.
-    """
-    path = Path(path)
-    try:
-        with path.open(newline="") as fh:
-            reader = csv.DictReader(fh)
-            missing = {"subject", "drf", "path"} - set(reader.fieldnames or ())
-            if missing:
-                raise DataError(
-                    f"{path}: manifest lacks column(s) {sorted(missing)}; expected a header subject,drf,path"
-                )
-            rows = []
-            for line, row in enumerate(reader, start=2):
-                subject, drf, p = (str(row.get(k) or "").strip() for k in ("subject", "drf", "path"))
-                if not (subject and drf and p):
-                    raise DataError(f"{path}:{line}: empty subject, drf or path")
-                file = Path(p) if Path(p).is_absolute() else path.parent / p
-                rows.append((subject, drf, file))
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read the manifest ({exc.strerror or exc})") from None
-    return rows
-
-
 def _manifest_entries(path: Path) -> list[_Entry]:
-    entries = []
-    for subject, drf, file in read_manifest(path):
-        if drf.lower() == FULL:
-            entries.append(_Entry(subject, None, file, "", full=True))
-            continue
-        try:
-            value = int(drf)
-        except ValueError:
-            raise DataError(f"{path}: drf {drf!r} of subject {subject!r} is neither an integer nor 'full'") from None
-        entries.append(_Entry(subject, value, file, ""))
-    return entries
+    """A manifest's rows (:func:`lowdose_toolkit.manifest.read_manifest`, lenient) as pairing entries."""
+    return [_Entry(r.subject, None if r.full else r.drf, r.path, "", full=r.full) for r in read_manifest(path)]
 
 
 def _entries(source: Path, side: str) -> tuple[list[_Entry], bool]:
