@@ -20,7 +20,6 @@ Example:
 from __future__ import annotations
 
 import csv
-import json
 import math
 import re
 import warnings
@@ -46,6 +45,8 @@ from lowdose_toolkit.paper import (
     Figures,
     canonical_method,
 )
+from lowdose_toolkit.results import CASES_CSV, METRICS, RESULTS_NAME, load_results
+from lowdose_toolkit.results import write_results as write_results_json
 
 __all__ = [
     "METRICS",
@@ -67,12 +68,6 @@ __all__ = [
     "write_table",
 ]
 
-RESULTS_NAME = "results.json"
-METRICS = ("psnr", "ssim", "nrmse")
-CASE_COLUMNS = (
-    "method", "subject", "drf", "psnr", "ssim", "nrmse", "rmse", "ssim_range", "ssim_data_range", "masked",
-    "pred", "ref",
-)  # fmt: skip
 
 _DRF_PATTERNS = (
     re.compile(r"(?<![a-z])drf[ _-]?(\d+)(?!\d)", re.IGNORECASE),
@@ -328,7 +323,7 @@ def evaluate_pairs(
 
 
 # ----------------------------------------------------------------------------------------------
-# Aggregation and results files
+# Aggregation and the pair evaluation's files (results.json and its reader: lowdose_toolkit.results)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -360,12 +355,6 @@ def aggregate(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 def _drf_sort(drf: int | None) -> int:
     return drf if drf is not None else 1 << 30
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # "inf", "nan": strict JSON that float() reads back
-    return value
 
 
 def _fmt(value: float, digits: int) -> str:
@@ -407,7 +396,8 @@ def _settings_note(settings: Mapping[str, Any]) -> str:
 def write_results(
     rows: Sequence[Mapping[str, Any]], out_dir: str | Path, settings: Mapping[str, Any] | None = None
 ) -> dict[str, Path]:
-    """Write ``results.json`` (settings, cases, summary), ``cases.csv``, ``summary.csv`` and ``summary.md``.
+    """Write ``results.json`` (:mod:`lowdose_toolkit.results`, kind ``pairs``), ``cases.csv``, ``summary.csv``
+    and ``summary.md``.
 
     Every file is written atomically. Returns the paths by kind (``json``, ``cases``, ``summary``, ``md``).
     """
@@ -418,19 +408,11 @@ def write_results(
         settings.setdefault("mask", bool(rows[0]["masked"]))
     summary = aggregate(rows)
     paths = {
-        "json": out_dir / RESULTS_NAME,
-        "cases": out_dir / "cases.csv",
+        "json": write_results_json(out_dir, "pairs", rows, summary, settings),
+        "cases": out_dir / CASES_CSV["pairs"],
         "summary": out_dir / "summary.csv",
         "md": out_dir / "summary.md",
     }
-    doc = {
-        "settings": settings,
-        "cases": [{k: _json_safe(v) for k, v in r.items()} for r in rows],
-        "summary": [{k: _json_safe(v) for k, v in s.items()} for s in summary],
-    }
-    with atomic_path(paths["json"]) as tmp:
-        tmp.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
-    _write_csv(paths["cases"], [{k: r.get(k) for k in CASE_COLUMNS} for r in rows], CASE_COLUMNS)
     summary_cols = ("method", "drf", "n", *(f"{m}_{s}" for m in METRICS for s in ("mean", "std")))
     _write_csv(paths["summary"], summary, summary_cols)
     with atomic_path(paths["md"]) as tmp:
@@ -444,115 +426,6 @@ def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[
         writer.writeheader()
         for row in rows:
             writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in columns})
-
-
-def _case_from_mapping(raw: Mapping[str, Any], source: Path, defaults: Mapping[str, Any]) -> dict[str, Any]:
-    try:
-        drf = raw.get("drf")
-        masked = raw.get("masked")
-        masked = bool(defaults.get("mask", False)) if masked in (None, "") else str(masked).lower() in ("true", "1")
-        row = {
-            "method": str(raw["method"]),
-            "subject": str(raw["subject"]),
-            "drf": None if drf in (None, "", "None") else int(drf),
-            **{k: float(raw[k]) for k in METRICS},
-            "ssim_range": str(raw.get("ssim_range") or defaults.get("ssim_range") or "challenge"),
-            "masked": masked,
-            "pred": str(raw.get("pred") or ""),
-            "ref": str(raw.get("ref") or ""),
-        }
-    except (KeyError, TypeError, ValueError) as exc:
-        raise DataError(f"{source}: a result row is incomplete or malformed ({exc!r}): {dict(raw)}") from None
-    return row
-
-
-def _result_files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        if (path / RESULTS_NAME).is_file():  # one evaluation (a run dir; its body_mask/ is a separate one)
-            return [path / RESULTS_NAME]
-        found = sorted(p for p in path.glob(f"*/{RESULTS_NAME}"))  # a folder of runs, e.g. a study
-        if not found:
-            raise UserError(f"{path}: no {RESULTS_NAME} here or one level below; run `ldt evaluate` first")
-        return found
-    raise UserError(f"{path} does not exist; pass results JSON/CSV files or run directories")
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: not a readable results JSON ({exc})") from None
-    if not isinstance(doc, dict):
-        raise DataError(f"{path}: not a results JSON (expected an object)")
-    return doc
-
-
-def _read_csv(path: Path) -> list[dict[str, Any]]:
-    with path.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    if rows and "subject" not in rows[0]:
-        raise DataError(f"{path}: not a per-case CSV (no 'subject' column); pass cases.csv or results.csv")
-    return rows
-
-
-def _raw_rows(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Per-case rows and settings from one file: ours (``cases``) or a run's (``results.csv`` beside)."""
-    suffix = path.suffix.lower()
-    if suffix == ".json":
-        doc = _read_json(path)
-        settings = dict(doc.get("settings") or {})
-        settings.setdefault("ssim_range", doc.get("ssim_range"))
-        if isinstance(doc.get("cases"), list):
-            return doc["cases"], settings
-        per_case = path.with_suffix(".csv")  # a run directory's results.json + results.csv
-        if per_case.is_file():
-            return _read_csv(per_case), settings
-        raise DataError(f"{path}: no 'cases' list and no {per_case.name} beside it; is this from `ldt evaluate`?")
-    if suffix == ".csv":
-        sibling = path.with_name(RESULTS_NAME)
-        settings = {}
-        if sibling.is_file():
-            doc = _read_json(sibling)
-            settings = dict(doc.get("settings") or {})
-            settings.setdefault("ssim_range", doc.get("ssim_range"))
-        return _read_csv(path), settings
-    raise UserError(f"{path}: unknown results file; pass results.json, cases.csv or a run directory")
-
-
-def _same_case(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
-    return all(
-        (math.isinf(a[k]) and a[k] == b[k]) or math.isclose(a[k], b[k], rel_tol=1e-5, abs_tol=1e-9) for k in METRICS
-    )
-
-
-def load_results(inputs: Sequence[str | Path]) -> list[dict[str, Any]]:
-    """Per-case rows from results files or folders holding them.
-
-    Accepts ``ldt evaluate``'s ``results.json`` / ``cases.csv`` and a run directory's ``results.json``
-    (with its per-case ``results.csv``). A case (method, subject, DRF) found in several inputs with the
-    same metrics, e.g. the Low-Dose rows of several evaluations, is kept once.
-
-    Raises:
-        UserError: If an input is missing or of an unknown kind, or a case has two different results.
-    """
-    rows: dict[tuple[str, str, int | None], tuple[dict[str, Any], Path]] = {}
-    for item in inputs:
-        for path in _result_files(Path(item)):
-            raw_rows, settings = _raw_rows(path)
-            for raw in raw_rows:
-                row = _case_from_mapping(raw, path, settings)
-                key = (row["method"], row["subject"], row["drf"])
-                if key in rows and not _same_case(rows[key][0], row):
-                    raise UserError(
-                        f"{row['method']} / {row['subject']} / DRF {row['drf']} is in both {rows[key][1]} and "
-                        f"{path} with different results; rename one method (ldt evaluate --method)"
-                    )
-                rows.setdefault(key, (row, path))
-    if not rows:
-        raise UserError(f"no results found in {', '.join(map(str, inputs))}")
-    return [row for row, _ in rows.values()]
 
 
 # ----------------------------------------------------------------------------------------------
