@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from infer import PeakRSS  # noqa: E402  (benchmarks/infer.py)
 
 from lowdose_toolkit.commands.infer import infer  # noqa: E402
+from lowdose_toolkit.naming import nifti_suffix  # noqa: E402
 
 
 def main() -> None:
@@ -50,7 +51,7 @@ def main() -> None:
         root = Path(tmp)
         inputs = root / "in"
         inputs.mkdir()
-        suffix = ".nii.gz" if args.volume.name.endswith(".gz") else ".nii"
+        suffix = nifti_suffix(args.volume) or ".nii.gz"
         for i in range(args.copies):
             shutil.copy(args.volume, inputs / f"copy{i}{suffix}")
         times: dict[bool, list[float]] = {True: [], False: []}

@@ -7,9 +7,9 @@ Table I and Table II, with the paper's figures beside ours (:func:`build_table_i
 :func:`build_table_ii`, :func:`write_table`, :func:`print_table`).
 
 Pairing accepts, on either side, a folder of NIfTI files (searched recursively) or a manifest CSV
-``subject,drf,path`` (paths relative to the CSV; ``drf`` is ``full`` for a full-dose row, as
-:func:`lowdose_toolkit.records.write_manifest` writes it). The DRF of a file is read from its
-relative path: ``drf_100``, ``DRF-100``, ``_DRF100``, ``drf100`` or the challenge's ``1-100 dose``.
+``subject,drf,path`` (paths relative to the CSV; ``drf`` is ``full`` for a full-dose row), read by
+:mod:`lowdose_toolkit.manifest`. The DRF of a file is read from its relative path: ``drf_100``,
+``DRF-100``, ``_DRF100``, ``drf100`` or the challenge's ``1-100 dose``.
 
 Example:
     >>> pairs = pair_by_filename("preds/", "full_dose/", method="cg3dsrgan")  # doctest: +SKIP
@@ -20,7 +20,6 @@ Example:
 from __future__ import annotations
 
 import csv
-import json
 import math
 import re
 import warnings
@@ -33,6 +32,8 @@ import numpy as np
 
 from lowdose_toolkit.atomic import atomic_path
 from lowdose_toolkit.errors import DataError, UserError
+from lowdose_toolkit.manifest import read_manifest
+from lowdose_toolkit.naming import is_nifti, strip_nifti_suffix
 from lowdose_toolkit.paper import (
     LOW_DOSE,
     PAPER_DRFS,
@@ -44,7 +45,8 @@ from lowdose_toolkit.paper import (
     Figures,
     canonical_method,
 )
-from lowdose_toolkit.records import FULL
+from lowdose_toolkit.results import CASES_CSV, METRICS, RESULTS_NAME, load_results
+from lowdose_toolkit.results import write_results as write_results_json
 
 __all__ = [
     "METRICS",
@@ -60,20 +62,12 @@ __all__ = [
     "parse_drf",
     "print_summary",
     "print_table",
-    "read_manifest",
     "summary_markdown",
     "table_markdown",
     "write_results",
     "write_table",
 ]
 
-RESULTS_NAME = "results.json"
-METRICS = ("psnr", "ssim", "nrmse")
-CASE_COLUMNS = (
-    "method", "subject", "drf", "psnr", "ssim", "nrmse", "rmse", "ssim_range", "ssim_data_range", "masked",
-    "pred", "ref",
-)  # fmt: skip
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 _DRF_PATTERNS = (
     re.compile(r"(?<![a-z])drf[ _-]?(\d+)(?!\d)", re.IGNORECASE),
@@ -117,13 +111,6 @@ class _Entry:
     full: bool = False
 
 
-def _strip_suffix(name: str) -> str:
-    for suffix in (".nii.gz", ".nii"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 def parse_drf(name: str) -> int | None:
     """DRF written in a file name or relative path (``sub01_drf_100.nii.gz`` -> 100), else ``None``."""
     for pattern in _DRF_PATTERNS:
@@ -137,7 +124,7 @@ def parse_drf(name: str) -> int | None:
 
 def _subject_of(name: str) -> str:
     """The name without extension, DRF and full-dose tokens; separators collapsed to ``_``."""
-    stem = _strip_suffix(name)
+    stem = strip_nifti_suffix(name)
     for pattern in _DRF_PATTERNS:
         stem = pattern.sub(" ", stem)
     stem = _FULL_PATTERN.sub(" ", stem)
@@ -145,7 +132,7 @@ def _subject_of(name: str) -> str:
 
 
 def _scan_folder(folder: Path) -> list[_Entry]:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES))
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and is_nifti(p))
     if not files:
         raise DataError(f"{folder}: no NIfTI files (*.nii, *.nii.gz) found, searched recursively")
     entries = []
@@ -155,45 +142,9 @@ def _scan_folder(folder: Path) -> list[_Entry]:
     return entries
 
 
-def read_manifest(path: str | Path) -> list[tuple[str, str, Path]]:
-    """Rows ``(subject, drf, path)`` of a manifest CSV, paths resolved against the CSV's folder.
-
-    Raises:
-        DataError: If the file lacks the ``subject,drf,path`` columns or a row is incomplete.
-    """
-    path = Path(path)
-    try:
-        with path.open(newline="") as fh:
-            reader = csv.DictReader(fh)
-            missing = {"subject", "drf", "path"} - set(reader.fieldnames or ())
-            if missing:
-                raise DataError(
-                    f"{path}: manifest lacks column(s) {sorted(missing)}; expected a header subject,drf,path"
-                )
-            rows = []
-            for line, row in enumerate(reader, start=2):
-                subject, drf, p = (str(row.get(k) or "").strip() for k in ("subject", "drf", "path"))
-                if not (subject and drf and p):
-                    raise DataError(f"{path}:{line}: empty subject, drf or path")
-                file = Path(p) if Path(p).is_absolute() else path.parent / p
-                rows.append((subject, drf, file))
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read the manifest ({exc.strerror or exc})") from None
-    return rows
-
-
 def _manifest_entries(path: Path) -> list[_Entry]:
-    entries = []
-    for subject, drf, file in read_manifest(path):
-        if drf.lower() == FULL:
-            entries.append(_Entry(subject, None, file, "", full=True))
-            continue
-        try:
-            value = int(drf)
-        except ValueError:
-            raise DataError(f"{path}: drf {drf!r} of subject {subject!r} is neither an integer nor 'full'") from None
-        entries.append(_Entry(subject, value, file, ""))
-    return entries
+    """A manifest's rows (:func:`lowdose_toolkit.manifest.read_manifest`, lenient) as pairing entries."""
+    return [_Entry(r.subject, None if r.full else r.drf, r.path, "", full=r.full) for r in read_manifest(path)]
 
 
 def _entries(source: Path, side: str) -> tuple[list[_Entry], bool]:
@@ -372,7 +323,7 @@ def evaluate_pairs(
 
 
 # ----------------------------------------------------------------------------------------------
-# Aggregation and results files
+# Aggregation and the pair evaluation's files (results.json and its reader: lowdose_toolkit.results)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -404,12 +355,6 @@ def aggregate(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 def _drf_sort(drf: int | None) -> int:
     return drf if drf is not None else 1 << 30
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # "inf", "nan": strict JSON that float() reads back
-    return value
 
 
 def _fmt(value: float, digits: int) -> str:
@@ -451,7 +396,8 @@ def _settings_note(settings: Mapping[str, Any]) -> str:
 def write_results(
     rows: Sequence[Mapping[str, Any]], out_dir: str | Path, settings: Mapping[str, Any] | None = None
 ) -> dict[str, Path]:
-    """Write ``results.json`` (settings, cases, summary), ``cases.csv``, ``summary.csv`` and ``summary.md``.
+    """Write ``results.json`` (:mod:`lowdose_toolkit.results`, kind ``pairs``), ``cases.csv``, ``summary.csv``
+    and ``summary.md``.
 
     Every file is written atomically. Returns the paths by kind (``json``, ``cases``, ``summary``, ``md``).
     """
@@ -462,19 +408,11 @@ def write_results(
         settings.setdefault("mask", bool(rows[0]["masked"]))
     summary = aggregate(rows)
     paths = {
-        "json": out_dir / RESULTS_NAME,
-        "cases": out_dir / "cases.csv",
+        "json": write_results_json(out_dir, "pairs", rows, summary, settings),
+        "cases": out_dir / CASES_CSV["pairs"],
         "summary": out_dir / "summary.csv",
         "md": out_dir / "summary.md",
     }
-    doc = {
-        "settings": settings,
-        "cases": [{k: _json_safe(v) for k, v in r.items()} for r in rows],
-        "summary": [{k: _json_safe(v) for k, v in s.items()} for s in summary],
-    }
-    with atomic_path(paths["json"]) as tmp:
-        tmp.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
-    _write_csv(paths["cases"], [{k: r.get(k) for k in CASE_COLUMNS} for r in rows], CASE_COLUMNS)
     summary_cols = ("method", "drf", "n", *(f"{m}_{s}" for m in METRICS for s in ("mean", "std")))
     _write_csv(paths["summary"], summary, summary_cols)
     with atomic_path(paths["md"]) as tmp:
@@ -488,115 +426,6 @@ def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[
         writer.writeheader()
         for row in rows:
             writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in columns})
-
-
-def _case_from_mapping(raw: Mapping[str, Any], source: Path, defaults: Mapping[str, Any]) -> dict[str, Any]:
-    try:
-        drf = raw.get("drf")
-        masked = raw.get("masked")
-        masked = bool(defaults.get("mask", False)) if masked in (None, "") else str(masked).lower() in ("true", "1")
-        row = {
-            "method": str(raw["method"]),
-            "subject": str(raw["subject"]),
-            "drf": None if drf in (None, "", "None") else int(drf),
-            **{k: float(raw[k]) for k in METRICS},
-            "ssim_range": str(raw.get("ssim_range") or defaults.get("ssim_range") or "challenge"),
-            "masked": masked,
-            "pred": str(raw.get("pred") or ""),
-            "ref": str(raw.get("ref") or ""),
-        }
-    except (KeyError, TypeError, ValueError) as exc:
-        raise DataError(f"{source}: a result row is incomplete or malformed ({exc!r}): {dict(raw)}") from None
-    return row
-
-
-def _result_files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        if (path / RESULTS_NAME).is_file():  # one evaluation (a run dir; its body_mask/ is a separate one)
-            return [path / RESULTS_NAME]
-        found = sorted(p for p in path.glob(f"*/{RESULTS_NAME}"))  # a folder of runs, e.g. a study
-        if not found:
-            raise UserError(f"{path}: no {RESULTS_NAME} here or one level below; run `ldt evaluate` first")
-        return found
-    raise UserError(f"{path} does not exist; pass results JSON/CSV files or run directories")
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: not a readable results JSON ({exc})") from None
-    if not isinstance(doc, dict):
-        raise DataError(f"{path}: not a results JSON (expected an object)")
-    return doc
-
-
-def _read_csv(path: Path) -> list[dict[str, Any]]:
-    with path.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    if rows and "subject" not in rows[0]:
-        raise DataError(f"{path}: not a per-case CSV (no 'subject' column); pass cases.csv or results.csv")
-    return rows
-
-
-def _raw_rows(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Per-case rows and settings from one file: ours (``cases``) or a run's (``results.csv`` beside)."""
-    suffix = path.suffix.lower()
-    if suffix == ".json":
-        doc = _read_json(path)
-        settings = dict(doc.get("settings") or {})
-        settings.setdefault("ssim_range", doc.get("ssim_range"))
-        if isinstance(doc.get("cases"), list):
-            return doc["cases"], settings
-        per_case = path.with_suffix(".csv")  # a run directory's results.json + results.csv
-        if per_case.is_file():
-            return _read_csv(per_case), settings
-        raise DataError(f"{path}: no 'cases' list and no {per_case.name} beside it; is this from `ldt evaluate`?")
-    if suffix == ".csv":
-        sibling = path.with_name(RESULTS_NAME)
-        settings = {}
-        if sibling.is_file():
-            doc = _read_json(sibling)
-            settings = dict(doc.get("settings") or {})
-            settings.setdefault("ssim_range", doc.get("ssim_range"))
-        return _read_csv(path), settings
-    raise UserError(f"{path}: unknown results file; pass results.json, cases.csv or a run directory")
-
-
-def _same_case(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
-    return all(
-        (math.isinf(a[k]) and a[k] == b[k]) or math.isclose(a[k], b[k], rel_tol=1e-5, abs_tol=1e-9) for k in METRICS
-    )
-
-
-def load_results(inputs: Sequence[str | Path]) -> list[dict[str, Any]]:
-    """Per-case rows from results files or folders holding them.
-
-    Accepts ``ldt evaluate``'s ``results.json`` / ``cases.csv`` and a run directory's ``results.json``
-    (with its per-case ``results.csv``). A case (method, subject, DRF) found in several inputs with the
-    same metrics, e.g. the Low-Dose rows of several evaluations, is kept once.
-
-    Raises:
-        UserError: If an input is missing or of an unknown kind, or a case has two different results.
-    """
-    rows: dict[tuple[str, str, int | None], tuple[dict[str, Any], Path]] = {}
-    for item in inputs:
-        for path in _result_files(Path(item)):
-            raw_rows, settings = _raw_rows(path)
-            for raw in raw_rows:
-                row = _case_from_mapping(raw, path, settings)
-                key = (row["method"], row["subject"], row["drf"])
-                if key in rows and not _same_case(rows[key][0], row):
-                    raise UserError(
-                        f"{row['method']} / {row['subject']} / DRF {row['drf']} is in both {rows[key][1]} and "
-                        f"{path} with different results; rename one method (ldt evaluate --method)"
-                    )
-                rows.setdefault(key, (row, path))
-    if not rows:
-        raise UserError(f"no results found in {', '.join(map(str, inputs))}")
-    return [row for row, _ in rows.values()]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -38,9 +38,9 @@ from nibabel.filebasedimages import ImageFileError
 
 from lowdose_toolkit.atomic import atomic_path
 from lowdose_toolkit.errors import DataError
+from lowdose_toolkit.naming import is_nifti
 from lowdose_toolkit.records import SubjectRecord
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 AFFINE_ATOL = 1e-3  # mm; float32 headers of whole-body scans carry ~1e-4 mm of rounding
 _READ_ERRORS = (ImageFileError, OSError, EOFError, ValueError, zlib.error)
@@ -103,11 +103,6 @@ class ImageInfo:
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= 200 else text[:197] + "..."
-
-
-def is_nifti(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` names a NIfTI file by its suffix (``.nii`` or ``.nii.gz``, any case)."""
-    return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
 def _kind(path: Path) -> str:

@@ -20,6 +20,7 @@ import torch
 
 from lowdose_toolkit.atomic import atomic_path
 from lowdose_toolkit.errors import DataError, UserError
+from lowdose_toolkit.naming import nifti_stem
 from lowdose_toolkit.predictor import Predictor
 
 SUMMARY_FIELDS = ("input", "output", "status", "shape", "seconds", "predicted_drf", "drf_probability",
@@ -42,12 +43,6 @@ class Inline:
 
     def __exit__(self, *exc: object) -> None:
         return None
-
-
-def _stem(path: Path) -> str:
-    from lowdose_toolkit.commands.infer import _stem as stem
-
-    return stem(path)
 
 
 def denoise_all(predictor: Predictor, jobs: Sequence[Any], out: Path, console: Any, previews: bool = True,
@@ -77,7 +72,7 @@ def denoise_all(predictor: Predictor, jobs: Sequence[Any], out: Path, console: A
         t0 = time.monotonic()
         save_like(volume, job.source, job.output)
         if mips:
-            save_mips_png(mips, out / "previews" / f"{_stem(job.output)}.png", title=title)
+            save_mips_png(mips, out / "previews" / f"{nifti_stem(job.output)}.png", title=title)
         return time.monotonic() - t0
 
     def denoise(volume: torch.Tensor, affine: Any, norm: Any) -> tuple[torch.Tensor, list[tuple[str, Any]], dict]:
@@ -119,7 +114,7 @@ def denoise_all(predictor: Predictor, jobs: Sequence[Any], out: Path, console: A
                     pred, mips, dose = denoise(volume, affine, norm)
                     del volume
                     row.update(status="ok", shape="x".join(map(str, info.shape)), **dose)
-                    title = _stem(job.source)
+                    title = nifti_stem(job.source)
                     if dose:
                         title += f" - predicted DRF {dose['predicted_drf']} ({dose['drf_probability']:.0%})"
                     if writes:

@@ -46,7 +46,9 @@ from pathlib import Path
 from typing import Any
 
 from lowdose_toolkit.errors import DataError
-from lowdose_toolkit.records import FULL, SubjectRecord, write_manifest
+from lowdose_toolkit.manifest import write_manifest
+from lowdose_toolkit.naming import dose_filename
+from lowdose_toolkit.records import FULL, SubjectRecord
 
 TOOL = "ldt prepare uldp"
 SUV_FORMULA = "SUV = activity[Bq/mL] * weight[g] / decay-corrected dose[Bq]; suv_factor = weight[g] / dose[Bq]"
@@ -322,10 +324,6 @@ def _signature(folder: Path) -> dict[str, int]:
     }
 
 
-def _out_name(dose: int | str) -> str:
-    return "full.nii.gz" if dose == FULL else f"drf_{int(dose):03d}.nii.gz"
-
-
 def _is_inside(child: Path, parent: Path) -> bool:
     return child == parent or child.is_relative_to(parent)
 
@@ -456,7 +454,7 @@ def prepare_uldp(
                     full_info = info
                 else:
                     check_same_geometry(folder, info, sub.doses[FULL], full_info)
-                target = out / sub.subject / _out_name(dose)
+                target = out / sub.subject / dose_filename(dose)
                 save_nifti(tensor, affine, target)
                 written.append(target)
                 del tensor

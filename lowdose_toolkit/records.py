@@ -6,12 +6,11 @@ patch sampling are the same for every source (phantom, nifti, uldp, third-party)
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-FULL = "full"  # the `drf` value of a full-dose row in a manifest
-MANIFEST_COLUMNS = ("subject", "drf", "path")
+FULL = "full"  # the `drf` value of a full-dose row in a manifest (lowdose_toolkit.manifest)
 
 
 @dataclass(frozen=True)
@@ -36,22 +35,10 @@ class SubjectRecord:
         return f"SubjectRecord({self.subject!r}, drfs={sorted(self.low)}, suv_factor={self.suv_factor})"
 
 
-def write_manifest(records: list[SubjectRecord], path: Path) -> None:
-    """Write records as a manifest CSV (`subject,drf,path[,suv_factor]`), paths relative to it."""
-    path = Path(path)
-    root = path.parent.resolve()
-    rows: list[dict[str, str]] = []
-    for rec in records:
-        items = [(FULL, rec.full)] + [(str(d), p) for d, p in sorted(rec.low.items())]
-        for drf, p in items:
-            p = Path(p).resolve()
-            rel = p.relative_to(root) if p.is_relative_to(root) else p
-            row = {"subject": rec.subject, "drf": drf, "path": rel.as_posix()}
-            row["suv_factor"] = "" if rec.suv_factor is None else repr(rec.suv_factor)
-            rows.append(row)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=[*MANIFEST_COLUMNS, "suv_factor"])
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
+def __getattr__(name: str) -> Any:
+    """``write_manifest`` moved to :mod:`lowdose_toolkit.manifest`; the old import keeps working."""
+    if name == "write_manifest":
+        from lowdose_toolkit.manifest import write_manifest
+
+        return write_manifest
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

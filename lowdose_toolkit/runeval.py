@@ -2,17 +2,15 @@
 
 For every test subject and DRF: the model's whole-volume prediction (sliding window) and the
 low-dose input itself (the "Low-Dose" row) are compared with the full-dose reference using the
-challenge's metrics. Rows go to ``results.csv`` (``method, subject, drf, psnr, ssim, nrmse,
-ssim_range, masked``; NRMSE as a fraction) and a per-DRF summary to ``results.json`` / ``results.md``
-in the run directory, or in ``RUN_DIR/body_mask/`` for an evaluation inside a body mask (so the
-whole-volume results, the paper's protocol, are never replaced by masked ones).
+challenge's metrics. Rows and the per-DRF summary go to ``results.json`` (kind ``run``, see
+:mod:`lowdose_toolkit.results`), the rows also to ``results.csv`` (``method, subject, drf, psnr, ssim,
+nrmse, ssim_range, masked``; NRMSE as a fraction) and the summary to ``results.md``, in the run
+directory, or in ``RUN_DIR/body_mask/`` for an evaluation inside a body mask (so the whole-volume
+results, the paper's protocol, are never replaced by masked ones).
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,6 @@ from lowdose_toolkit.atomic import atomic_path
 from lowdose_toolkit.errors import UserError
 
 LOW_DOSE = "Low-Dose"
-COLUMNS = ("method", "subject", "drf", "psnr", "ssim", "nrmse", "ssim_range", "masked")
 MASK_DIR = "body_mask"
 
 
@@ -44,7 +41,9 @@ def print_dose_head(results: Path, console: Any) -> None:
     """Print the dose head's test accuracy and confusion matrix from ``results`` (a results.json), if any."""
     from rich.table import Table
 
-    record = json.loads(Path(results).read_text()).get("dose_head")
+    from lowdose_toolkit.results import read_results
+
+    record = read_results(results).extra.get("dose_head")
     if not record:
         return
     console.print(f"dose head {record['head']}: predicted DRF right for {100 * record['accuracy']:.0f} % of "
@@ -56,16 +55,6 @@ def print_dose_head(results: Path, console: Any) -> None:
     for d, row in zip(record["drfs"], record["confusion"], strict=True):
         table.add_row(str(d), *map(str, row))
     console.print(table)
-
-
-def write_case_rows(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
-    """Per-case rows (``method, subject, drf, psnr, ssim, nrmse``) as CSV, atomically."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(COLUMNS), extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    with atomic_path(path) as tmp:
-        tmp.write_text(buf.getvalue())
 
 
 def by_drf(summary: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -119,6 +108,7 @@ def evaluate_run(
     from lowdose_toolkit.metrics import body_mask, check_ssim_range, compute_all
     from lowdose_toolkit.plugins import get_registry
     from lowdose_toolkit.predictor import Predictor, confusion_matrix
+    from lowdose_toolkit.results import write_results
 
     run_dir = Path(run_dir)
     if checkpoint not in ("best", "last"):
@@ -173,23 +163,20 @@ def evaluate_run(
                 save_like(pred * scale, subject["low"].path, out / "predictions" / f"{sid}_drf_{drf:03d}.nii.gz")
             progress.advance(task)
     summary = by_drf(aggregate(rows))
-    out.mkdir(parents=True, exist_ok=True)
-    write_case_rows(rows, out / "results.csv")
-    settings = {"ssim_range": ssim_range, "mask": mask}
+    settings: dict[str, Any] = {"ssim_range": ssim_range, "mask": mask}
     if mask:
         settings["mask_threshold"] = mask_threshold
-    meta = {"method": method, "checkpoint": str(path), "epoch": ckpt.epoch, "ssim_range": ssim_range,
-            "settings": settings, "test_subjects": sorted(test_ids), "summary": summary}
+    facts: dict[str, Any] = {"method": method, "checkpoint": str(path), "epoch": ckpt.epoch,
+                             "test_subjects": sorted(test_ids)}
     text = f"### {method} on held-out test subjects\n\n" + summary_markdown(summary, settings)
     if dose_true:
         head = model.dose_head
         matrix = confusion_matrix(dose_true, dose_pred, len(drfs))
         accuracy = sum(t == p for t, p in zip(dose_true, dose_pred, strict=True)) / len(dose_true)
-        meta["dose_head"] = {"head": head, "guides": model.guidance is not None, "drfs": drfs,
-                             "accuracy": accuracy, "volumes": len(dose_true), "confusion": matrix}
-        text += "\n" + dose_head_markdown(meta["dose_head"])
-    with atomic_path(out / "results.json") as tmp:
-        tmp.write_text(json.dumps(meta, indent=2))
+        facts["dose_head"] = {"head": head, "guides": model.guidance is not None, "drfs": drfs,
+                              "accuracy": accuracy, "volumes": len(dose_true), "confusion": matrix}
+        text += "\n" + dose_head_markdown(facts["dose_head"])
     with atomic_path(out / "results.md") as tmp:
         tmp.write_text(text)
+    write_results(out, "run", rows, summary, settings, **facts)  # results.json, results.csv
     return summary

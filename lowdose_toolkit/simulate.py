@@ -48,7 +48,6 @@ Example:
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
 import json
@@ -70,8 +69,10 @@ from scipy import ndimage
 from lowdose_toolkit import __version__
 from lowdose_toolkit.atomic import atomic_path
 from lowdose_toolkit.errors import DataError, UserError
+from lowdose_toolkit.manifest import manifest_records, write_manifest
+from lowdose_toolkit.naming import dose_filename, nifti_stem
 from lowdose_toolkit.phantom import LABELS, Phantom, make_phantom
-from lowdose_toolkit.records import FULL, SubjectRecord, write_manifest
+from lowdose_toolkit.records import FULL, SubjectRecord
 
 __all__ = [
     "DEFAULT_DRFS",
@@ -507,10 +508,6 @@ def _subject_id(i: int) -> str:
     return f"phantom_{i:03d}"
 
 
-def _level_name(key: str | int) -> str:
-    return "full" if key == FULL else f"drf_{int(key):03d}"
-
-
 def _simulate_subject(
     i: int, seed: int, drfs: tuple[int, ...], config: SimulationConfig
 ) -> tuple[Phantom, dict[str | int, torch.Tensor], dict]:
@@ -639,8 +636,8 @@ def write_dataset(
                 sid = _subject_id(i)
                 paths: dict[str | int, Path] = {}
                 for key, vol in images.items():
-                    p = tmp / sid / f"{_level_name(key)}.nii.gz"
-                    _save_nifti(vol.numpy(), ph.affine, p, f"ldt phantom {sid} {_level_name(key)}")
+                    p = tmp / sid / dose_filename(key)
+                    _save_nifti(vol.numpy(), ph.affine, p, f"ldt phantom {sid} {nifti_stem(p)}")
                     paths[key] = p
                 _save_nifti(ph.labels.numpy(), ph.affine, tmp / sid / "labels.nii.gz",
                             f"ldt phantom {sid} organ labels", unit="label")
@@ -697,34 +694,16 @@ def _save_nifti(data: np.ndarray, affine: np.ndarray, path: Path, descrip: str, 
 
 
 def read_dataset(folder: Path) -> list[SubjectRecord]:
-    """Subject records of a data set written by :func:`write_dataset` (from its manifest.csv).
+    """Subject records of a data set written by :func:`write_dataset`, from its manifest.csv read strictly.
 
     Raises:
-        DataError: If the manifest is missing or malformed.
+        DataError: If the manifest is missing or malformed, or a file it lists is missing.
     """
     folder = Path(folder)
     manifest = folder / "manifest.csv"
     if not manifest.is_file():
         raise DataError(f"{manifest} not found; write the data set with `ldt simulate --out {folder}`")
-    full: dict[str, Path] = {}
-    low: dict[str, dict[int, Path]] = {}
-    suv: dict[str, float | None] = {}
-    with manifest.open(newline="") as fh:
-        for n, row in enumerate(csv.DictReader(fh), start=2):
-            try:
-                sid, drf, rel = row["subject"], row["drf"], row["path"]
-                path = (folder / rel).resolve()
-                suv[sid] = float(row["suv_factor"]) if row.get("suv_factor") else None
-                if drf == FULL:
-                    full[sid] = path
-                else:
-                    low.setdefault(sid, {})[int(drf)] = path
-            except (KeyError, TypeError, ValueError) as exc:
-                raise DataError(f"{manifest} line {n}: bad row {row} ({exc}); regenerate the data set") from exc
-    missing = sorted(set(low) - set(full))
-    if missing:
-        raise DataError(f"{manifest}: subjects {missing} have no full-dose row; regenerate the data set")
-    return [SubjectRecord(s, full[s], low.get(s, {}), suv_factor=suv[s]) for s in full]
+    return manifest_records(manifest, strict=True, source="phantom")[0]
 
 
 def _report_rows(psnrs: dict[int, list[float]]) -> list[dict]:

@@ -7,7 +7,7 @@ A study file (YAML) names the methods (a recipe each, plus overrides) and the ov
 (Gaussian filter with σ tuned per DRF on the validation split; BM4D when installed), and writes::
 
     OUT/<method>/...            one run directory per method (checkpoints, metrics, results.csv)
-    OUT/classical/results.*     the classical references' per-case rows
+    OUT/classical/results.*     the classical references' per-case rows (lowdose_toolkit.results)
     OUT/table_i.{md,csv}        Table I: methods x DRF, the paper's figures beside ours
     OUT/table_ii.{md,csv}       Table II: ablations at DRF 100
     OUT/results.csv             method, drf, psnr, ssim, nrmse (means over test subjects)
@@ -186,8 +186,10 @@ def evaluate_classical(recipe: Mapping[str, Any], run_dir: Path, study: Mapping[
     from rich.progress import Progress
 
     from lowdose_toolkit.classical import bm4d_denoise, gaussian, tune_gaussian_sigma
+    from lowdose_toolkit.evaluate import aggregate
     from lowdose_toolkit.metrics import compute_all
-    from lowdose_toolkit.runeval import LOW_DOSE, write_case_rows
+    from lowdose_toolkit.results import write_results
+    from lowdose_toolkit.runeval import LOW_DOSE
 
     val = _test_dataset(recipe, run_dir, "val")
     pairs: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -215,13 +217,11 @@ def evaluate_classical(recipe: Mapping[str, Any], run_dir: Path, study: Mapping[
                 outputs.append(("BM4D", bm4d_denoise(low)))
             for name, image in outputs:
                 m = compute_all(full[0], image[0], ssim_range=ssim_range)
-                rows.append({"method": name, "subject": s["subject_id"], "drf": drf,
-                             "psnr": m["psnr"], "ssim": m["ssim"], "nrmse": m["nrmse"]})
+                rows.append({"method": name, "subject": s["subject_id"], "drf": drf, "psnr": m["psnr"],
+                             "ssim": m["ssim"], "nrmse": m["nrmse"], "ssim_range": ssim_range, "masked": False})
             progress.advance(task)
-    write_case_rows(rows, out / "results.csv")
-    with atomic_path(out / "results.json") as tmp:
-        tmp.write_text(json.dumps({"method": "classical", "gaussian_sigma_vox": sigmas,
-                                   "ssim_range": ssim_range, "summary": []}, indent=2))
+    settings = {"ssim_range": ssim_range, "mask": False}
+    write_results(out, "classical", rows, aggregate(rows), settings, gaussian_sigma_vox=sigmas)
 
 
 def make_figure(study: Mapping[str, Any], recipes: Mapping[str, Any], run_dirs: Mapping[str, Path], path: Path,

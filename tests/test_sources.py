@@ -79,7 +79,7 @@ def test_manifest_errors(tmp_path: Path) -> None:
     head = "subject,drf,path\n"
     full, four = "a,full,a/full.nii.gz\n", "a,4,a/drf_004.nii.gz\n"
     cases = {
-        "subject,path\n": r"m\.csv: missing column\(s\) \['drf'\]",
+        "subject,path\n": r"m\.csv: manifest lacks column\(s\) \['drf'\]",
         head + "a,four,x.nii\n": r"m\.csv line 2: drf 'four' is neither a positive integer nor 'full'",
         head + full + full: r"m\.csv line 3: second row for subject 'a' drf full",
         "subject,drf,path,suv_factor\n" + full[:-1] + ",x\n": r"m\.csv line 2: suv_factor 'x' is not a positive number",

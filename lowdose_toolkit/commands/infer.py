@@ -6,14 +6,12 @@ weights fill them, and its normalisation method is applied to each input and inv
 
 from __future__ import annotations
 
-import csv
 import glob
 from dataclasses import dataclass
 from pathlib import Path
 
 from lowdose_toolkit.errors import UserError
-
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
+from lowdose_toolkit.naming import is_nifti, nifti_stem
 
 
 @dataclass(frozen=True)
@@ -24,25 +22,11 @@ class Job:
     output: Path
 
 
-def _is_nifti(path: Path) -> bool:
-    return path.name.endswith(NIFTI_SUFFIXES)
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".nii.gz", ".nii"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 def _from_manifest(path: Path) -> list[Path]:
-    with path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        if not reader.fieldnames or "path" not in reader.fieldnames:
-            raise UserError(f"{path}: a manifest needs a 'path' column (subject,drf,path)")
-        rows = list(reader)
-    return [(path.parent / r["path"]).resolve() for r in rows if str(r.get("drf", "")).lower() != "full"]
+    """The manifest's low-dose volumes (rows whose drf is not ``full``); only its ``path`` column is required."""
+    from lowdose_toolkit.manifest import read_manifest
+
+    return [row.path.resolve() for row in read_manifest(path, require=("path",)) if not row.full]
 
 
 def _has_dicom(folder: Path) -> bool:
@@ -68,13 +52,13 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
             if path.is_file() and path.suffix.lower() == ".csv":
                 found.extend(_from_manifest(path))
             elif path.is_file():
-                if not _is_nifti(path):
+                if not is_nifti(path):
                     raise UserError(f"{path}: not a NIfTI file (.nii/.nii.gz), DICOM folder or manifest CSV")
                 found.append(path.resolve())
             elif _has_dicom(path):
                 found.append(path.resolve())
             else:
-                niftis = sorted(p for p in path.iterdir() if p.is_file() and _is_nifti(p))
+                niftis = sorted(p for p in path.iterdir() if p.is_file() and is_nifti(p))
                 dicoms = sorted(p for p in path.iterdir() if p.is_dir() and _has_dicom(p))
                 if not niftis and not dicoms:
                     raise UserError(f"{path}: the folder holds no NIfTI files or DICOM series")
@@ -94,7 +78,7 @@ def plan_jobs(sources: list[Path], out: Path, overwrite: bool) -> list[Job]:
         folder = source if source.is_dir() else source.parent
         if out == folder or out == source:
             raise UserError(f"--out {out} is an input folder; choose another folder (inputs are never written to)")
-        name = f"{_stem(source)}.nii.gz"
+        name = f"{nifti_stem(source)}.nii.gz"
         if name in names:
             raise UserError(f"{source} and {names[name]} would both be written as {out / name}; "
                             "run them separately or rename one")

@@ -3,7 +3,8 @@
 Three layouts, tried in this order:
 
 (a) A manifest CSV (``subject,drf,path[,suv_factor]``; ``drf`` an integer or ``full``; paths relative
-    to the manifest), given as ``manifest``, as ``root`` itself, or found at ``<root>/manifest.csv``.
+    to the manifest), given as ``manifest``, as ``root`` itself, or found at ``<root>/manifest.csv``;
+    read by :mod:`lowdose_toolkit.manifest`.
 (b) One folder per subject, as ``ldt prepare`` and the phantom simulator write them:
     ``<root>/<subject>/full.nii.gz`` and ``<root>/<subject>/drf_004.nii.gz`` ...
 (c) The challenge's flat naming: ``<root>/<subject>_DRF-100.nii.gz`` (or ``_DRF_100``) with the full
@@ -23,7 +24,6 @@ Example recipe: ``data: {source: nifti, root: data/uldp, low_pattern: "{subject}
 
 from __future__ import annotations
 
-import csv
 import os
 import re
 from collections.abc import Sequence
@@ -31,14 +31,15 @@ from pathlib import Path
 
 from lowdose_toolkit import hookimpl
 from lowdose_toolkit.errors import DataError
-from lowdose_toolkit.records import FULL, MANIFEST_COLUMNS, SubjectRecord
+from lowdose_toolkit.manifest import manifest_records
+from lowdose_toolkit.naming import NIFTI_SUFFIX_RE, is_nifti
+from lowdose_toolkit.records import SubjectRecord
 
 FULL_PATTERNS = ("{subject}/full.nii.gz", "{subject}_NORMAL.nii.gz", "{subject}_FULL.nii.gz")
 LOW_PATTERNS = ("{subject}/drf_{drf:03d}.nii.gz", "{subject}_DRF-{drf}.nii.gz", "{subject}_DRF_{drf}.nii.gz")
 MANIFEST_NAME = "manifest.csv"
 
 _FIELD_RE = re.compile(r"(\{subject\}|\{drf(?::[^}]*)?\}|\*)")
-_NIFTI_END_RE = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
 
 
 class Pattern:
@@ -53,7 +54,7 @@ class Pattern:
             need = "{subject} once and {drf} once" if low else "{subject} once and no {drf}"
             raise DataError(f"{what} {template!r}: a pattern relative to root needs {need}")
         body, end = template, ""
-        match = _NIFTI_END_RE.search(template)
+        match = NIFTI_SUFFIX_RE.search(template)
         if match:
             body, end = template[: match.start()], r"\.nii(?:\.gz)?"
         regex = ""
@@ -101,116 +102,6 @@ def _check_drfs(drfs: Sequence[int] | None) -> list[int] | None:
     return sorted(set(out))
 
 
-# -------------------------------------------------------------------------------------------- manifest
-
-
-def parse_manifest(
-    path: str | os.PathLike[str], drfs: Sequence[int] | None = None
-) -> tuple[list[SubjectRecord], dict[str, str]]:
-    """Read a manifest CSV into records plus per-subject problems.
-
-    Format errors (columns, a bad ``drf`` or ``suv_factor``, a duplicate row) raise
-    :class:`DataError` with the line number. Problems that concern one subject (a missing file, no
-    full-dose row, a requested DRF without a row) are returned as ``{subject: message}``.
-    Paths are relative to the manifest's folder (absolute paths are kept).
-    """
-    path = Path(path)
-    base = path.parent
-    try:
-        with path.open(newline="") as fh:
-            reader = csv.DictReader(fh)
-            columns = [c.strip() for c in reader.fieldnames or []]
-            missing = [c for c in MANIFEST_COLUMNS if c not in columns]
-            if missing:
-                raise DataError(
-                    f"{path}: missing column(s) {missing} (found {columns}); "
-                    "the header must be subject,drf,path[,suv_factor]"
-                )
-            rows = [(reader.line_num, {(k or "").strip(): (v or "").strip() for k, v in row.items()}) for row in reader]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"{path}: unreadable manifest ({exc}); check the file") from exc
-    subjects: dict[str, dict[str, object]] = {}
-    problems: dict[str, str] = {}
-    for line, row in rows:
-        if not any(row.values()):
-            continue
-        subject, drf_text, rel = row["subject"], row["drf"], row["path"]
-        if not subject or not rel:
-            raise DataError(f"{path} line {line}: empty subject or path; fill in subject,drf,path")
-        if drf_text.lower() == FULL:
-            drf: int | str = FULL
-        elif drf_text.isdigit() and int(drf_text) >= 1:
-            drf = int(drf_text)
-        else:
-            raise DataError(f"{path} line {line}: drf {drf_text!r} is neither a positive integer nor 'full'")
-        entry = subjects.setdefault(subject, {"files": {}, "lines": {}, "suv": None, "suv_line": None})
-        files, lines = entry["files"], entry["lines"]
-        assert isinstance(files, dict) and isinstance(lines, dict)
-        if drf in files:
-            raise DataError(
-                f"{path} line {line}: second row for subject {subject!r} drf {drf} "
-                f"(first at line {lines[drf]}); keep one"
-            )
-        files[drf], lines[drf] = (base / rel).absolute() if not Path(rel).is_absolute() else Path(rel), line
-        suv_text = row.get("suv_factor", "")
-        if suv_text:
-            try:
-                suv = float(suv_text)
-            except ValueError:
-                suv = -1.0
-            if not suv > 0 or suv == float("inf"):
-                raise DataError(f"{path} line {line}: suv_factor {suv_text!r} is not a positive number")
-            if entry["suv"] is not None and entry["suv"] != suv:
-                raise DataError(
-                    f"{path} line {line}: suv_factor {suv_text} differs from {entry['suv']} "
-                    f"given for subject {subject!r} at line {entry['suv_line']}; use one value"
-                )
-            entry["suv"], entry["suv_line"] = suv, line
-    if not subjects:
-        raise DataError(f"{path}: lists no subjects; add rows subject,drf,path")
-    records = []
-    for subject, entry in sorted(subjects.items()):
-        files, lines = entry["files"], entry["lines"]
-        assert isinstance(files, dict) and isinstance(lines, dict)
-        found = sorted(d for d in files if d != FULL)
-        wanted = list(drfs) if drfs else found
-        problem = None
-        if FULL not in files:
-            problem = f"{path}: subject {subject!r} has no full-dose row (drf=full); add one"
-        elif not wanted:
-            problem = f"{path}: subject {subject!r} has no low-dose row; add rows with drf 4, 10, ..."
-        else:
-            absent = [d for d in wanted if d not in files]
-            if absent:
-                problem = (
-                    f"{path}: subject {subject!r} has no DRF {absent[0]} row (has DRFs {found}); "
-                    f"add it or drop {absent[0]} from drfs"
-                )
-        if problem is None:
-            for d in [FULL, *wanted]:
-                if not Path(files[d]).exists():
-                    what = "full dose" if d == FULL else f"DRF {d}"
-                    problem = (
-                        f"{files[d]}: file not found ({path} line {lines[d]}, subject {subject!r}, {what}); "
-                        "fix the path"
-                    )
-                    break
-        if problem:
-            problems[subject] = problem
-            continue
-        suv = entry["suv"]
-        records.append(
-            SubjectRecord(
-                subject,
-                Path(files[FULL]),
-                {d: Path(files[d]) for d in wanted},
-                float(suv) if isinstance(suv, float) else None,
-                {"source": "nifti", "manifest": str(path)},
-            )
-        )
-    return records, problems
-
-
 # -------------------------------------------------------------------------------------------- patterns
 
 
@@ -219,7 +110,7 @@ def _nifti_files(root: Path) -> list[str]:
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
-            if not name.startswith(".") and _NIFTI_END_RE.search(name):
+            if not name.startswith(".") and is_nifti(name):
                 rels.append((Path(dirpath) / name).relative_to(root).as_posix())
     return sorted(rels)
 
@@ -364,7 +255,7 @@ class NiftiSource:
             from lowdose_toolkit.io import screen_records
 
             if self.manifest is not None:
-                candidates, problems = parse_manifest(self.manifest, self.drfs)
+                candidates, problems = manifest_records(self.manifest, self.drfs)
             else:
                 candidates, problems = scan_patterns(self.root, self.full_patterns, self.low_patterns, self.drfs)
             self._records = screen_records(
@@ -378,11 +269,8 @@ class NiftiSource:
 
 
 def read_manifest(path: str | os.PathLike[str], drfs: Sequence[int] | None = None) -> list[SubjectRecord]:
-    """Read a manifest CSV strictly: the first problem of any subject raises :class:`DataError`."""
-    records, problems = parse_manifest(path, drfs)
-    if problems:
-        raise DataError(problems[sorted(problems)[0]])
-    return records
+    """Read a manifest CSV strictly (:mod:`lowdose_toolkit.manifest`): any problem raises :class:`DataError`."""
+    return manifest_records(path, drfs, strict=True)[0]
 
 
 @hookimpl
