@@ -10,6 +10,8 @@ import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lowdose_toolkit.atomic import atomic_path
+
 FULL = "full"  # the `drf` value of a full-dose row in a manifest
 MANIFEST_COLUMNS = ("subject", "drf", "path")
 
@@ -37,7 +39,7 @@ class SubjectRecord:
 
 
 def write_manifest(records: list[SubjectRecord], path: Path) -> None:
-    """Write records as a manifest CSV (`subject,drf,path[,suv_factor]`), paths relative to it."""
+    """Write records as a manifest CSV (`subject,drf,path[,suv_factor]`), paths relative to it, atomically."""
     path = Path(path)
     root = path.parent.resolve()
     rows: list[dict[str, str]] = []
@@ -49,9 +51,7 @@ def write_manifest(records: list[SubjectRecord], path: Path) -> None:
             row = {"subject": rec.subject, "drf": drf, "path": rel.as_posix()}
             row["suv_factor"] = "" if rec.suv_factor is None else repr(rec.suv_factor)
             rows.append(row)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as fh:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=[*MANIFEST_COLUMNS, "suv_factor"])
         writer.writeheader()
         writer.writerows(rows)
-    tmp.replace(path)
