@@ -137,7 +137,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise UserError(f"{path}: not a lowdose-toolkit checkpoint ({type(exc).__name__}: {exc})") from None
+        from lowdose_toolkit.safeload import load_failure
+
+        raise UserError(f"{path}: not a lowdose-toolkit checkpoint ({load_failure(exc)})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "recipe" not in ckpt:
         raise UserError(f"{path}: not a lowdose-toolkit checkpoint (format {CHECKPOINT_FORMAT} expected)")
     return ckpt

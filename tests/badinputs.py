@@ -6,10 +6,12 @@ Add an entry for every bug a bad input revealed; the tests that use a list run e
 * ``BAD_DICOM_SERIES``: series folders the DICOM reader refuses (``io.check_dicom_series``).
 * ``BAD_SUV_HEADERS``: geometrically sound PET series whose SUV header cannot be true
   (``prepare.suv_from_dicom``).
+* ``crafted_checkpoint``: a ``.pt`` file that runs code when unpickled without ``weights_only``.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import warnings
 from collections.abc import Callable
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import torch
 from pydicom.uid import generate_uid
 from test_uldp import SPACING, activity, write_series
 
@@ -178,3 +181,24 @@ BAD_SUV_HEADERS: list[BadInput] = [
     BadInput("dose_in_mbq", _header(dose="350"),
              r"RadionuclideTotalDose is '350' Bq, outside the plausible 1e\+06-2e\+10 Bq"),
 ]
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+class _RunsCode:
+    """Unpickled, this creates the folder ``marker``: a stand-in for any code a crafted file could run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self) -> tuple[Callable[[str], None], tuple[str]]:
+        return os.mkdir, (self.marker,)
+
+
+def crafted_checkpoint(path: Path, marker: Path, like: dict | None = None) -> Path:
+    """A checkpoint-shaped ``.pt`` (``like``'s keys, e.g. a real checkpoint's) carrying a code payload."""
+    payload = dict(like or {"format": 1, "recipe": {}})
+    payload["model"] = {"weight": torch.zeros(2), "hook": _RunsCode(marker)}
+    torch.save(payload, path)
+    return path
