@@ -1,20 +1,74 @@
-"""Atomic file writes: write to a temporary file beside the target, then rename over it."""
+"""Atomic file writes: write to a temporary file beside the target, fsync it, then rename over it."""
 
 from __future__ import annotations
 
+import errno
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+# fsync on a directory is refused by some file systems (and by Windows); the rename stays atomic.
+_DIR_FSYNC_UNSUPPORTED = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF, errno.EACCES, errno.EISDIR}
+
+
+def _create_temp(target: Path) -> Path:
+    """Create an empty hidden file beside ``target``, mode ``0o666`` less the umask (as ``open(..., "w")``)."""
+    suffix = "".join(target.suffixes)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp{suffix}")
+        try:
+            os.close(os.open(tmp, flags, 0o666))  # the kernel applies the umask (or a default ACL)
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"{target.parent}: no free temporary name for {target.name} after 100 tries; "
+                          f"remove the stale .{target.name}.*.tmp* files there")
+
+
+def fsync_file(path: str | os.PathLike[str]) -> None:
+    """Flush a file's data and metadata to disk (``fsync``)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Flush a directory's entries (a rename into it) to disk; a no-op where the file system refuses it."""
+    if os.name == "nt":  # pragma: no cover - directories cannot be opened on Windows
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        if exc.errno in _DIR_FSYNC_UNSUPPORTED:
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in _DIR_FSYNC_UNSUPPORTED:
+            raise
+    finally:
+        os.close(fd)
+
 
 @contextmanager
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path in the target's folder; on success rename it to ``target``.
+    """Yield a temporary path in the target's folder; on success fsync it and rename it to ``target``.
 
-    The temporary name keeps the target's suffixes (``.nii.gz`` stays ``.nii.gz``) so writers that
-    look at the extension behave. On error the temporary file is removed and the target is untouched.
+    After a normal exit the target holds the complete new content, durably: the file is fsynced
+    before the rename and its folder after it, so a crash (or power loss) leaves either the old or
+    the new file, never a partial one. On any exception in the block, Ctrl-C included, the temporary
+    file is removed and the target is untouched. The file's mode is ``0o666`` less the process
+    umask, as for a plain ``open(target, "w")`` of a new file (``0o644`` under umask 022).
+
+    The temporary name is hidden (``.<name>.<random>.tmp<suffixes>``) and keeps the target's
+    suffixes (``.nii.gz`` stays ``.nii.gz``) so writers that look at the extension behave. Only a
+    process killed with SIGKILL (or a power loss) inside the block can leave one behind.
 
     Example:
         >>> with atomic_path("out/pred.nii.gz") as tmp:  # doctest: +SKIP
@@ -22,13 +76,15 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(target.suffixes)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp: Path | None = None
+    renamed = False
     try:
+        tmp = _create_temp(target)
         yield tmp
+        fsync_file(tmp)
         os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        renamed = True
+        fsync_dir(target.parent)
+    finally:
+        if tmp is not None and not renamed:
+            tmp.unlink(missing_ok=True)

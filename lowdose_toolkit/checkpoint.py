@@ -19,6 +19,7 @@ import torch
 from lowdose_toolkit.atomic import atomic_path
 from lowdose_toolkit.errors import UserError
 from lowdose_toolkit.normalize import LEGACY_QUANTILE
+from lowdose_toolkit.safeload import load_failure
 
 FORMAT = 1
 #: Keys every checkpoint has (also the oldest of format 1); the rest have defaults.
@@ -102,5 +103,5 @@ def load_checkpoint(path: Path) -> Checkpoint:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise UserError(f"{path}: not a lowdose-toolkit checkpoint ({type(exc).__name__}: {exc})") from None
+        raise UserError(f"{path}: not a lowdose-toolkit checkpoint ({load_failure(exc)})") from None
     return Checkpoint.from_dict(data, str(path))

@@ -43,10 +43,14 @@ from lowdose_toolkit.records import SubjectRecord
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 AFFINE_ATOL = 1e-3  # mm; float32 headers of whole-body scans carry ~1e-4 mm of rounding
+PET_MODALITY = "PT"  # the DICOM Modality of PET images; other series are refused
+SLICE_TOLERANCE = 0.1  # a slice may sit this fraction of the slice spacing off its regular place
+_SERIES_TAGS = ["Modality", "Rows", "Columns", "ImagePositionPatient", "ImageOrientationPatient"]
 _READ_ERRORS = (ImageFileError, OSError, EOFError, ValueError, zlib.error)
 
 __all__ = [
     "ImageInfo",
+    "check_dicom_series",
     "check_same_geometry",
     "checked_info",
     "is_nifti",
@@ -163,11 +167,167 @@ def _dicom_files(folder: Path) -> list[str]:
     if not series:
         raise DataError(f"{folder}: holds no DICOM series; point to a folder of DICOM slice files")
     if len(series) > 1:
+        parts = []
+        for uid in sorted(series):
+            names = sorted(Path(f).name for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
+            parts.append(f"{len(names)} file{'s' if len(names) != 1 else ''} of series {uid} (e.g. {names[0]})")
+        shown = "; ".join(parts[:3]) + (f"; and {len(parts) - 3} more series" if len(parts) > 3 else "")
         raise DataError(
-            f"{folder}: holds {len(series)} DICOM series ({', '.join(sorted(series))}); "
-            "put each series in its own folder"
+            f"{folder}: holds {len(series)} DICOM series mixed in one folder ({shown}); "
+            "put each series (SeriesInstanceUID) in its own folder"
         )
     return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
+
+
+def _numbers(ds: object, keyword: str, count: int, path: Path) -> np.ndarray | None:
+    """A numeric multi-valued DICOM attribute as float64, ``None`` if absent; a DataError if malformed."""
+    try:
+        value = ds.get(keyword)  # type: ignore[attr-defined]
+        if value is None or value == "":
+            return None
+        if isinstance(value, (str, bytes)):
+            items = (value.decode("ascii", "replace") if isinstance(value, bytes) else value).split("\\")
+        elif hasattr(value, "__iter__"):
+            items = list(value)
+        else:
+            items = [value]
+        numbers = np.array([float(v) for v in items], dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):
+        numbers = np.array([])
+    if numbers.shape != (count,) or not np.isfinite(numbers).all():
+        raise DataError(
+            f"{path}: {keyword} is {_raw(ds, keyword)!r}, not {count} numbers; the file is not a valid image "
+            "slice, re-export the series"
+        )
+    return numbers
+
+
+def _raw(ds: object, keyword: str) -> str:
+    """An attribute's value as written, for messages."""
+    try:
+        element = ds[keyword]  # type: ignore[index]
+        value = element.value
+    except Exception:  # noqa: BLE001 - only for a message
+        return ""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        return str(value)
+    return "\\".join(str(v) for v in value)
+
+
+def _slice_spacing(gaps: np.ndarray) -> float:
+    """The regular slice spacing of sorted slice gaps: the gap whose multiples explain the most gaps.
+
+    Each non-zero gap is a candidate; a gap fits a candidate ``c`` when it is ``n * c`` (``n >= 1``)
+    within ``SLICE_TOLERANCE * c``. Most fits wins, then most single-step fits (so 3 mm beats 1.5 mm
+    for gaps of 3 and 6 mm); the median of the remaining candidates is returned (0 if none).
+    """
+    moving = gaps[gaps > 1e-6]
+    if not moving.size:
+        return 0.0
+    candidates = np.unique(moving)
+    ratio = moving[None, :] / candidates[:, None]
+    steps = np.round(ratio)
+    fits = (steps >= 1) & (np.abs(ratio - steps) <= SLICE_TOLERANCE)
+    score = fits.sum(axis=1) * (moving.size + 1) + (fits & (steps == 1)).sum(axis=1)
+    return float(np.median(candidates[score == score.max()]))
+
+
+def check_dicom_series(folder: str | os.PathLike[str]) -> list[str]:
+    """The files of the one PET series in ``folder`` (GDCM's order), after checking it is one whole volume.
+
+    Raises :class:`DataError` (one line naming the folder or file, the value and the fix) for: no
+    series or several series (SeriesInstanceUIDs) in the folder; a file whose ``Modality`` is not
+    ``PT``; slices of different sizes or orientations; a missing or malformed
+    ``ImagePositionPatient``; and, from the positions along the slice normal, duplicate slices
+    (closer than ``SLICE_TOLERANCE`` of the spacing), missing slices (a gap of about twice the
+    spacing or more) and otherwise irregular spacing. A slice missing at either end of a series
+    cannot be seen. A one-file series (multi-frame) is checked for its modality only.
+    """
+    import pydicom
+
+    folder = Path(folder)
+    files = _dicom_files(folder)
+    headers = []
+    for name in files:
+        path = Path(name)
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=_SERIES_TAGS)
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many types for a damaged header
+            raise DataError(f"{path}: unreadable DICOM header ({_one_line(exc)}); re-export the series") from exc
+        headers.append((path, ds))
+
+    modalities = [(path, str(ds.get("Modality", "") or "").strip().upper()) for path, ds in headers]
+    others = [(path, m) for path, m in modalities if m != PET_MODALITY]
+    if others:
+        path, modality = others[0]
+        what = f"Modality {modality!r}" if modality else "no Modality"
+        raise DataError(
+            f"{path}: {what} where PET ('{PET_MODALITY}') is expected ({len(others)} of {len(headers)} files "
+            f"in {folder}); point to the PET series' folder"
+        )
+    if len(headers) < 2:
+        return files
+
+    sizes = {(int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)) for _, ds in headers}
+    if len(sizes) > 1:
+        shown = ", ".join(f"{r}x{c}" for r, c in sorted(sizes))
+        raise DataError(f"{folder}: slices of different sizes ({shown} rows x columns); "
+                        "the folder mixes images, keep one series per folder")
+    positions, orientation = [], None
+    for path, ds in headers:
+        iop = _numbers(ds, "ImageOrientationPatient", 6, path)
+        ipp = _numbers(ds, "ImagePositionPatient", 3, path)
+        if iop is None or ipp is None:
+            missing = "ImageOrientationPatient" if iop is None else "ImagePositionPatient"
+            raise DataError(f"{path}: no {missing}, so the slice cannot be placed; re-export the series "
+                            "with its geometry, or move the file out of the folder")
+        if orientation is None:
+            orientation = iop
+        elif np.abs(iop - orientation).max() > 1e-4:
+            raise DataError(
+                f"{path}: ImageOrientationPatient {_fmt(iop)} differs from {headers[0][0].name}'s "
+                f"{_fmt(orientation)}; the folder mixes differently oriented slices, keep one series per folder"
+            )
+        positions.append(ipp)
+    normal = np.cross(orientation[:3], orientation[3:])
+    if np.linalg.norm(normal) < 1e-6:
+        raise DataError(f"{headers[0][0]}: ImageOrientationPatient {_fmt(orientation)} has parallel row and "
+                        "column directions; re-export the series")
+    normal /= np.linalg.norm(normal)
+    along = np.array([float(p @ normal) for p in positions])
+    order = np.argsort(along, kind="stable")
+    z = along[order]
+    names = [headers[i][0].name for i in order]
+    gaps = np.diff(z)
+    spacing = _slice_spacing(gaps)
+    steps = np.round(gaps / spacing) if spacing > 0 else np.zeros_like(gaps)
+    regular = np.abs(gaps / spacing - steps) <= SLICE_TOLERANCE if spacing > 0 else gaps > 0
+    dup = [i for i, g in enumerate(gaps) if g <= SLICE_TOLERANCE * spacing]
+    if dup:
+        i = dup[0]
+        raise DataError(
+            f"{folder}: duplicate slices: {names[i]} and {names[i + 1]} are both at {z[i]:.3f} mm along the "
+            f"slice normal ({len(dup)} duplicate{'s' if len(dup) != 1 else ''} among {len(z)} files); remove "
+            "the extra files or re-export the series"
+        )
+    holes = [i for i in range(len(gaps)) if regular[i] and steps[i] >= 2]
+    if holes:
+        i, n_missing = holes[0], int(sum(steps[j] - 1 for j in holes))
+        more = f", and {len(holes) - 1} more gap{'s' if len(holes) > 2 else ''}" if len(holes) > 1 else ""
+        raise DataError(
+            f"{folder}: {n_missing} missing slice{'s' if n_missing != 1 else ''}: {names[i]} ({z[i]:.3f} mm) and "
+            f"{names[i + 1]} ({z[i + 1]:.3f} mm along the slice normal) are {gaps[i]:.4g} mm apart where slices "
+            f"are {spacing:.4g} mm apart{more}; add the missing files or re-export the complete series"
+        )
+    odd = [i for i in range(len(gaps)) if not regular[i]]
+    if odd:
+        i = odd[0]
+        raise DataError(
+            f"{folder}: irregular slice spacing: {names[i]} and {names[i + 1]} are {gaps[i]:.4g} mm apart along "
+            f"the slice normal where the other slices are {spacing:.4g} mm apart; re-export the series on a "
+            "regular grid"
+        )
+    return files
 
 
 def read_dicom_series(path: str | os.PathLike[str]) -> tuple[torch.Tensor, np.ndarray]:
@@ -175,12 +335,13 @@ def read_dicom_series(path: str | os.PathLike[str]) -> tuple[torch.Tensor, np.nd
 
     Rescale slope/intercept are applied per slice (float32 output), so values are in the series'
     units (Bq/mL for PET with ``Units = BQML``). ``I`` runs along a row (columns), ``J`` down a
-    column (rows), ``K`` along the slice normal.
+    column (rows), ``K`` along the slice normal. The series is checked first (:func:`check_dicom_series`:
+    one PET series, no duplicate or missing slices).
     """
     import SimpleITK as sitk
 
     folder = Path(path)
-    files = _dicom_files(folder)
+    files = check_dicom_series(folder)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.SetOutputPixelType(sitk.sitkFloat32)

@@ -29,7 +29,11 @@ The injected dose (``RadionuclideTotalDose``) is measured at the injection time
 * ``NONE``: the dose is decayed to ``AcquisitionDate/Time``.
 
 Only ``Units = BQML`` images get a factor; otherwise (or with a header field missing) the factor is
-empty and ``prepare.json`` says why.
+empty and ``prepare.json`` says why. A header whose values cannot be true is an error for its subject
+(``--skip-bad`` leaves it out, ``--no-suv`` converts without factors): an unparseable or zero date or
+time, an injection after the scan start or more than ``MAX_DECAY_HALF_LIVES`` (5) half-lives before it,
+a weight outside ``WEIGHT_RANGE_KG`` (0.01-500 kg), a dose outside ``DOSE_RANGE_BQ`` (1 MBq-20 GBq) or a
+half-life outside ``HALF_LIFE_RANGE_S``.
 """
 
 from __future__ import annotations
@@ -54,6 +58,16 @@ TOOL = "ldt prepare uldp"
 SUV_FORMULA = "SUV = activity[Bq/mL] * weight[g] / decay-corrected dose[Bq]; suv_factor = weight[g] / dose[Bq]"
 DOSE_FOLDER_HINT = "'Full_dose', '1-4 dose', '... DRF_4', '... normal'"
 LOW_HINT = "folders named like '1-4 dose' or '... DRF_4'"
+
+# SUV plausibility: a header outside these bounds is an error for its series (each bound catches a unit slip).
+MAX_DECAY_HALF_LIVES = 5.0  # scan start at most 5 half-lives after injection (F-18: 9.1 h; dose decayed to 1/32)
+WEIGHT_RANGE_KG = (0.01, 500.0)  # a mouse to the heaviest patient; grams written as kg fall above
+DOSE_RANGE_BQ = (1e6, 2e10)  # 1 MBq to 20 GBq; MBq, kBq or mCi written as Bq fall below
+HALF_LIFE_RANGE_S = (60.0, 1e8)  # Rb-82 (76 s) to Ge-68 (271 days); hours written as s fall below
+SUV_FIX = (
+    "correct the DICOM header, or convert without SUV factors "
+    "(`ldt prepare uldp --no-suv`; `suv: false` for the uldp source)"
+)
 
 _DRF_RE = re.compile(r"drf[\s_-]*0*(\d+)", re.IGNORECASE)
 _QUADRA_RE = re.compile(r"(?<!\d)1\s*[-_/]\s*0*(\d+)\s*[-_]?\s*dose", re.IGNORECASE)
@@ -172,13 +186,19 @@ def find_uldp_subjects(root: str | os.PathLike[str]) -> list[UldpSubject]:
 
 
 def _parse_date(value: object) -> datetime | None:
+    """A DICOM date (``YYYYMMDD``, dots or dashes allowed), or ``None`` if it is no calendar date from 1900 on."""
     text = str(value or "").strip().replace(".", "").replace("-", "")
     if len(text) < 8 or not text[:8].isdigit():
         return None
-    return datetime(int(text[:4]), int(text[4:6]), int(text[6:8]))
+    try:
+        date = datetime(int(text[:4]), int(text[4:6]), int(text[6:8]))
+    except ValueError:  # 00000000, month 13, day 32 ...
+        return None
+    return date if date.year >= 1900 else None
 
 
 def _parse_time(value: object) -> timedelta | None:
+    """A DICOM time (``HH[MM[SS[.ffffff]]]``, colons allowed), or ``None`` if it is not a time of day."""
     text = str(value or "").strip().replace(":", "")
     if not text:
         return None
@@ -186,8 +206,11 @@ def _parse_time(value: object) -> timedelta | None:
     if not main.isdigit() or len(main) not in (2, 4, 6):
         return None
     main = main.ljust(6, "0")
+    hours, minutes, seconds = int(main[:2]), int(main[2:4]), int(main[4:6])
+    if hours > 23 or minutes > 59 or seconds > 60:  # 60: a leap second
+        return None
     micro = int((frac + "000000")[:6]) if frac.isdigit() else 0
-    return timedelta(hours=int(main[:2]), minutes=int(main[2:4]), seconds=int(main[4:6]), microseconds=micro)
+    return timedelta(hours=hours, minutes=minutes, seconds=seconds, microseconds=micro)
 
 
 def _parse_datetime(value: object) -> datetime | None:
@@ -208,8 +231,77 @@ def _first_dicom(folder: Path):
     return None, None
 
 
+def _text(ds: Any, keyword: str) -> str:
+    """An attribute's value as written (``""`` when absent or empty), even one pydicom cannot convert."""
+    try:
+        return str(ds.get(keyword) or "").strip()
+    except Exception:  # noqa: BLE001 - pydicom raises converting a malformed value (e.g. DS 'abc')
+        from pydicom.datadict import tag_for_keyword
+
+        try:
+            raw = ds.get_item(tag_for_keyword(keyword)).value
+        except Exception:  # noqa: BLE001
+            return "?"
+        return (raw.decode("ascii", "replace") if isinstance(raw, bytes) else str(raw)).strip()
+
+
+def _duration(seconds: float) -> str:
+    seconds = abs(seconds)
+    if seconds >= 2 * 86400:
+        return f"{seconds / 86400:.1f} days"
+    if seconds >= 2 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.0f} min"
+
+
+class _Header:
+    """Date, time and number attributes of one file: ``None`` when absent, a DataError when malformed."""
+
+    def __init__(self, path: Path, ds: Any) -> None:
+        self.path, self.ds = path, ds
+
+    def bad(self, what: str) -> DataError:
+        return DataError(f"{self.path}: {what}; {SUV_FIX}")
+
+    def parsed(self, ds: Any, keyword: str, parse: Callable[[str], Any], kind: str) -> Any:
+        raw = _text(ds, keyword)
+        if not raw:
+            return None
+        value = parse(raw)
+        if value is None:
+            raise self.bad(f"{keyword} is {raw!r}, not a valid {kind}")
+        return value
+
+    def number(self, ds: Any, keyword: str, unit: str, bounds: tuple[float, float], hint: str) -> float | None:
+        """A positive number within ``bounds``; ``None`` when absent or 0 (unknown, not an error)."""
+        raw = _text(ds, keyword)
+        value = _float(raw)
+        if not raw or value == 0:
+            return None
+        if value is None or not math.isfinite(value):
+            raise self.bad(f"{keyword} is {raw!r}, not a number ({unit})")
+        if not bounds[0] <= value <= bounds[1]:
+            raise self.bad(
+                f"{keyword} is {raw!r} {unit}, outside the plausible {bounds[0]:g}-{bounds[1]:g} {unit}{hint}"
+            )
+        return value
+
+    def when(self, date_tag: str, time_tag: str) -> datetime | None:
+        date = self.parsed(self.ds, date_tag, _parse_date, "date (YYYYMMDD)")
+        if date is None:
+            date = self.parsed(self.ds, "StudyDate", _parse_date, "date (YYYYMMDD)")
+        time = self.parsed(self.ds, time_tag, _parse_time, "time (HHMMSS)")
+        return date + time if date is not None and time is not None else None
+
+
 def suv_from_dicom(folder: str | os.PathLike[str]) -> dict[str, Any]:
     """Body-weight SUV factor of a PET series from its first file's header.
+
+    A header that lacks what SUV needs (``Units`` other than ``BQML``, no weight, dose, half-life
+    or times) gives no factor, with a ``reason``. A header whose values cannot be true raises
+    :class:`DataError` naming the file, the value and the fix: an unparseable or zero date or time,
+    an injection after the scan start, a scan more than ``MAX_DECAY_HALF_LIVES`` half-lives after
+    the injection, a weight outside ``WEIGHT_RANGE_KG`` or a dose outside ``DOSE_RANGE_BQ``.
 
     Returns:
         A provenance dict: ``factor`` (g/Bq, or ``None`` with a ``reason``) and the inputs used
@@ -220,39 +312,47 @@ def suv_from_dicom(folder: str | os.PathLike[str]) -> dict[str, Any]:
         import pydicom  # noqa: F401
     except ImportError:
         return {"factor": None, "reason": "pydicom is not installed (pip install pydicom)"}
-    path, ds = _first_dicom(folder)
-    if ds is None:
-        return {"factor": None, "reason": f"no readable DICOM file in {folder}"}
+    with warnings.catch_warnings():  # pydicom's "Invalid value for VR DA" lines: our error says more
+        warnings.simplefilter("ignore", UserWarning)
+        path, ds = _first_dicom(folder)
+        if ds is None:
+            return {"factor": None, "reason": f"no readable DICOM file in {folder}"}
+        return _suv(path, ds)
+
+
+def _suv(path: Path, ds: Any) -> dict[str, Any]:
     info: dict[str, Any] = {"factor": None, "file": path.name}
+    header = _Header(path, ds)
 
     def fail(reason: str) -> dict[str, Any]:
         info["reason"] = reason
         return info
 
-    units = str(ds.get("Units", "")).upper()
+    units = _text(ds, "Units").upper()
     info["units"] = units
     if units != "BQML":
         return fail(f"Units is {units or 'missing'!r}, not BQML")
-    weight = _float(ds.get("PatientWeight"))
+    weight = header.number(ds, "PatientWeight", "kg", WEIGHT_RANGE_KG, " (grams written as kilograms?)")
     info["weight_kg"] = weight
-    if not weight or weight <= 0:
+    if weight is None:
         return fail("PatientWeight is missing or 0")
     seq = ds.get("RadiopharmaceuticalInformationSequence")
     if not seq:
         return fail("RadiopharmaceuticalInformationSequence is missing")
     rph = seq[0]
-    dose, half_life = _float(rph.get("RadionuclideTotalDose")), _float(rph.get("RadionuclideHalfLife"))
+    dose = header.number(rph, "RadionuclideTotalDose", "Bq", DOSE_RANGE_BQ, " (MBq or mCi written as Bq?)")
+    half_life = header.number(rph, "RadionuclideHalfLife", "s", HALF_LIFE_RANGE_S, "")
     info.update(injected_dose_bq=dose, half_life_s=half_life)
-    if not dose or dose <= 0 or not half_life or half_life <= 0:
+    if dose is None or half_life is None:
         return fail("RadionuclideTotalDose or RadionuclideHalfLife is missing or 0")
-    decay = str(ds.get("DecayCorrection", "") or "START").upper()
+    decay = (_text(ds, "DecayCorrection") or "START").upper()
     info["decay_correction"] = decay if "DecayCorrection" in ds else "START (assumed: tag missing)"
     if decay == "ADMIN":
         decayed = dose
         info["elapsed_s"] = 0.0
     else:
-        series_dt = _dt(ds, "SeriesDate", "SeriesTime")
-        acq_dt = _dt(ds, "AcquisitionDate", "AcquisitionTime")
+        series_dt = header.when("SeriesDate", "SeriesTime")
+        acq_dt = header.when("AcquisitionDate", "AcquisitionTime")
         if decay == "NONE":
             scan, scan_source = acq_dt, "AcquisitionDate/Time"
         elif series_dt is not None and (acq_dt is None or series_dt <= acq_dt):
@@ -261,17 +361,17 @@ def suv_from_dicom(folder: str | os.PathLike[str]) -> dict[str, Any]:
             scan, scan_source = acq_dt, "AcquisitionDate/Time"
         if scan is None:
             return fail("SeriesTime and AcquisitionTime are missing")
-        inj = _parse_datetime(rph.get("RadiopharmaceuticalStartDateTime"))
+        inj = header.parsed(rph, "RadiopharmaceuticalStartDateTime", _parse_datetime, "date and time")
         inj_source = "RadiopharmaceuticalStartDateTime"
         if inj is None:
-            t = _parse_time(rph.get("RadiopharmaceuticalStartTime"))
+            t = header.parsed(rph, "RadiopharmaceuticalStartTime", _parse_time, "time (HHMMSS)")
             if t is None:
                 return fail("RadiopharmaceuticalStartTime is missing")
             inj = datetime(scan.year, scan.month, scan.day) + t
-            inj_source = "RadiopharmaceuticalStartTime (date of scan)"
+            inj_source = "RadiopharmaceuticalStartTime on the scan's date"
             if inj > scan:  # injected the day before the scan
                 inj -= timedelta(days=1)
-                inj_source += ", previous day"
+                inj_source = "RadiopharmaceuticalStartTime, taken as the day before the scan (later than its time)"
         elapsed = (scan - inj).total_seconds()
         info.update(
             injection_time=inj.isoformat(),
@@ -280,8 +380,15 @@ def suv_from_dicom(folder: str | os.PathLike[str]) -> dict[str, Any]:
             scan_time_source=scan_source,
             elapsed_s=elapsed,
         )
+        when = f"the injection ({inj.isoformat()}, from {inj_source})"
+        start = f"the scan start ({scan.isoformat()}, from {scan_source})"
         if elapsed < 0:
-            return fail(f"injection time {inj.isoformat()} is after the scan start {scan.isoformat()}")
+            raise header.bad(f"{when} is {_duration(elapsed)} after {start}")
+        if elapsed > MAX_DECAY_HALF_LIVES * half_life:
+            raise header.bad(
+                f"{when} is {_duration(elapsed)} before {start}: {elapsed / half_life:.3g} half-lives of "
+                f"{half_life:g} s, more than the {MAX_DECAY_HALF_LIVES:g} a PET scan allows"
+            )
         decayed = dose * math.pow(2.0, -elapsed / half_life)
     info["decayed_dose_bq"] = decayed
     info["factor"] = weight * 1000.0 / decayed
@@ -293,13 +400,6 @@ def _float(value: object) -> float | None:
         return float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return None
-
-
-def _dt(ds: Any, date_tag: str, time_tag: str) -> datetime | None:
-    date, time = _parse_date(ds.get(date_tag)), _parse_time(ds.get(time_tag))
-    if date is None:
-        date = _parse_date(ds.get("StudyDate"))
-    return date + time if date is not None and time is not None else None
 
 
 def _series_uid(folder: Path) -> str | None:
@@ -358,13 +458,16 @@ def prepare_uldp(
     *,
     drfs: Sequence[int] | None = None,
     skip_bad: bool = False,
+    suv: bool = True,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> Path:
     """Convert the challenge's DICOM release to the ``nifti`` source's layout, once.
 
-    Every series is read (rescale slope/intercept applied, float32), checked (NaN/Inf, empty, low-
-    and full-dose on the same grid) and written as ``OUT/<subject>/full.nii.gz`` and
-    ``drf_XXX.nii.gz`` with its RAS affine; ``OUT/manifest.csv`` gets each subject's SUV factor.
+    Every series is checked (one PET series per folder, no missing or duplicate slices: see
+    :func:`lowdose_toolkit.io.check_dicom_series`), read (rescale slope/intercept applied, float32),
+    checked again (NaN/Inf, empty, low- and full-dose on the same grid) and written as
+    ``OUT/<subject>/full.nii.gz`` and ``drf_XXX.nii.gz`` with its RAS affine; ``OUT/manifest.csv``
+    gets each subject's SUV factor, whose header must be plausible (:func:`suv_from_dicom`).
     ``OUT`` must be new, empty, or an earlier output of this command from the same ``SRC``: then
     subjects whose source series are unchanged are kept and the rest converted (resume).
 
@@ -372,7 +475,9 @@ def prepare_uldp(
         src: The release folder (one folder per subject).
         out: Output folder; never inside ``src``.
         drfs: DRFs to convert (default: every dose found).
-        skip_bad: Leave out a bad subject with a warning instead of stopping.
+        skip_bad: Leave out a bad subject (any problem with any of its series) with a warning
+            instead of stopping.
+        suv: Compute SUV factors; ``False`` leaves them empty (and the headers' dates unread).
         progress: Called as ``progress(subject, index, total)`` before each subject.
 
     Returns:
@@ -397,6 +502,7 @@ def prepare_uldp(
         "version": __version__,
         "source": str(src),
         "drfs": sorted(drfs) if drfs else None,
+        "suv": suv,
         "status": "incomplete",
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "suv_formula": SUV_FORMULA,
@@ -435,6 +541,7 @@ def prepare_uldp(
         if (
             old
             and old.get("signature") == signature
+            and old.get("suv_computed", True) == suv
             and all((out / f["output"]).is_file() for f in old.get("files", {}).values())
         ):
             state["subjects"][sub.subject] = old
@@ -444,6 +551,9 @@ def prepare_uldp(
         entry: dict[str, Any] = {"folder": str(sub.folder), "style": sub.style, "signature": signature}
         files: dict[str, Any] = {}
         try:
+            # The header first: a subject whose SUV header cannot be true is refused before any reading.
+            entry["suv"] = suv_from_dicom(sub.doses[FULL]) if suv else {"factor": None, "reason": "--no-suv"}
+            entry["suv_computed"] = suv
             full_info: ImageInfo | None = None
             for dose in doses:
                 folder = sub.doses[dose]
@@ -471,7 +581,6 @@ def prepare_uldp(
             bad(sub.subject, str(exc))
             continue
         entry["files"] = files
-        entry["suv"] = suv_from_dicom(sub.doses[FULL])
         entry["suv_factor"] = entry["suv"]["factor"]
         state["subjects"][sub.subject] = entry
         persist()

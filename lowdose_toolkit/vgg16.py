@@ -161,8 +161,9 @@ def load_vgg16_features(path: str | os.PathLike[str]) -> VGG16Features:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any failure means "not a usable weights file"
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"VGG16 weights file {path} cannot be read by torch.load ({reason}); {hint}") from e
+        from lowdose_toolkit.safeload import load_failure
+
+        raise UserError(f"VGG16 weights file {path} cannot be read by torch.load ({load_failure(e)}); {hint}") from e
     if not isinstance(state, dict):
         raise UserError(f"VGG16 weights file {path} holds a {type(state).__name__}, not a state dict; {hint}")
     net = VGG16Features()

@@ -110,6 +110,25 @@ def test_dicom_series_input(trained: tuple[Path, Path], tmp_path: Path) -> None:
     np.testing.assert_allclose(pred.affine, affine, atol=1e-4)
 
 
+def test_bad_dicom_series_fail_alone(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    """A series with a duplicate slice and a CT series are one failed row each; the good series is written."""
+    from badinputs import BAD_DICOM_SERIES, good_series
+
+    run, _ = trained
+    cases = {c.name: c for c in BAD_DICOM_SERIES}
+    scans = tmp_path / "scans"
+    good_series(scans / "a_good")
+    cases["duplicate_slice"].make(scans / "b_duplicate")
+    cases["ct_series"].make(scans / "c_ct")
+    out = tmp_path / "out"
+    assert main(["infer", str(run), str(scans), "--out", str(out)]) == 1  # some input failed
+    rows = {Path(r["input"]).name: r for r in csv.DictReader((out / "summary.csv").open())}
+    assert [rows[n]["status"] for n in ("a_good", "b_duplicate", "c_ct")] == ["ok", "failed", "failed"]
+    assert "duplicate slices:" in rows["b_duplicate"]["error"] and "\n" not in rows["b_duplicate"]["error"]
+    assert "Modality 'CT' where PET ('PT') is expected" in rows["c_ct"]["error"]
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["a_good.nii.gz"]
+
+
 def test_checkpoint_naming_a_missing_plugin(trained: tuple[Path, Path], tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     import torch

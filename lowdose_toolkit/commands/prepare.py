@@ -30,11 +30,14 @@ def uldp(
     out: Path = typer.Argument(..., help="New or empty output folder, or an earlier output of this command (resume)."),
     drfs: str = typer.Option("", "--drfs", help="Comma-separated DRFs to convert, e.g. 4,10,20 (default: all)."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave out bad subjects with a warning; don't stop."),
+    no_suv: bool = typer.Option(False, "--no-suv", help="Leave SUV factors out (headers with unusable dates/doses)."),
 ) -> None:
     """Convert the Ultra-Low-Dose PET challenge's DICOM folders (Quadra or uEXPLORER) to NIfTI.
 
     Writes OUT/<subject>/full.nii.gz and drf_XXX.nii.gz (float32, Bq/mL, RAS affine),
     OUT/manifest.csv with each subject's SUV factor, and OUT/prepare.json with the provenance.
+    A series that is not one complete PET volume, or whose SUV header cannot be true, stops the
+    conversion with one line naming it (--skip-bad leaves its subject out instead).
     """
     import json
     import warnings
@@ -66,7 +69,7 @@ def uldp(
         def progress(subject: str, index: int, total: int) -> None:
             bar.update(task, completed=index, total=total, description=f"converting {escape(subject)}")
 
-        manifest = prepare_uldp(src, out, drfs=wanted, skip_bad=skip_bad, progress=progress)
+        manifest = prepare_uldp(src, out, drfs=wanted, skip_bad=skip_bad, suv=not no_suv, progress=progress)
     record = json.loads((manifest.parent / "prepare.json").read_text())
     n, skipped = len(record["subjects"]), len(record["skipped"])
     tail = f", {skipped} skipped" if skipped else ""

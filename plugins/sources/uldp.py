@@ -24,8 +24,11 @@ class UldpSource:
         root: Release folder: one folder per subject, each holding one folder per dose.
         drfs: DRFs the recipe trains on (passed by the engine); ``None`` takes every DRF found.
         skip_bad: Leave out a bad subject with one warning line instead of stopping.
-        validate: Read every series once before training (NaN/Inf, empty, low/full grid); cached.
-        suv: Compute each subject's SUV factor from the full-dose DICOM header (needs pydicom).
+        validate: Read every series once before training (one PET series per folder, no missing or
+            duplicate slices, NaN/Inf, empty, low/full grid); cached.
+        suv: Compute each subject's SUV factor from the full-dose DICOM header (needs pydicom); a
+            header whose dates, dose or weight cannot be true makes the subject bad. ``False``
+            leaves SUV out.
 
     Example:
         >>> UldpSource("ULDP/Quadra", drfs=[4, 10, 20, 50, 100]).records()[:1]  # doctest: +SKIP
@@ -70,7 +73,11 @@ class UldpSource:
                         f"{sub.folder}: subject {sub.subject!r} has no low-dose series; expected {LOW_HINT}"
                     )
                     continue
-                suv = suv_from_dicom(sub.doses[FULL]) if self.suv else {"factor": None}
+                try:
+                    suv = suv_from_dicom(sub.doses[FULL]) if self.suv else {"factor": None}
+                except DataError as exc:  # a header that cannot be true: this subject is bad
+                    problems[sub.subject] = str(exc)
+                    continue
                 meta = {"source": "uldp", "style": sub.style, "folder": str(sub.folder)}
                 if suv.get("reason"):
                     meta["suv"] = str(suv["reason"])

@@ -1,0 +1,204 @@
+"""A corpus of bad inputs, shared by the tests: each entry writes one bad input and says what its error must say.
+
+Add an entry for every bug a bad input revealed; the tests that use a list run every entry in it
+(tests/test_badinputs.py for DICOM). Makers write under the folder they are given and return it.
+
+* ``BAD_DICOM_SERIES``: series folders the DICOM reader refuses (``io.check_dicom_series``).
+* ``BAD_SUV_HEADERS``: geometrically sound PET series whose SUV header cannot be true
+  (``prepare.suv_from_dicom``).
+* ``crafted_checkpoint``: a ``.pt`` file that runs code when unpickled without ``weights_only``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import torch
+from pydicom.uid import generate_uid
+from test_uldp import SPACING, activity, write_series
+
+
+@dataclass(frozen=True)
+class BadInput:
+    """One bad input: ``make(folder)`` writes it and returns its path; its error matches ``error`` (regex)."""
+
+    name: str
+    make: Callable[[Path], Path]
+    error: str
+
+    def __repr__(self) -> str:  # the test id
+        return self.name
+
+
+# ------------------------------------------------------------------------------------------ DICOM
+
+
+def edit_series(folder: Path, change: Callable[[pydicom.Dataset, int], None]) -> Path:
+    """Rewrite every file of a series after ``change(dataset, slice_index)`` (index along the normal)."""
+    for path in sorted(folder.iterdir()):
+        ds = pydicom.dcmread(path)
+        change(ds, int(ds.InstanceNumber) - 1)
+        ds.save_as(path, enforce_file_format=True)
+    return folder
+
+
+def file_of_slice(folder: Path, k: int) -> Path:
+    """The file holding slice ``k`` (write_series names files in reverse slice order)."""
+    for path in sorted(folder.iterdir()):
+        if int(pydicom.dcmread(path, stop_before_pixels=True).InstanceNumber) == k + 1:
+            return path
+    raise FileNotFoundError(f"{folder}: no slice {k}")
+
+
+def good_series(folder: Path, seed: int = 1, **tags: str) -> Path:
+    """A sound 4-slice PET series (Bq/mL, plausible SUV header); ``tags`` override write_series' header."""
+    write_series(folder, activity(seed), tags or None)
+    return folder
+
+
+def _modality(value: str | None) -> Callable[[Path], Path]:
+    def make(folder: Path) -> Path:
+        def change(ds: pydicom.Dataset, k: int) -> None:
+            if value is None:
+                del ds.Modality
+            else:
+                ds.Modality = value
+
+        return edit_series(good_series(folder), change)
+
+    return make
+
+
+def _missing_slice(folder: Path) -> Path:
+    good_series(folder)
+    file_of_slice(folder, 1).unlink()  # slices 0, 2, 3 left: a 6 mm gap where slices are 3 mm apart
+    return folder
+
+
+def _duplicate_slice(folder: Path) -> Path:
+    good_series(folder)
+    ds = pydicom.dcmread(file_of_slice(folder, 2))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()  # a second export of slice 2
+    ds.save_as(folder / "copy_of_slice_2.dcm", enforce_file_format=True)
+    return folder
+
+
+def _irregular_spacing(folder: Path) -> Path:
+    good_series(folder)
+    path = file_of_slice(folder, 2)
+    ds = pydicom.dcmread(path)
+    iop = [float(v) for v in ds.ImageOrientationPatient]
+    position = np.add([float(v) for v in ds.ImagePositionPatient], np.cross(iop[:3], iop[3:]) * 1.2)
+    ds.ImagePositionPatient = [f"{v:.6f}" for v in position]
+    ds.save_as(path, enforce_file_format=True)  # 1.2 mm off its place: gaps of 4.2 and 1.8 mm
+    return folder
+
+
+def _mixed_series(folder: Path) -> Path:
+    good_series(folder)
+    other = good_series(folder.with_name(folder.name + "_other"), seed=7)
+    for path in sorted(other.iterdir()):
+        shutil.move(path, folder / f"B{path.name}")
+    other.rmdir()
+    return folder
+
+
+def _mixed_orientation(folder: Path) -> Path:
+    good_series(folder)
+    path = file_of_slice(folder, 1)
+    ds = pydicom.dcmread(path)
+    ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
+    ds.save_as(path, enforce_file_format=True)
+    return folder
+
+
+def _no_position(folder: Path) -> Path:
+    good_series(folder)
+    path = file_of_slice(folder, 3)
+    ds = pydicom.dcmread(path)
+    del ds.ImagePositionPatient
+    ds.save_as(path, enforce_file_format=True)
+    return folder
+
+
+_S = SPACING[2]
+BAD_DICOM_SERIES: list[BadInput] = [
+    BadInput("ct_series", _modality("CT"), r"Modality 'CT' where PET \('PT'\) is expected \(4 of 4 files"),
+    BadInput("no_modality", _modality(None), r"no Modality where PET \('PT'\) is expected"),
+    BadInput("missing_slice", _missing_slice,
+             rf"1 missing slice: IM\d+\.dcm .* are {2 * _S:g} mm apart where slices are {_S:g} mm apart; add the"),
+    BadInput("duplicate_slice", _duplicate_slice,
+             r"duplicate slices: (IM0001\.dcm and copy_of_slice_2\.dcm|copy_of_slice_2\.dcm and IM0001\.dcm) are "
+             r"both at .* \(1 duplicate among 5 files\); remove the extra files"),
+    BadInput("irregular_spacing", _irregular_spacing,
+             rf"irregular slice spacing: .* are (4\.2|1\.8) mm apart .* where the other slices are {_S:g} mm apart"),
+    BadInput("mixed_series", _mixed_series,
+             r"holds 2 DICOM series mixed in one folder \(4 files of series [\d.]+ \(e\.g\. B?IM0000\.dcm\); "
+             r"4 files of series .*put each series \(SeriesInstanceUID\) in its own folder"),
+    BadInput("mixed_orientation", _mixed_orientation,
+             r"ImageOrientationPatient \(.*\) differs from IM\d+\.dcm's \(.*\); the folder mixes differently "
+             r"oriented slices, keep one series per folder"),
+    BadInput("no_position", _no_position, r"IM0000\.dcm: no ImagePositionPatient, so the slice cannot be placed"),
+]
+
+
+def _header(**tags: str) -> Callable[[Path], Path]:
+    def make(folder: Path) -> Path:
+        with warnings.catch_warnings():  # pydicom warns while writing an invalid date or time: that's the point
+            warnings.simplefilter("ignore", UserWarning)
+            return good_series(folder, **tags)
+
+    return make
+
+
+# write_series' header: scan (series) start 2024-01-02 10:15:00, injection 09:15:00, F-18 (6586.2 s).
+BAD_SUV_HEADERS: list[BadInput] = [
+    BadInput("zero_series_date", _header(SeriesDate="00000000", AcquisitionDate="00000000"),
+             r"SeriesDate is '00000000', not a valid date \(YYYYMMDD\); correct the DICOM header"),
+    BadInput("zero_injection_datetime", _header(injection_dt="00000000091500"),
+             r"RadiopharmaceuticalStartDateTime is '00000000091500', not a valid date and time"),
+    BadInput("bad_series_time", _header(SeriesTime="256000"), r"SeriesTime is '256000', not a valid time"),
+    BadInput("injection_90_days_before", _header(injection_dt="20231004101500"),  # today: ZeroDivisionError
+             r"the injection \(2023-10-04T10:15:00, .*\) is 90\.0 days before the scan start \(2024-01-02T10:15:00"
+             r".*: 1\.18e\+03 half-lives of 6586\.2 s, more than the 5 a PET scan allows"),
+    BadInput("injection_30_days_before", _header(injection_dt="20231203101500"),  # today: a factor of 6e114
+             r"is 30\.0 days before the scan start .*: 394 half-lives"),
+    BadInput("injection_after_scan", _header(injection_dt="20240102111500"),
+             r"the injection \(2024-01-02T11:15:00, from RadiopharmaceuticalStartDateTime\) is 60 min after the "
+             r"scan start"),
+    BadInput("injection_time_after_scan_time", _header(injection="102000"),  # a clock 5 min off: "the day before"
+             r"the injection \(2024-01-01T10:20:00, from RadiopharmaceuticalStartTime, taken as the day before the "
+             r"scan \(later than its time\)\) is 23\.9 h before the scan start"),
+    BadInput("weight_in_grams", _header(PatientWeight="72500"),
+             r"PatientWeight is '72500' kg, outside the plausible 0\.01-500 kg \(grams written as kilograms\?\)"),
+    BadInput("dose_in_mbq", _header(dose="350"),
+             r"RadionuclideTotalDose is '350' Bq, outside the plausible 1e\+06-2e\+10 Bq"),
+]
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+class _RunsCode:
+    """Unpickled, this creates the folder ``marker``: a stand-in for any code a crafted file could run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self) -> tuple[Callable[[str], None], tuple[str]]:
+        return os.mkdir, (self.marker,)
+
+
+def crafted_checkpoint(path: Path, marker: Path, like: dict | None = None) -> Path:
+    """A checkpoint-shaped ``.pt`` (``like``'s keys, e.g. a real checkpoint's) carrying a code payload."""
+    payload = dict(like or {"format": 1, "recipe": {}})
+    payload["model"] = {"weight": torch.zeros(2), "hook": _RunsCode(marker)}
+    torch.save(payload, path)
+    return path
