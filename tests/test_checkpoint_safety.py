@@ -11,8 +11,8 @@ import torch
 from badinputs import crafted_checkpoint
 from conftest import REPO
 
+from lowdose_toolkit.checkpoint import load_checkpoint
 from lowdose_toolkit.cli import main
-from lowdose_toolkit.engine import load_checkpoint
 from lowdose_toolkit.errors import UserError
 
 SAFE_TORCH = (2, 6)  # weights_only=True cannot be bypassed from here on (CVE-2025-32434)
