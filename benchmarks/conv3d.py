@@ -66,9 +66,9 @@ def main() -> None:
                 t = bench(run, device, args.repeats)
                 row.append(3 * 2 * b * c * c * 27 * s ** 3 / t / 1e12)
         print(f"  {b}x{c}ch x {s}^3 | " + " | ".join(f"{r:6.2f}" for r in row))
-    from lowdose_toolkit.model import build_model
-    from lowdose_toolkit.plugins import get_registry
-    from lowdose_toolkit.recipe import load_recipe, resolve_recipe
+    from lowdose_toolkit.core.plugin_manager import get_registry
+    from lowdose_toolkit.core.recipe import load_recipe, resolve_recipe
+    from lowdose_toolkit.models.lowdose_model import build_model
 
     recipe = resolve_recipe(load_recipe(args.recipe, []), get_registry(), args.recipe)
     model, _ = build_model(recipe, get_registry())

@@ -38,7 +38,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lowdose_toolkit.sliding import infer_volume, parse_overlap  # noqa: E402
+from lowdose_toolkit.infer.sliding import infer_volume, parse_overlap  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 

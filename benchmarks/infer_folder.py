@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from infer import PeakRSS  # noqa: E402  (benchmarks/infer.py)
 
-from lowdose_toolkit.commands.infer import infer  # noqa: E402
-from lowdose_toolkit.naming import nifti_suffix  # noqa: E402
+from lowdose_toolkit.cli.infer import infer  # noqa: E402
+from lowdose_toolkit.data.naming import nifti_suffix  # noqa: E402
 
 
 def main() -> None:
@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--no-model", action="store_true", help="skip the model: measure the I/O pipeline alone")
     args = parser.parse_args()
     if args.no_model:
-        import lowdose_toolkit.sliding as sliding
+        import lowdose_toolkit.infer.sliding as sliding
 
         sliding.infer_volume = lambda volume, predict, **_: volume.clone()  # type: ignore[assignment]
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-FULL = "full"  # the `drf` value of a full-dose row in a manifest (lowdose_toolkit.manifest)
+FULL = "full"  # the `drf` value of a full-dose row in a manifest (lowdose_toolkit.data.manifest)
 
 
 @dataclass(frozen=True)
@@ -36,9 +36,9 @@ class SubjectRecord:
 
 
 def __getattr__(name: str) -> Any:
-    """``write_manifest`` moved to :mod:`lowdose_toolkit.manifest`; the old import keeps working."""
+    """``write_manifest`` moved to :mod:`lowdose_toolkit.data.manifest`; the old import keeps working."""
     if name == "write_manifest":
-        from lowdose_toolkit.manifest import write_manifest
+        from lowdose_toolkit.data.manifest import write_manifest
 
         return write_manifest
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lowdose_toolkit.errors import RecipeError
-from lowdose_toolkit.model import IMAGE_OUTPUTS, LossTerm, LowDoseModel
+from lowdose_toolkit.models.lowdose_model import IMAGE_OUTPUTS, LossTerm, LowDoseModel
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 

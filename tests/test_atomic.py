@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lowdose_toolkit.atomic import atomic_path
+from lowdose_toolkit.core.atomic import atomic_path
 from lowdose_toolkit.records import SubjectRecord, write_manifest
 
 

@@ -19,10 +19,10 @@ pytest.importorskip("pydicom")
 from badinputs import BAD_DICOM_SERIES, BAD_SUV_HEADERS, BadInput, good_series  # noqa: E402
 
 from ldt_plugins.sources.uldp import UldpSource  # noqa: E402
-from lowdose_toolkit import io  # noqa: E402
-from lowdose_toolkit.cli import main  # noqa: E402
+from lowdose_toolkit.cli.app import main  # noqa: E402
+from lowdose_toolkit.data import io  # noqa: E402
+from lowdose_toolkit.data.prepare import prepare_uldp, suv_from_dicom  # noqa: E402
 from lowdose_toolkit.errors import DataError  # noqa: E402
-from lowdose_toolkit.prepare import prepare_uldp, suv_from_dicom  # noqa: E402
 
 
 def one_line(exc: pytest.ExceptionInfo[DataError]) -> str:

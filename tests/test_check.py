@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 from conftest import write
 
-from lowdose_toolkit.cli import main
+from lowdose_toolkit.cli.app import main
+from lowdose_toolkit.core.plugin_manager import get_registry
+from lowdose_toolkit.core.recipe import load_recipe, resolve_recipe
+from lowdose_toolkit.core.spec import run_spec
 from lowdose_toolkit.errors import RecipeError
-from lowdose_toolkit.plugins import get_registry
-from lowdose_toolkit.recipe import load_recipe, resolve_recipe
-from lowdose_toolkit.spec import run_spec
 
 BASE = """
 name: tiny

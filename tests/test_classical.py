@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from lowdose_toolkit.classical import (
+from lowdose_toolkit.errors import UserError
+from lowdose_toolkit.evaluation.classical import (
     bm4d_denoise,
     estimate_noise_sigma,
     gaussian,
     gaussian_sweep,
     tune_gaussian_sigma,
 )
-from lowdose_toolkit.errors import UserError
-from lowdose_toolkit.metrics import psnr
+from lowdose_toolkit.evaluation.metrics import psnr
 
 
 def phantom(n: int = 24, seed: int = 0) -> torch.Tensor:

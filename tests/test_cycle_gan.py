@@ -9,10 +9,10 @@ import torch
 from conftest import make_tiny_dataset, tiny_recipe, write
 
 from ldt_plugins.schemes.cycle_gan import CycleGAN, ImagePool, derangement
-from lowdose_toolkit.engine import Trainer
+from lowdose_toolkit.core.plugin_manager import get_registry
+from lowdose_toolkit.core.recipe import load_recipe, resolve_recipe
 from lowdose_toolkit.errors import RecipeError
-from lowdose_toolkit.plugins import get_registry
-from lowdose_toolkit.recipe import load_recipe, resolve_recipe
+from lowdose_toolkit.train.engine import Trainer
 
 HEADS = "  heads: [{name: dose_classifier, input: bottleneck, hidden: [8]}]\n"
 LOSSES = "  - {name: l1, weight: 300, on: coarse}\n  - {name: cross_entropy, weight: 10, on: dose_classifier}\n"
@@ -184,7 +184,7 @@ def test_needs_one_adversarial_loss(tmp_path: Path, data_root: Path) -> None:
 def test_ldt_infer_uses_the_low_to_full_generator(tmp_path: Path, data_root: Path) -> None:
     import nibabel as nib
 
-    from lowdose_toolkit.cli import main
+    from lowdose_toolkit.cli.app import main
 
     recipe = write(tmp_path / "c.yaml", cycle_recipe(data_root).replace("epochs: 3", "epochs: 1")
                    .replace("steps_per_epoch: 6", "steps_per_epoch: 2"))

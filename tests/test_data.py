@@ -7,10 +7,10 @@ import pytest
 import torch
 from conftest import make_tiny_dataset
 
-from lowdose_toolkit.data import PatchStream, pairs_dataset, shard, split_records
+from lowdose_toolkit.core.plugin_manager import get_registry
+from lowdose_toolkit.data.datasets import PatchStream, pairs_dataset, shard, split_records
+from lowdose_toolkit.data.normalize import fit_normalization
 from lowdose_toolkit.errors import RecipeError
-from lowdose_toolkit.normalize import fit_normalization
-from lowdose_toolkit.plugins import get_registry
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_shard_gives_equal_disjoint_parts() -> None:
 def test_robust_scale_is_the_body_mean_when_a_hot_organ_sets_the_top_quantile() -> None:
     """Whole-body scans: a bladder of 0.2 % of the voxels at 40x the body made the 99.9th percentile the
     bladder, so '5 % of it' left only hot organs (the phantom's body means ranged over SUV 1.1-6.0)."""
-    from lowdose_toolkit.normalize import LEGACY_QUANTILE
+    from lowdose_toolkit.data.normalize import LEGACY_QUANTILE
 
     volume = torch.zeros(40, 40, 40)
     volume[5:35, 5:35, 5:35] = 1.0  # the body, 42 % of the voxels

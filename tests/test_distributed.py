@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 import torch
 import torch.distributed as dist
-from lowdose_toolkit.engine import Trainer
-from lowdose_toolkit.plugins import get_registry
-from lowdose_toolkit.recipe import load_recipe, resolve_recipe
+from lowdose_toolkit.train.engine import Trainer
+from lowdose_toolkit.core.plugin_manager import get_registry
+from lowdose_toolkit.core.recipe import load_recipe, resolve_recipe
 
 recipe_path, run_dir, out = sys.argv[1:4]
 recipe = resolve_recipe(load_recipe(recipe_path), get_registry())

@@ -15,11 +15,11 @@ import torch
 import yaml
 from conftest import make_tiny_dataset, tiny_gan_recipe, tiny_recipe, write
 
-from lowdose_toolkit.checkpoint import load_checkpoint
-from lowdose_toolkit.cli import main
-from lowdose_toolkit.engine import Trainer
-from lowdose_toolkit.plugins import get_registry
-from lowdose_toolkit.recipe import load_recipe, resolve_recipe
+from lowdose_toolkit.cli.app import main
+from lowdose_toolkit.core.plugin_manager import get_registry
+from lowdose_toolkit.core.recipe import load_recipe, resolve_recipe
+from lowdose_toolkit.train.checkpoint import load_checkpoint
+from lowdose_toolkit.train.engine import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path: Path, data_roo
     # The same run in a subprocess, killed with SIGKILL once epoch 2 is checkpointed (mid-epoch 3).
     run = tmp_path / "killed"
     env = {**os.environ, "PYTHONHASHSEED": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "lowdose_toolkit.cli", "run", str(recipe), "--out", str(run)],
+    proc = subprocess.Popen([sys.executable, "-m", "lowdose_toolkit.cli.app", "run", str(recipe), "--out", str(run)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     try:

@@ -13,10 +13,10 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from lowdose_toolkit import metrics
-from lowdose_toolkit.commands.evaluate import evaluate, table
+from lowdose_toolkit.cli.evaluate import evaluate, table
 from lowdose_toolkit.errors import DataError, UserError
-from lowdose_toolkit.evaluate import (
+from lowdose_toolkit.evaluation import metrics
+from lowdose_toolkit.evaluation.evaluate import (
     Pair,
     aggregate,
     build_table_i,
@@ -30,7 +30,7 @@ from lowdose_toolkit.evaluate import (
     write_results,
     write_table,
 )
-from lowdose_toolkit.paper import TABLE_I, TABLE_II, canonical_method, paper_method
+from lowdose_toolkit.evaluation.paper import TABLE_I, TABLE_II, canonical_method, paper_method
 from lowdose_toolkit.records import SubjectRecord, write_manifest
 
 SHAPE = (12, 11, 10)

@@ -15,13 +15,13 @@ from ldt_plugins.generators.mlnet import MLNet
 from ldt_plugins.guidance.film import FiLMGuidance
 from ldt_plugins.heads.noise_level import NoiseLevelHead
 from ldt_plugins.refiners.contextual_net import ContextualNet
-from lowdose_toolkit.cli import main
+from lowdose_toolkit.cli.app import main
+from lowdose_toolkit.core.plugin_manager import get_registry
+from lowdose_toolkit.core.recipe import resolve_recipe, safe_load
+from lowdose_toolkit.core.spec import monitor_mode, parse_stages
 from lowdose_toolkit.errors import RecipeError, UserError
-from lowdose_toolkit.model import LowDoseModel, build_model
-from lowdose_toolkit.plugins import get_registry
-from lowdose_toolkit.recipe import resolve_recipe, safe_load
-from lowdose_toolkit.spec import monitor_mode, parse_stages
-from lowdose_toolkit.validation import drf_weights, weighted_gain
+from lowdose_toolkit.models.lowdose_model import LowDoseModel, build_model
+from lowdose_toolkit.train.validation import drf_weights, weighted_gain
 
 DRFS = [4, 10, 20, 50, 100]
 
@@ -255,7 +255,7 @@ def guided_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_a_refiner_stage_trains_the_refiners_conditioning_only(guided_run: Path) -> None:
     """Stage 2 trains [refiner]: the refiner's FiLM (zero at the start) learns; the generator's is frozen."""
-    from lowdose_toolkit.checkpoint import load_checkpoint
+    from lowdose_toolkit.train.checkpoint import load_checkpoint
 
     state = load_checkpoint(guided_run / "checkpoints" / "last.pt").model
     refiner_film = state["guidance.stage_parts.refiner.mlp.2.weight"]
@@ -315,7 +315,7 @@ def test_calibrated_head_classifies_whole_volumes_confidently() -> None:
 
 
 def test_lr_scale_puts_a_part_in_its_own_parameter_group() -> None:
-    from lowdose_toolkit.build import build_training
+    from lowdose_toolkit.train.build import build_training
 
     recipe = _recipe(BASE + "  guidance: {name: film, head: noise_level, lr_scale: 5.0}\n"
                      "losses: [{name: l1, weight: 300, on: coarse},\n"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import make_tiny_dataset, snapshot, tiny_recipe, write
 
-from lowdose_toolkit.cli import main
+from lowdose_toolkit.cli.app import main
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def test_dicom_series_input(trained: tuple[Path, Path], tmp_path: Path) -> None:
     out = tmp_path / "out"
     assert main(["infer", str(run), str(series), "--out", str(out)]) == 0
     pred = nib.load(out / "PET_DRF_100.nii.gz")
-    from lowdose_toolkit.io import load_array
+    from lowdose_toolkit.data.io import load_array
 
     _, affine, info = load_array(series)
     assert pred.shape == info.shape
@@ -183,7 +183,7 @@ def three_copies(data: Path, folder: Path) -> Path:
 def test_a_failed_write_is_reported_and_the_rest_are_written(trained: tuple[Path, Path], tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
-    import lowdose_toolkit.io as ldt_io
+    import lowdose_toolkit.data.io as ldt_io
 
     run, data = trained
     inputs = three_copies(data, tmp_path / "in")
@@ -207,7 +207,7 @@ def test_preview_mip_is_coronal_head_up_whatever_the_voxel_order() -> None:
     """A hot spot near the head (+Z, superior) at high X (RAS+: towards the patient's right) lands top-right."""
     import torch
 
-    from lowdose_toolkit.preview import ras_mip
+    from lowdose_toolkit.infer.preview import ras_mip
 
     ras = np.zeros((10, 6, 20), dtype=np.float32)  # RAS+ voxel order: X, Y (anterior), Z (superior)
     ras[8, 3, 17] = 1.0
@@ -223,7 +223,7 @@ def test_interrupt_keeps_finished_outputs_whole(trained: tuple[Path, Path], tmp_
                                                 monkeypatch: pytest.MonkeyPatch,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     """Ctrl-C during the second volume: exit 130, the first output complete, no temporary file left."""
-    import lowdose_toolkit.sliding as sliding
+    import lowdose_toolkit.infer.sliding as sliding
 
     run, data = trained
     inputs = three_copies(data, tmp_path / "in")
@@ -248,7 +248,7 @@ def test_infer_normalises_with_the_quantile_the_checkpoint_was_trained_with(
     """New checkpoints record the robust normalisation's quantile (0.99); older ones, without it, used 0.999."""
     import torch
 
-    from lowdose_toolkit import normalize
+    from lowdose_toolkit.data import normalize
 
     run, data = trained
     seen: list[float | None] = []

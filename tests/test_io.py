@@ -12,7 +12,7 @@ import pytest
 import torch
 import torchio as tio
 
-from lowdose_toolkit import io
+from lowdose_toolkit.data import io
 from lowdose_toolkit.errors import DataError
 
 

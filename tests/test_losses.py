@@ -12,8 +12,8 @@ from ldt_plugins.losses.cross_entropy import CrossEntropyLoss
 from ldt_plugins.losses.l1 import L1Loss
 from ldt_plugins.losses.lsgan import LSGANLoss
 from ldt_plugins.losses.perceptual import PerceptualLoss
-from lowdose_toolkit import vgg16
 from lowdose_toolkit.errors import UserError
+from lowdose_toolkit.models import vgg16
 
 
 @pytest.fixture(autouse=True)

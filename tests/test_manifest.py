@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from conftest import write
 
-from lowdose_toolkit.commands.infer import expand_inputs, plan_jobs
+from lowdose_toolkit.cli.infer import expand_inputs, plan_jobs
+from lowdose_toolkit.data.manifest import manifest_records, read_manifest, write_manifest
+from lowdose_toolkit.data.naming import dose_filename, is_nifti, nifti_stem, nifti_suffix, strip_nifti_suffix
 from lowdose_toolkit.errors import DataError
-from lowdose_toolkit.manifest import manifest_records, read_manifest, write_manifest
-from lowdose_toolkit.naming import dose_filename, is_nifti, nifti_stem, nifti_suffix, strip_nifti_suffix
 from lowdose_toolkit.records import FULL, SubjectRecord
 
 # ------------------------------------------------------------------------------------------------ naming

@@ -10,8 +10,8 @@ import torch
 from skimage.metrics import normalized_root_mse, structural_similarity
 from skimage.util import crop
 
-from lowdose_toolkit import metrics
 from lowdose_toolkit.errors import DataError, UserError
+from lowdose_toolkit.evaluation import metrics
 
 SHAPES = [(20, 23, 17), (9, 31, 12), (7, 7, 7)]
 

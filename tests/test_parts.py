@@ -9,7 +9,7 @@ import inspect
 import pytest
 import torch
 
-from lowdose_toolkit.plugins import get_registry
+from lowdose_toolkit.core.plugin_manager import get_registry
 
 SMALL = {"channels": 4, "depth": 2, "hidden": [8], "n_layers": 1, "num_blocks": 1, "max_channels": 16,
          "weights": "none"}

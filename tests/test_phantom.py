@@ -8,8 +8,8 @@ import pytest
 import torch
 from scipy import ndimage
 
+from lowdose_toolkit.data.phantom import LABELS, MU_PER_MM, SUV_RANGES, Phantom, make_phantom, nifti_affine
 from lowdose_toolkit.errors import UserError
-from lowdose_toolkit.phantom import LABELS, MU_PER_MM, SUV_RANGES, Phantom, make_phantom, nifti_affine
 
 SHAPE = (64, 40, 40)
 SPACING = (15.0, 12.0, 12.0)

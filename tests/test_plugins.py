@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from conftest import write
 
-from lowdose_toolkit import plugins
-from lowdose_toolkit.cli import main
+from lowdose_toolkit.cli.app import main
+from lowdose_toolkit.core import plugin_manager as plugins
+from lowdose_toolkit.core.registry import Registry
 from lowdose_toolkit.errors import PluginError
-from lowdose_toolkit.registry import Registry
 
 EDGE_HEAD = '''
 """A third-party head: predicts a coarse edge-strength map... here: its mean, from any feature."""

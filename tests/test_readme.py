@@ -10,9 +10,9 @@ import pytest
 import yaml
 from conftest import REPO, write
 
-from lowdose_toolkit import plugins
-from lowdose_toolkit.cli import main
-from lowdose_toolkit.recipe import safe_load
+from lowdose_toolkit.cli.app import main
+from lowdose_toolkit.core import plugin_manager as plugins
+from lowdose_toolkit.core.recipe import safe_load
 
 README = (REPO / "README.md").read_text()
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from conftest import write
 
-from lowdose_toolkit.cli import main
+from lowdose_toolkit.cli.app import main
+from lowdose_toolkit.core.plugin_manager import get_registry
+from lowdose_toolkit.core.recipe import apply_override, deep_merge, load_recipe, resolve_recipe
 from lowdose_toolkit.errors import RecipeError
-from lowdose_toolkit.plugins import get_registry
-from lowdose_toolkit.recipe import apply_override, deep_merge, load_recipe, resolve_recipe
 
 BASE = """
 name: tiny

@@ -15,10 +15,10 @@ from scipy import ndimage
 
 from ldt_plugins.sources import phantom as phantom_plugin
 from ldt_plugins.sources.phantom import PhantomSource
-from lowdose_toolkit import simulate as sim
+from lowdose_toolkit.data import simulate as sim
+from lowdose_toolkit.data.phantom import LABELS, make_phantom, nifti_affine
 from lowdose_toolkit.errors import DataError, UserError
-from lowdose_toolkit.metrics import psnr
-from lowdose_toolkit.phantom import LABELS, make_phantom, nifti_affine
+from lowdose_toolkit.evaluation.metrics import psnr
 
 SMALL = {"shape": (64, 40, 40), "spacing_mm": (15.0, 12.0, 12.0), "n_angles": 48}
 CFG = sim.SimulationConfig(**SMALL)
@@ -308,7 +308,7 @@ def test_simulate_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     import typer
     from typer.testing import CliRunner
 
-    from lowdose_toolkit.commands.simulate import simulate
+    from lowdose_toolkit.cli.simulate import simulate
 
     monkeypatch.setattr(sim, "write_dataset", functools.partial(sim.write_dataset, **SMALL))
     app = typer.Typer()

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lowdose_toolkit.errors import UserError
-from lowdose_toolkit.sliding import infer_volume, parse_overlap
+from lowdose_toolkit.infer.sliding import infer_volume, parse_overlap
 
 BLENDINGS = ["hann", "average", "crop"]
 
@@ -209,7 +209,7 @@ def test_blender_matches_torchio_grid_aggregator(shape, patch, overlap, blending
 @pytest.mark.parametrize("blending", ["hann", "average"])
 def test_blender_weighting_on_the_device_path_matches_the_host_path(blending) -> None:
     """The accelerator path (weights applied before the copy to the host) equals the CPU path."""
-    from lowdose_toolkit.sliding import Blender
+    from lowdose_toolkit.infer.sliding import Blender
 
     vol = _volume(2, 21, 18, 25, seed=5)
     patch, overlap = (8, 8, 8), (2, 4, 6)

@@ -12,7 +12,7 @@ from conftest import snapshot
 
 from ldt_plugins.sources import nifti as nifti_plugin
 from ldt_plugins.sources.nifti import NiftiSource, read_manifest
-from lowdose_toolkit import io
+from lowdose_toolkit.data import io
 from lowdose_toolkit.errors import DataError, RecipeError
 from lowdose_toolkit.records import SubjectRecord, write_manifest
 
@@ -195,7 +195,7 @@ def test_validate_false_only_checks_existence(tmp_path: Path) -> None:
 
 
 def test_registered_and_built_through_the_registry(tmp_path: Path) -> None:
-    from lowdose_toolkit.plugins import get_registry
+    from lowdose_toolkit.core.plugin_manager import get_registry
 
     got = []
     nifti_plugin.ldt_register_sources(lambda name, factory: got.append((name, factory)))

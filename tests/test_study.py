@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from conftest import make_tiny_dataset, tiny_recipe, write
 
-from lowdose_toolkit.cli import main
+from lowdose_toolkit.cli.app import main
 from lowdose_toolkit.errors import RecipeError
-from lowdose_toolkit.study import load_study, slug
+from lowdose_toolkit.evaluation.study import load_study, slug
 
 
 def test_study_writes_tables_csv_figure_and_docs(tmp_path: Path) -> None:

@@ -21,9 +21,9 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
 
 from ldt_plugins.sources.nifti import NiftiSource  # noqa: E402
 from ldt_plugins.sources.uldp import UldpSource  # noqa: E402
-from lowdose_toolkit import io  # noqa: E402
+from lowdose_toolkit.data import io  # noqa: E402
+from lowdose_toolkit.data.prepare import parse_dose_folder, prepare_uldp, suv_from_dicom  # noqa: E402
 from lowdose_toolkit.errors import DataError  # noqa: E402
-from lowdose_toolkit.prepare import parse_dose_folder, prepare_uldp, suv_from_dicom  # noqa: E402
 
 PET_STORAGE = "1.2.840.10008.5.1.4.1.1.128"
 SHAPE_KJI = (4, 5, 6)  # slices, rows, columns
@@ -264,7 +264,7 @@ def test_prepare_skip_bad_and_command(tmp_path: Path) -> None:
     import typer
     from typer.testing import CliRunner
 
-    from lowdose_toolkit.commands.prepare import prepare_app
+    from lowdose_toolkit.cli.prepare import prepare_app
 
     src = tmp_path / "src"
     write_series(src / "good" / "Full_dose", activity(1))

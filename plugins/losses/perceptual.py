@@ -21,7 +21,7 @@ Choices where the paper is silent (all recorded in ``record``):
   mean and std, as torchvision's VGG16 was trained.
 * the target's features are computed without gradient: gradients flow to ``pred`` only.
 
-Weights: ``imagenet`` loads torchvision's ``vgg16-397923af.pth`` (see :mod:`lowdose_toolkit.vgg16`
+Weights: ``imagenet`` loads torchvision's ``vgg16-397923af.pth`` (see :mod:`lowdose_toolkit.models.vgg16`
 for where it is looked up; nothing is downloaded); ``none`` uses fixed random features (seed 0);
 ``auto`` uses ImageNet weights when the file is found and otherwise warns and uses ``none``.
 """
@@ -36,7 +36,7 @@ from torch import nn
 from lowdose_toolkit import hookimpl
 from lowdose_toolkit.errors import UserError
 from lowdose_toolkit.hookspecs import Register
-from lowdose_toolkit.vgg16 import (
+from lowdose_toolkit.models.vgg16 import (
     LAYERS,
     VGG16Features,
     find_vgg16_weights,

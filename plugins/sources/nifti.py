@@ -4,7 +4,7 @@ Three layouts, tried in this order:
 
 (a) A manifest CSV (``subject,drf,path[,suv_factor]``; ``drf`` an integer or ``full``; paths relative
     to the manifest), given as ``manifest``, as ``root`` itself, or found at ``<root>/manifest.csv``;
-    read by :mod:`lowdose_toolkit.manifest`.
+    read by :mod:`lowdose_toolkit.data.manifest`.
 (b) One folder per subject, as ``ldt prepare`` and the phantom simulator write them:
     ``<root>/<subject>/full.nii.gz`` and ``<root>/<subject>/drf_004.nii.gz`` ...
 (c) The challenge's flat naming: ``<root>/<subject>_DRF-100.nii.gz`` (or ``_DRF_100``) with the full
@@ -30,9 +30,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lowdose_toolkit import hookimpl
+from lowdose_toolkit.data.manifest import manifest_records
+from lowdose_toolkit.data.naming import NIFTI_SUFFIX_RE, is_nifti
 from lowdose_toolkit.errors import DataError
-from lowdose_toolkit.manifest import manifest_records
-from lowdose_toolkit.naming import NIFTI_SUFFIX_RE, is_nifti
 from lowdose_toolkit.records import SubjectRecord
 
 FULL_PATTERNS = ("{subject}/full.nii.gz", "{subject}_NORMAL.nii.gz", "{subject}_FULL.nii.gz")
@@ -252,7 +252,7 @@ class NiftiSource:
     def records(self) -> list[SubjectRecord]:
         """The usable subjects, sorted by subject; validated on the first call."""
         if self._records is None:
-            from lowdose_toolkit.io import screen_records
+            from lowdose_toolkit.data.io import screen_records
 
             if self.manifest is not None:
                 candidates, problems = manifest_records(self.manifest, self.drfs)
@@ -269,7 +269,7 @@ class NiftiSource:
 
 
 def read_manifest(path: str | os.PathLike[str], drfs: Sequence[int] | None = None) -> list[SubjectRecord]:
-    """Read a manifest CSV strictly (:mod:`lowdose_toolkit.manifest`): any problem raises :class:`DataError`."""
+    """Read a manifest CSV strictly (:mod:`lowdose_toolkit.data.manifest`): any problem raises :class:`DataError`."""
     return manifest_records(path, drfs, strict=True)[0]
 
 

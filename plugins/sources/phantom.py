@@ -1,7 +1,7 @@
 """The ``phantom`` source: the embedded default data, a simulated whole-body FDG PET data set.
 
-On first use it simulates the data set (:mod:`lowdose_toolkit.phantom` for the anatomy,
-:mod:`lowdose_toolkit.simulate` for count-based low-dose scans) into a cache folder named by a hash
+On first use it simulates the data set (:mod:`lowdose_toolkit.data.phantom` for the anatomy,
+:mod:`lowdose_toolkit.data.simulate` for count-based low-dose scans) into a cache folder named by a hash
 of every parameter and the simulator version, and reuses it afterwards. The cache lives in
 ``~/.cache/lowdose-toolkit/phantom/<key>`` (``$XDG_CACHE_HOME`` is honoured); ``LDT_CACHE_DIR``
 replaces ``~/.cache/lowdose-toolkit``, and ``cache_dir`` replaces the whole ``.../phantom`` folder.
@@ -71,7 +71,7 @@ class PhantomSource:
         iterations: int | None = None,
         counts_model: Literal["listmode", "independent"] | None = None,
     ) -> None:
-        from lowdose_toolkit import simulate as sim
+        from lowdose_toolkit.data import simulate as sim
 
         self.subjects = sim.DEFAULT_SUBJECTS if subjects is None else subjects
         self.seed = seed
@@ -92,7 +92,7 @@ class PhantomSource:
     @property
     def key(self) -> str:
         """Hash of everything that determines the data (simulator version, seed, DRFs, config)."""
-        from lowdose_toolkit import simulate as sim
+        from lowdose_toolkit.data import simulate as sim
 
         blob = json.dumps(
             {
@@ -113,7 +113,7 @@ class PhantomSource:
 
     def records(self) -> list[SubjectRecord]:
         """The subjects; simulates the data set into the cache on first use."""
-        from lowdose_toolkit import simulate as sim
+        from lowdose_toolkit.data import simulate as sim
 
         if self._records is None:
             if not sim.is_simulation_output(self.path):
@@ -127,7 +127,7 @@ class PhantomSource:
 
         from rich.console import Console
 
-        from lowdose_toolkit import simulate as sim
+        from lowdose_toolkit.data import simulate as sim
 
         final = self.path
         parent = final.parent

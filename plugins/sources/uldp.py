@@ -2,7 +2,7 @@
 
 Each subject folder holds one folder per dose, named Siemens-Quadra style (``Full_dose``,
 ``1-2 dose`` ... ``1-100 dose``) or uEXPLORER style (``... normal``, ``... DRF_4`` ...
-``... DRF_100``); see :mod:`lowdose_toolkit.prepare` for the exact rules. Records point at the
+``... DRF_100``); see :mod:`lowdose_toolkit.data.prepare` for the exact rules. Records point at the
 series folders, and every epoch reads DICOM again, which is slow: run
 ``ldt prepare uldp SRC OUT`` once and train with ``source: nifti`` on ``OUT`` instead.
 The SUV factor comes from the full-dose series' header (body weight over decayed dose).
@@ -57,8 +57,8 @@ class UldpSource:
     def records(self) -> list[SubjectRecord]:
         """The usable subjects, sorted by subject; validated on the first call."""
         if self._records is None:
-            from lowdose_toolkit.io import screen_records
-            from lowdose_toolkit.prepare import LOW_HINT, find_uldp_subjects, suv_from_dicom
+            from lowdose_toolkit.data.io import screen_records
+            from lowdose_toolkit.data.prepare import LOW_HINT, find_uldp_subjects, suv_from_dicom
 
             candidates, problems = [], {}
             for sub in find_uldp_subjects(self.root):

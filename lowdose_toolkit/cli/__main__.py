@@ -1,0 +1,7 @@
+"""``python -m lowdose_toolkit.cli.app``: the ``ldt`` command."""
+
+import sys
+
+from lowdose_toolkit.cli.app import main
+
+sys.exit(main())

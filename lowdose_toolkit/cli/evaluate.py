@@ -1,0 +1,156 @@
+"""``ldt evaluate`` and ``ldt table``: score predictions and lay the results out like the paper.
+
+The functions are plain typer commands; ``lowdose_toolkit.cli.app`` registers them. Heavy imports
+(torch, nibabel) happen inside the functions so ``ldt --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from lowdose_toolkit.errors import UserError
+
+SSIM_RANGES = ("challenge", "standard")
+
+
+def _default_out(pred: Path) -> Path:
+    """``preds/`` -> ``preds_eval/``; ``preds.csv`` -> ``preds_eval/`` beside it."""
+    pred = Path(pred)
+    name = pred.stem if pred.is_file() else pred.name
+    return pred.parent / f"{name}_eval"
+
+
+def evaluate(
+    run_dir: Path | None = typer.Argument(
+        None, help="Run directory: evaluate its test split (the alternative to --pred/--ref)."
+    ),
+    pred: Path | None = typer.Option(None, "--pred", help="Predictions: a folder of NIfTI files or a manifest CSV."),
+    ref: Path | None = typer.Option(None, "--ref", help="Full-dose references: a folder or a manifest CSV."),
+    low: Path | None = typer.Option(None, "--low", help="Low-dose inputs, for the Low-Dose row (with --pred/--ref)."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Output folder (default: <pred>_eval; RUN_DIR, or RUN_DIR/body_mask with --mask)."
+    ),
+    method: str = typer.Option("model", "--method", help="Method name of the predictions (RUN_DIR: the recipe's)."),
+    ssim_range: str | None = typer.Option(
+        None, "--ssim-range",
+        help="SSIM data range: challenge (2, as the challenge did) or standard (1); default challenge / the recipe's.",
+    ),  # fmt: skip
+    mask: bool = typer.Option(False, "--mask/--no-mask", help="Restrict metrics to a body mask of the reference."),
+    mask_threshold: float = typer.Option(0.01, "--mask-threshold", help="Body mask: fraction of the reference max."),
+    checkpoint: str = typer.Option("best", "--checkpoint", help="RUN_DIR: best (highest val PSNR) or last."),
+    device: str = typer.Option("auto", "--device", help="RUN_DIR: auto, cpu, cuda, cuda:N."),
+    save_predictions: bool = typer.Option(
+        False, "--save-predictions", help="RUN_DIR: also write the predictions as NIfTI under <out>/predictions."
+    ),
+) -> None:
+    """Score predictions against full-dose references: PSNR, SSIM, NRMSE per subject and DRF."""
+    if ssim_range is not None and ssim_range not in SSIM_RANGES:
+        raise UserError(f"--ssim-range {ssim_range!r} is unknown; use challenge or standard")
+    if not 0 < mask_threshold < 1:
+        raise UserError(f"--mask-threshold must be in (0, 1) (a fraction of the reference max), got {mask_threshold}")
+    if run_dir is not None:
+        if pred is not None or ref is not None:
+            raise UserError("give either RUN_DIR or --pred/--ref, not both")
+        if low is not None:
+            raise UserError("--low is for --pred/--ref; with RUN_DIR the Low-Dose row comes from the run's own test "
+                            "inputs; drop --low")
+        run_directory(run_dir, out=out, method=None if method == "model" else method, ssim_range=ssim_range,
+                      mask=mask, mask_threshold=mask_threshold, checkpoint=checkpoint, device=device,
+                      save_predictions=save_predictions)  # fmt: skip
+        return
+    if pred is None or ref is None:
+        raise UserError("give a RUN_DIR, or both --pred and --ref (folders of NIfTI files or manifest CSVs)")
+    for flag, value, default in (("--checkpoint", checkpoint, "best"), ("--device", device, "auto"),
+                                 ("--save-predictions", save_predictions, False)):  # fmt: skip
+        if value != default:
+            raise UserError(f"{flag} is for RUN_DIR (it runs inference); with --pred/--ref the predictions exist")
+    run_pairs(pred, ref, low=low, out=out or _default_out(pred), method=method, ssim_range=ssim_range or "challenge",
+              mask=mask, mask_threshold=mask_threshold)  # fmt: skip
+
+
+def run_directory(run_dir: Path, console: Any = None, **options: Any) -> list[dict[str, Any]]:
+    """Evaluate a run directory on its test split, print the summary and where it was written."""
+    from rich.console import Console
+
+    from lowdose_toolkit.evaluation.evaluate import print_summary
+    from lowdose_toolkit.evaluation.runeval import evaluate_run, print_dose_head, results_dir
+
+    if not Path(run_dir).is_dir():
+        raise UserError(f"{run_dir} is not a directory; pass a run directory made by `ldt run`")
+    console = console or Console()
+    summary = evaluate_run(run_dir, console=Console(stderr=True), **options)
+    out = results_dir(run_dir, options.get("out"), options.get("mask", False))
+    region = "inside a body mask" if options.get("mask") else "whole volume"
+    print_summary(summary, console, title=f"{run_dir}: held-out test subjects ({region})")
+    print_dose_head(Path(out) / "results.json", console)
+    console.print(f"wrote {Path(out) / 'results.csv'}, results.json, results.md")
+    return summary
+
+
+def run_pairs(
+    pred: Path,
+    ref: Path,
+    low: Path | None,
+    out: Path,
+    method: str = "model",
+    ssim_range: str = "challenge",
+    mask: bool = False,
+    console: Any = None,
+    mask_threshold: float = 0.01,
+) -> list[dict[str, Any]]:
+    """Pair, evaluate, write ``results.json``/``cases.csv``/``summary.csv``/``summary.md`` and print a summary.
+
+    Returns:
+        The per-case rows (predictions first, then the Low-Dose rows when ``low`` is given).
+    """
+    from rich.console import Console
+
+    from lowdose_toolkit.evaluation.evaluate import (
+        aggregate,
+        evaluate_pairs,
+        pair_by_filename,
+        print_summary,
+        write_results,
+    )
+    from lowdose_toolkit.evaluation.paper import LOW_DOSE
+
+    console = console or Console()
+    pairs = pair_by_filename(pred, ref, method=method)
+    if low is not None:
+        pairs += pair_by_filename(low, ref, method=LOW_DOSE)
+    rows = evaluate_pairs(pairs, ssim_range=ssim_range, mask=mask, mask_threshold=mask_threshold)
+    settings = {"ssim_range": ssim_range, "mask": mask, "pred": str(pred), "ref": str(ref), "low": str(low or "")}
+    if mask:
+        settings["mask_threshold"] = mask_threshold
+    paths = write_results(rows, out, settings)
+    print_summary(aggregate(rows), console, title=f"{method}: {len(rows)} case(s)")
+    console.print(f"wrote {paths['json']}, {paths['cases'].name}, {paths['summary'].name}, {paths['md'].name}")
+    return rows
+
+
+def table(
+    inputs: list[Path] = typer.Argument(..., help="results.json / cases.csv files or run directories."),
+    out: Path | None = typer.Option(None, "--out", help="Output folder (default: ./tables)."),
+) -> None:
+    """Print and write the paper's Table I (methods x DRF) and Table II (ablations at DRF 100)."""
+    from rich.console import Console
+
+    from lowdose_toolkit.evaluation.evaluate import (
+        build_table_i,
+        build_table_ii,
+        load_results,
+        print_table,
+        write_table,
+    )
+
+    console = Console()
+    rows = load_results(inputs)
+    out = out or Path("tables")
+    written = []
+    for stem, tbl in (("table1", build_table_i(rows)), ("table2", build_table_ii(rows))):
+        print_table(tbl, console)
+        written += write_table(tbl, out / stem)
+    console.print("wrote " + ", ".join(str(p) for p in written))

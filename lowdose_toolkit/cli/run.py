@@ -1,0 +1,50 @@
+"""``ldt run``: train a recipe into a run directory, then evaluate it on the held-out subjects."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lowdose_toolkit.errors import UserError
+
+
+def run(recipe_path: Path | None, overrides: list[str], out: Path | None, resume: Path | None) -> None:
+    from rich.console import Console
+
+    from lowdose_toolkit.core.plugin_manager import get_registry
+    from lowdose_toolkit.core.recipe import load_recipe, resolve_recipe, safe_load
+    from lowdose_toolkit.evaluation.evaluate import print_summary
+    from lowdose_toolkit.evaluation.runeval import evaluate_run, print_dose_head
+    from lowdose_toolkit.train.engine import Trainer, default_run_dir
+
+    console = Console(stderr=True)
+    registry = get_registry()
+    if resume is not None:
+        recorded = resume / "recipe.yaml"
+        if not recorded.is_file():
+            raise UserError(f"{resume}: not a run directory (no recipe.yaml); pass the folder `ldt run --out` made")
+        if overrides:
+            raise UserError("--set cannot be combined with --resume: a resumed run keeps its recorded recipe")
+        recipe = resolve_recipe(safe_load(recorded.read_text()), registry, str(recorded))
+        if recipe_path is not None:
+            given = resolve_recipe(load_recipe(recipe_path), registry, str(recipe_path))
+            if given != recipe:
+                raise UserError(f"{recipe_path} differs from the recipe recorded in {recorded}; "
+                                "resume without RECIPE or start a new run")
+        run_dir = resume
+    else:
+        if recipe_path is None:
+            raise UserError("give a RECIPE to train, or --resume RUN_DIR")
+        recipe = resolve_recipe(load_recipe(recipe_path, overrides), registry, str(recipe_path))
+        run_dir = out or default_run_dir(recipe)
+        if (run_dir / "checkpoints" / "last.pt").exists():
+            raise UserError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
+    trainer = Trainer(recipe, run_dir, registry, resume=resume is not None, console=console)
+    console.print(f"run directory: {run_dir}")
+    console.print(f"data: {len(trainer.split.train)} train / {len(trainer.split.val)} val / "
+                  f"{len(trainer.split.test)} test subjects, DRFs {trainer.drfs}; device {trainer.device}")
+    trainer.fit()
+    if trainer.dist.is_main and trainer.split.test:
+        summary = evaluate_run(run_dir, console=console)
+        print_summary(summary, Console(), title=f"{recipe['name']}: held-out test subjects")
+        print_dose_head(run_dir / "results.json", Console())
+        console.print(f"results: {run_dir / 'results.md'}")

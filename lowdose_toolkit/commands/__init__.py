@@ -1,1 +1,0 @@
-"""CLI command implementations (imported lazily by `lowdose_toolkit.cli`)."""

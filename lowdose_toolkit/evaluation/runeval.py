@@ -1,0 +1,182 @@
+"""Evaluate a trained run on its held-out test subjects (the paper's protocol, on our data).
+
+For every test subject and DRF: the model's whole-volume prediction (sliding window) and the
+low-dose input itself (the "Low-Dose" row) are compared with the full-dose reference using the
+challenge's metrics. Rows and the per-DRF summary go to ``results.json`` (kind ``run``, see
+:mod:`lowdose_toolkit.evaluation.results`), the rows also to ``results.csv`` (``method, subject, drf, psnr, ssim,
+nrmse, ssim_range, masked``; NRMSE as a fraction) and the summary to ``results.md``, in the run
+directory, or in ``RUN_DIR/body_mask/`` for an evaluation inside a body mask (so the whole-volume
+results, the paper's protocol, are never replaced by masked ones).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lowdose_toolkit.core.atomic import atomic_path
+from lowdose_toolkit.errors import UserError
+
+LOW_DOSE = "Low-Dose"
+MASK_DIR = "body_mask"
+
+
+def dose_head_markdown(record: Mapping[str, Any]) -> str:
+    """The dose head's accuracy and confusion matrix (rows: true DRF, columns: predicted) as Markdown."""
+    drfs = record["drfs"]
+    role = "guides the generator" if record["guides"] else "auxiliary (does not reach the image)"
+    lines = [f"Dose head `{record['head']}` ({role}): predicted DRF correct for "
+             f"{100 * record['accuracy']:.1f} % of {record['volumes']} test volumes.", "",
+             "| true \\ predicted | " + " | ".join(f"DRF {d}" for d in drfs) + " |",
+             "|---|" + "---|" * len(drfs)]
+    for d, row in zip(drfs, record["confusion"], strict=True):
+        lines.append(f"| DRF {d} | " + " | ".join(str(n) for n in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def print_dose_head(results: Path, console: Any) -> None:
+    """Print the dose head's test accuracy and confusion matrix from ``results`` (a results.json), if any."""
+    from rich.table import Table
+
+    from lowdose_toolkit.evaluation.results import read_results
+
+    record = read_results(results).extra.get("dose_head")
+    if not record:
+        return
+    console.print(f"dose head {record['head']}: predicted DRF right for {100 * record['accuracy']:.0f} % of "
+                  f"{record['volumes']} test volumes (rows: true DRF, columns: predicted)")
+    table = Table()
+    table.add_column("DRF")
+    for d in record["drfs"]:
+        table.add_column(str(d), justify="right")
+    for d, row in zip(record["drfs"], record["confusion"], strict=True):
+        table.add_row(str(d), *map(str, row))
+    console.print(table)
+
+
+def by_drf(summary: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Summary rows ordered by DRF, the Low-Dose input first within each DRF (the paper's layout)."""
+    return sorted(summary, key=lambda s: (s["drf"], s["method"] != LOW_DOSE, s["method"]))
+
+
+def results_dir(run_dir: Path, out: Path | None = None, mask: bool = False) -> Path:
+    """Where :func:`evaluate_run` writes: ``out``, else the run directory (``RUN_DIR/body_mask`` if masked)."""
+    if out is not None:
+        return Path(out)
+    return Path(run_dir) / MASK_DIR if mask else Path(run_dir)
+
+
+def evaluate_run(
+    run_dir: Path,
+    method: str | None = None,
+    checkpoint: str = "best",
+    device: str = "auto",
+    save_predictions: bool = False,
+    console: Any = None,
+    out: Path | None = None,
+    ssim_range: str | None = None,
+    mask: bool = False,
+    mask_threshold: float = 0.01,
+) -> list[dict[str, Any]]:
+    """Evaluate ``run_dir``'s checkpoint on its test split; write and return the per-DRF summary.
+
+    Args:
+        run_dir: A run directory (``ldt run``'s output).
+        method: Name of the method's rows (default: the recipe's name).
+        checkpoint: ``"best"`` (highest validation PSNR) or ``"last"``.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+        save_predictions: Also write each prediction as NIfTI (input units, input's affine) under
+            ``<out>/predictions/``.
+        console: Rich console for the progress bar.
+        out: Folder for ``results.{csv,json,md}``; default the run directory, or
+            ``RUN_DIR/body_mask`` when ``mask`` is set.
+        ssim_range: ``"challenge"`` (data range 2) or ``"standard"`` (1); default the recipe's
+            ``eval.ssim_range``.
+        mask: Score inside a body mask of the full-dose reference (voxels above ``mask_threshold``
+            times its maximum, see :func:`lowdose_toolkit.evaluation.metrics.body_mask`), for both rows.
+        mask_threshold: Fraction of the reference maximum for the body mask.
+    """
+    from rich.progress import Progress
+
+    from lowdose_toolkit.core.plugin_manager import get_registry
+    from lowdose_toolkit.data.datasets import pairs_dataset
+    from lowdose_toolkit.evaluation.evaluate import aggregate, summary_markdown
+    from lowdose_toolkit.evaluation.metrics import body_mask, check_ssim_range, compute_all
+    from lowdose_toolkit.evaluation.results import write_results
+    from lowdose_toolkit.infer.predictor import Predictor, confusion_matrix
+    from lowdose_toolkit.train.build import resolve_device
+    from lowdose_toolkit.train.checkpoint import load_checkpoint
+
+    run_dir = Path(run_dir)
+    if checkpoint not in ("best", "last"):
+        raise UserError(f"checkpoint {checkpoint!r} is unknown; use best or last")
+    path = run_dir / "checkpoints" / f"{checkpoint}.pt"
+    if not path.is_file():
+        raise UserError(f"{run_dir}: no checkpoints/{checkpoint}.pt; is this a finished run directory?")
+    if not 0 < mask_threshold < 1:
+        raise UserError(f"mask threshold must be in (0, 1) (a fraction of the reference maximum), got {mask_threshold}")
+    ckpt = load_checkpoint(path)
+    dev = resolve_device(device)
+    # The precision validation used (the recipe's train.amp on CUDA, fp32 on the CPU), so test and
+    # validation numbers are comparable.
+    precision = ckpt.recipe["train"]["amp"] if dev.type == "cuda" else "fp32"
+    predictor, recipe = Predictor.from_checkpoint(ckpt, dev, precision)
+    model = predictor.model
+    method = method or recipe["name"]
+    cfg = recipe["eval"]
+    ssim_range = ssim_range or cfg["ssim_range"]
+    check_ssim_range(ssim_range)
+    out = results_dir(run_dir, out, mask)
+    registry = get_registry()
+    drfs = list(ckpt.drfs)
+    source = registry.build("source", recipe["data"]["source"], "data.source", context={"drfs": drfs})
+    test_ids = set(ckpt.split["test"])
+    records = [r for r in source.records() if r.subject in test_ids]
+    if not records:
+        raise UserError(f"{run_dir}: the run has no test subjects (data.split.test is 0)")
+    dataset = pairs_dataset(records, drfs, recipe["data"]["normalization"])
+    rows: list[dict[str, Any]] = []
+    dose_true: list[int] = []
+    dose_pred: list[int] = []
+    with Progress(console=console, transient=True) as progress, torch.no_grad():
+        task = progress.add_task("evaluating test subjects", total=len(dataset))
+        for i in range(len(dataset)):
+            subject = dataset[i]
+            low, full = subject["low"].data.float(), subject["full"].data.float()
+            pred, probs = predictor.predict(low)
+            sid, drf = subject["subject_id"], int(subject["drf"])
+            if probs is not None:
+                dose_true.append(drfs.index(drf))
+                dose_pred.append(int(probs.argmax()))
+            region = body_mask(full[0], mask_threshold) if mask else None
+            for name, image in ((LOW_DOSE, low), (method, pred)):
+                m = compute_all(full[0], image[0], ssim_range=ssim_range, mask=region)
+                rows.append({"method": name, "subject": sid, "drf": drf, "psnr": m["psnr"], "ssim": m["ssim"],
+                             "nrmse": m["nrmse"], "ssim_range": ssim_range, "masked": mask})
+            if save_predictions:
+                from lowdose_toolkit.data.io import save_like
+
+                scale = float(subject["scale"])
+                save_like(pred * scale, subject["low"].path, out / "predictions" / f"{sid}_drf_{drf:03d}.nii.gz")
+            progress.advance(task)
+    summary = by_drf(aggregate(rows))
+    settings: dict[str, Any] = {"ssim_range": ssim_range, "mask": mask}
+    if mask:
+        settings["mask_threshold"] = mask_threshold
+    facts: dict[str, Any] = {"method": method, "checkpoint": str(path), "epoch": ckpt.epoch,
+                             "test_subjects": sorted(test_ids)}
+    text = f"### {method} on held-out test subjects\n\n" + summary_markdown(summary, settings)
+    if dose_true:
+        head = model.dose_head
+        matrix = confusion_matrix(dose_true, dose_pred, len(drfs))
+        accuracy = sum(t == p for t, p in zip(dose_true, dose_pred, strict=True)) / len(dose_true)
+        facts["dose_head"] = {"head": head, "guides": model.guidance is not None, "drfs": drfs,
+                              "accuracy": accuracy, "volumes": len(dose_true), "confusion": matrix}
+        text += "\n" + dose_head_markdown(facts["dose_head"])
+    with atomic_path(out / "results.md") as tmp:
+        tmp.write_text(text)
+    write_results(out, "run", rows, summary, settings, **facts)  # results.json, results.csv
+    return summary

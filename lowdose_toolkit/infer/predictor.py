@@ -1,0 +1,155 @@
+"""The one inference path: a :class:`Predictor` holds a model with everything needed to apply it.
+
+Validation, ``ldt evaluate RUN_DIR``, ``ldt infer``, the study figure and the benchmarks all predict
+through it: the sliding window (``eval`` of the recipe, or overrides), one precision setting
+(:mod:`lowdose_toolkit.infer.precision`), the normalisation the model was trained under, the DRFs and the
+dose head. ``predict`` works in normalised units and returns the dose head's class probabilities
+averaged over the windows; ``denoise`` takes a volume in its own units and returns one in the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lowdose_toolkit.errors import RecipeError, UserError
+from lowdose_toolkit.infer.precision import resolve_precision
+from lowdose_toolkit.models.lowdose_model import LowDoseModel
+from lowdose_toolkit.train.checkpoint import Checkpoint, Normalization, load_checkpoint
+
+WINDOW_KEYS = ("patch_size", "overlap", "batch_size", "blending")
+
+
+def model_from_checkpoint(ckpt: Checkpoint, device: torch.device) -> tuple[LowDoseModel, dict[str, Any]]:
+    """Rebuild the synthesis model of a checkpoint (its recipe names the parts) and load its weights."""
+    from lowdose_toolkit.core.plugin_manager import get_registry
+    from lowdose_toolkit.core.recipe import resolve_recipe
+    from lowdose_toolkit.models.lowdose_model import build_model
+
+    registry = get_registry()
+    try:
+        recipe = resolve_recipe(ckpt.recipe, registry, "checkpoint recipe")
+        model, _ = build_model(recipe, registry)
+    except RecipeError as exc:
+        raise RecipeError(f"{exc} -- the checkpoint was trained with a part that is not installed here; "
+                          "install the plugin that provides it (see `ldt plugins`)") from None
+    model.load_state_dict(ckpt.model)
+    return model.to(device).eval(), recipe
+
+
+@dataclass
+class Predictor:
+    """A model ready to predict whole volumes.
+
+    Args:
+        model: The synthesis model (put in eval mode by :meth:`predict`'s callers' models; training
+            code switches modes itself).
+        window: ``patch_size``, ``overlap``, ``batch_size`` and ``blending`` of the sliding window.
+        device: Where the model runs.
+        precision: ``fp32``, ``bf16`` or ``fp16`` (resolved; see :func:`resolve_precision`).
+        drfs: The DRFs the model was trained on (its dose classes, in order).
+        normalization: How inputs are normalised for :meth:`denoise`.
+    """
+
+    model: LowDoseModel
+    window: Mapping[str, Any]
+    device: torch.device
+    precision: str = "fp32"
+    drfs: tuple[int, ...] = ()
+    normalization: Normalization | None = None
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Path | Checkpoint, device: torch.device, precision: str = "auto",
+                        **window: Any) -> tuple[Predictor, dict[str, Any]]:
+        """A predictor for a checkpoint (file, run directory or loaded) and its resolved recipe.
+
+        ``window`` overrides the recipe's ``eval`` keys (None keeps the recipe's).
+        """
+        ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+        model, recipe = model_from_checkpoint(ckpt, device)
+        unknown = set(window) - set(WINDOW_KEYS)
+        if unknown:
+            raise TypeError(f"unknown window keys {sorted(unknown)}; use {WINDOW_KEYS}")
+        merged = {k: recipe["eval"][k] if window.get(k) is None else window[k] for k in WINDOW_KEYS}
+        return cls(model, merged, device, resolve_precision(precision, device), tuple(ckpt.drfs),
+                   ckpt.normalization), recipe
+
+    @property
+    def dose_head(self) -> str | None:
+        return self.model.dose_head
+
+    @property
+    def guided(self) -> bool:
+        return self.model.guidance is not None
+
+    def drf_class(self, drf: int | None) -> int | None:
+        """The class index of a stated DRF (``ldt infer --drf``), checked against the model."""
+        if drf is None:
+            return None
+        if not self.guided:
+            raise UserError(f"--drf {drf}: this checkpoint's model is not guided by a dose head (no model.guidance "
+                            "in its recipe), so a stated DRF cannot change its output; leave --drf out")
+        if drf not in self.drfs:
+            raise UserError(f"--drf {drf}: the model was trained on DRFs {list(self.drfs)}; give one of them")
+        return self.drfs.index(drf)
+
+    def predict(self, low: torch.Tensor, drf_class: int | None = None,
+                use_refiner: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Predict a normalised volume ``[1, X, Y, Z]``; returns ``(prediction, dose probabilities)``.
+
+        ``drf_class`` conditions a guided model on that class (an oracle or the user's statement)
+        instead of its head's prediction; ``use_refiner=False`` gives the coarse output. The
+        probabilities ``[num_classes]`` are the dose head's softmax averaged over the windows (None
+        without a dose head). The prediction is float32 on the CPU whatever the precision.
+        """
+        from lowdose_toolkit.infer.sliding import infer_volume
+
+        model, head = self.model, self.dose_head
+        votes: list[torch.Tensor] = []
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            if head is None:
+                return model.predict(x, use_refiner)
+            cls = None if drf_class is None else torch.full((x.shape[0],), drf_class, device=x.device)
+            out = model(x, use_refiner=use_refiner, drf_class=cls)
+            votes.append(out[head].float().softmax(dim=1).cpu())
+            return out["pred"]
+
+        w = self.window
+        with torch.no_grad():
+            pred = infer_volume(low, run, patch_size=w["patch_size"], overlap=w["overlap"],
+                                batch_size=w["batch_size"], blending=w["blending"], device=self.device,
+                                amp=self.precision)
+        probs = torch.cat(votes).mean(dim=0) if votes else None
+        return pred, probs
+
+    def verdict(self, probs: torch.Tensor | None) -> dict[str, Any]:
+        """``predicted_drf`` and its probability, for summaries (empty without a dose head)."""
+        if probs is None:
+            return {}
+        k = int(probs.argmax())
+        return {"predicted_drf": self.drfs[k], "drf_probability": round(float(probs[k]), 4)}
+
+    def denoise(self, volume: torch.Tensor, where: str, drf_class: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
+        """A volume ``[1, X, Y, Z]`` in its own units -> (prediction in the same units, probabilities, norm)."""
+        from lowdose_toolkit.data.normalize import fit_normalization
+
+        if self.normalization is None:
+            raise UserError(f"{where}: this predictor has no normalisation (build it from a checkpoint)")
+        norm = fit_normalization(volume, self.normalization.method, None, where=where,
+                                 quantile=self.normalization.quantile)
+        pred, probs = self.predict(norm.apply(volume), drf_class)
+        return norm.invert(pred), probs, norm
+
+
+def confusion_matrix(true: list[int], predicted: list[int], num_classes: int) -> list[list[int]]:
+    """``matrix[t][p]``: volumes of true class ``t`` predicted as ``p``."""
+    matrix = [[0] * num_classes for _ in range(num_classes)]
+    for t, p in zip(true, predicted, strict=True):
+        matrix[t][p] += 1
+    return matrix

@@ -1,0 +1,2 @@
+"""Training: the composition root, the loop, stages, validation, checkpoints, distribution and RNG state.
+"""

@@ -1,0 +1,377 @@
+"""The training loop: ``Trainer(recipe, run_dir).fit()`` trains a resolved recipe into a run directory::
+
+    run_dir/
+      recipe.yaml          the resolved recipe
+      run.json             what ran: versions, device, split, plugins, loss records
+      metrics.jsonl        one line per epoch: loss terms, lr, val PSNR/SSIM/NRMSE per DRF, time
+      checkpoints/last.pt  written atomically at each epoch's end (resume from here)
+      checkpoints/best.pt  the epoch with the best validation metric
+      previews/epoch_NNN.png  MIPs of low-dose / coarse / refined / full-dose (one val subject)
+
+The parts around the loop live in their own modules: the composition root (:mod:`lowdose_toolkit.train.build`),
+the stage controller (:mod:`lowdose_toolkit.train.stages`), validation (:mod:`lowdose_toolkit.train.validation`), the
+checkpoint file (:mod:`lowdose_toolkit.train.checkpoint`) and prediction (:mod:`lowdose_toolkit.infer.predictor`).
+After each epoch the same steps run in one fixed order: validate, schedule, track the best, save.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lowdose_toolkit import __version__
+from lowdose_toolkit.core.atomic import atomic_path
+from lowdose_toolkit.core.recipe import dump_recipe
+from lowdose_toolkit.core.registry import Registry
+from lowdose_toolkit.core.spec import run_spec
+from lowdose_toolkit.data.datasets import PatchStream, Split, pairs_dataset, shard, split_records
+from lowdose_toolkit.data.normalize import QUANTILE
+from lowdose_toolkit.errors import RecipeError, UserError
+from lowdose_toolkit.infer.precision import resolve_precision
+from lowdose_toolkit.infer.predictor import Predictor
+from lowdose_toolkit.models.lowdose_model import dry_run
+from lowdose_toolkit.records import SubjectRecord
+from lowdose_toolkit.train.build import build_training, resolve_device
+from lowdose_toolkit.train.checkpoint import Checkpoint, Normalization, load_checkpoint
+from lowdose_toolkit.train.distributed import (
+    DistInfo,
+    broadcast_buffers,
+    broadcast_object,
+    cleanup,
+    ddp_wrapper,
+    gather_objects,
+    init_distributed,
+)
+from lowdose_toolkit.train.rng import rng_state, seed_everything, set_rng_state
+from lowdose_toolkit.train.stages import StageController
+from lowdose_toolkit.train.validation import Validator, monitor_value
+
+__all__ = ["Trainer", "build_training", "default_run_dir", "resolve_device"]
+
+
+class Trainer:
+    """Trains a resolved recipe into ``run_dir`` (see the module docstring for the layout).
+
+    Args:
+        recipe: The resolved recipe (:func:`lowdose_toolkit.core.recipe.resolve_recipe`).
+        run_dir: Run directory; created if missing.
+        registry: The part registry.
+        resume: Continue from ``run_dir/checkpoints/last.pt``.
+        console: A rich console for messages (rank 0 only prints).
+    """
+
+    def __init__(self, recipe: dict[str, Any], run_dir: Path, registry: Registry, resume: bool = False,
+                 console: Any = None) -> None:
+        from rich.console import Console
+
+        self.recipe = recipe
+        self.run_dir = Path(run_dir)
+        self.registry = registry
+        self.resume = resume
+        train = recipe["train"]
+        self.device = resolve_device(train["device"])
+        self.dist: DistInfo = init_distributed(self.device)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self.console = console or Console(stderr=True)
+        self.precision = train["amp"] if self.device.type == "cuda" else "none"
+        self.spec = run_spec(recipe)
+        self.drfs: list[int] = list(self.spec.drfs)
+        seed_everything(recipe["seed"], train["deterministic"])
+        if self.device.type == "cpu" and train["deterministic"]:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+
+        # Model, losses, scheme, stages.
+        wrap = ddp_wrapper(self.dist, self.device, find_unused=len(self.spec.stages) > 1)
+        self.model, self.discriminator, self.losses, self.scheme = build_training(
+            recipe, registry, self.device, self.precision, wrap)
+        self.stages = StageController(self.spec.stages, self.model.refiner is not None)
+        self.schedulers = self._make_schedulers()
+        self.base_lr = train["optimizer"]["lr"]
+        self.predictor = Predictor(self.model, recipe["eval"], self.device, resolve_precision(
+            self.precision, self.device), tuple(self.drfs))
+        if not self.dist.enabled:  # shapes checked before any data is read (ldt check does the same)
+            dry_run(self.model, self.discriminator, self.spec, recipe["data"]["batch_size"],
+                    recipe["eval"]["batch_size"])
+
+        # Data.
+        self.source = registry.build("source", recipe["data"]["source"], "data.source", context={"drfs": self.drfs})
+        self.records: list[SubjectRecord] = self.source.records()
+        split = recipe["data"]["split"]
+        self.split: Split = split_records(self.records, split["val"], split["test"], recipe["seed"])
+        if not self.split.val:
+            raise RecipeError("data.split.val: validation needs at least one subject (the scheduler monitors it)")
+        data_cfg = recipe["data"]
+        train_records = shard(self.split.train, self.dist.rank, self.dist.world)
+        self.train_set = pairs_dataset(train_records, self.drfs, data_cfg["normalization"],
+                                       sampling_map=data_cfg["sampler"] == "weighted", preload=data_cfg["preload"])
+        self.stream = PatchStream(self.train_set, data_cfg)
+        n_val = recipe["eval"]["val_subjects"]
+        val_records = self.split.val if n_val is None else self.split.val[:n_val]
+        self.val_set = pairs_dataset(val_records, self.drfs, data_cfg["normalization"], preload=data_cfg["preload"])
+        self.steps_per_epoch = train["steps_per_epoch"] or self.stream.default_steps()
+
+        self.validator = Validator(self.model, self.predictor, self.val_set, self.train_set, self.drfs,
+                                   recipe["eval"]["ssim_range"],
+                                   self.run_dir / "previews" if train["previews"] else None)
+        self.epoch = 0  # epochs completed
+        self.best: dict[str, Any] = {"epoch": -1, "value": None}
+
+    # ------------------------------------------------------------------ schedules
+    def _make_schedulers(self) -> dict[str, Any]:
+        cfg = self.recipe["train"]["scheduler"]
+        if cfg["name"] == "none":
+            return {}
+        mode = self.spec.schedule.mode
+        return {
+            name: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=mode, factor=cfg["factor"],
+                                                             patience=cfg["patience"])
+            for name, opt in self.scheme.optimizers.items()
+        }
+
+    def lr(self) -> float:
+        """Learning rate of the first optimizer (the generator's)."""
+        first = next(iter(self.scheme.optimizers.values()))
+        return float(first.param_groups[0]["lr"])
+
+    @property
+    def total_epochs(self) -> int:
+        return self.stages.total_epochs
+
+    def stage_modules(self) -> list[tuple[str, nn.Module]]:
+        """Every network with the stage part it belongs to, scheme-owned ones (e.g. CycleGAN's G_B) included."""
+        parts = [("generator", self.model.generator), ("heads", self.model.heads), ("refiner", self.model.refiner),
+                 ("discriminator", self.discriminator)]
+        guidance = self.model.guidance
+        if guidance is not None:  # per part when it says which part each piece conditions, else the generator's
+            pieces = getattr(guidance, "stage_parts", None)
+            parts += list(pieces.items()) if pieces is not None else [("generator", guidance)]
+        parts += [(self.scheme.extra_module_parts.get(n, ""), m) for n, m in self.scheme.extra_modules.items()]
+        return [(part, module) for part, module in parts if module is not None]
+
+    def _enter_stage(self, index: int, fresh: bool) -> None:
+        self.stages.enter(index, self.stage_modules(), self.scheme)
+        if fresh and index > 0:  # a new stage starts from the base learning rate and a fresh schedule
+            for opt in self.scheme.optimizers.values():
+                for group in opt.param_groups:
+                    group["lr"] = self.base_lr * group.get("lr_scale", 1.0)
+            self.schedulers = self._make_schedulers()
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_state(self, rng: list[dict[str, Any]]) -> Checkpoint:
+        method = self.recipe["data"]["normalization"]
+        return Checkpoint(
+            recipe=self.recipe, epoch=self.epoch, drfs=self.drfs, model=self.model.state_dict(),
+            normalization=Normalization("robust" if method == "auto" else method, QUANTILE),
+            version=__version__,
+            discriminator=None if self.discriminator is None else self.discriminator.state_dict(),
+            scheme=self.scheme.state_dict(),
+            scheme_modules={n: m.state_dict() for n, m in self.scheme.extra_modules.items()},
+            schedulers={n: s.state_dict() for n, s in self.schedulers.items()},
+            rng=rng, best=self.best, split=self.split.summary(), world_size=self.dist.world,
+        )
+
+    def _load(self, path: Path) -> None:
+        ckpt = load_checkpoint(path)
+        if ckpt.world_size != self.dist.world:
+            raise UserError(f"{path}: saved with {ckpt.world_size} processes; resume with the same number")
+        self.model.load_state_dict(ckpt.model)
+        if self.discriminator is not None:
+            self.discriminator.load_state_dict(ckpt.discriminator)
+        self.epoch = ckpt.epoch
+        self.best = dict(ckpt.best)
+        for name, module in self.scheme.extra_modules.items():
+            module.load_state_dict(ckpt.scheme_modules[name])
+        self.scheme.load_state_dict(ckpt.scheme)
+        for name, sched in self.schedulers.items():
+            sched.load_state_dict(ckpt.schedulers[name])
+        set_rng_state(ckpt.rng[self.dist.rank])
+
+    # ------------------------------------------------------------------ run directory
+    def _prepare_run_dir(self) -> None:
+        if not self.dist.is_main:
+            return
+        (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "previews").mkdir(exist_ok=True)
+        with atomic_path(self.run_dir / "recipe.yaml") as tmp:
+            tmp.write_text(dump_recipe(self.recipe))
+        record = {
+            "name": self.recipe["name"],
+            "lowdose_toolkit": __version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "machine": platform.platform(),
+            "device": str(self.device),
+            "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
+            "precision": self.precision,
+            "world_size": self.dist.world,
+            "split": self.split.summary(),
+            "source": repr(self.source),
+            "steps_per_epoch": self.steps_per_epoch,
+            "plugins": {e.name: f"{e.plugin} {e.version}" for e in self.registry.entries()},
+            "losses": {t.name: getattr(t.loss, "record", None) for t in self.losses if hasattr(t.loss, "record")},
+        }
+        with atomic_path(self.run_dir / "run.json") as tmp:
+            tmp.write_text(json.dumps(record, indent=2, default=str))
+
+    def _trim_metrics(self) -> None:
+        """Drop metrics lines of epochs after the checkpoint (a run killed between the two writes)."""
+        path = self.run_dir / "metrics.jsonl"
+        if not self.dist.is_main or not path.is_file():
+            return
+        kept = [line for line in path.read_text().splitlines() if line.strip()
+                and json.loads(line).get("epoch", 0) <= self.epoch]
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(line + "\n" for line in kept))
+
+    # ------------------------------------------------------------------ training
+    def fit(self) -> dict[str, Any]:
+        """Train until the last epoch, the lr floor or the time budget; returns the last metrics."""
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        train = self.recipe["train"]
+        last_ckpt = self.run_dir / "checkpoints" / "last.pt"
+        if self.resume:
+            if not last_ckpt.is_file():
+                raise UserError(f"{self.run_dir}: nothing to resume (no checkpoints/last.pt)")
+            self._load(last_ckpt)
+            self._trim_metrics()
+            self._say(f"resuming {self.run_dir} after epoch {self.epoch}")
+        self._prepare_run_dir()
+        started = time.monotonic()
+        floor = train["stop_when_lr_below"]
+        record: dict[str, Any] = {}
+        entered: int | None = None
+        stage_started = time.monotonic()
+        progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[losses]}"), TimeElapsedColumn(),
+            console=self.console, disable=not self.dist.is_main,
+        )
+        with progress:
+            while self.epoch < self.total_epochs:
+                index, start = self.stages.at(self.epoch)
+                stage = self.stages.stages[index]
+                stage_end = start + stage.epochs
+                if entered != index:
+                    # A stage entered at its first epoch starts fresh; a resumed one keeps its lr and schedule.
+                    self._enter_stage(index, fresh=self.epoch == start)
+                    entered = index
+                    stage_started = time.monotonic()
+                if floor is not None and self.lr() < floor:
+                    self._say(f"lr {self.lr():.2e} is below {floor:.0e}: stage {stage.name!r} stops")
+                    self.epoch = stage_end
+                    continue
+                t0 = time.monotonic()
+                losses = self._train_epoch(progress)
+                record = self._after_epoch(losses, stage.name, t0)
+                budget = train["max_minutes"]
+                if budget is not None and (time.monotonic() - started) / 60 > budget:
+                    self._say(f"time budget of {budget} min spent after epoch {self.epoch}")
+                    break
+                stage_budget = stage.max_minutes
+                if stage_budget is not None and self.epoch < stage_end \
+                        and (time.monotonic() - stage_started) / 60 > stage_budget:
+                    self._say(f"stage {stage.name!r}: its {stage_budget} min spent after epoch "
+                              f"{self.epoch}")
+                    self.epoch = stage_end
+        cleanup(self.dist)
+        return record
+
+    def _train_epoch(self, progress: Any) -> dict[str, float]:
+        """The optimisation steps of one epoch; returns the mean loss terms."""
+        self.model.train()
+        self.stages.set_modes(self.stage_modules())
+        self.stream.reset()
+        sums: dict[str, float] = {}
+        task = progress.add_task(f"epoch {self.epoch + 1}/{self.total_epochs}", total=self.steps_per_epoch,
+                                 losses="")
+        for step in range(self.steps_per_epoch):
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in self.stream.next_batch().items()}
+            values = self.scheme.train_step(batch)
+            for key, value in values.items():
+                sums[key] = sums.get(key, 0.0) + value
+            shown = " ".join(f"{k}={v / (step + 1):.4g}" for k, v in sums.items() if k != "total")
+            progress.update(task, advance=1, losses=shown)
+        progress.remove_task(task)
+        broadcast_buffers(self.dist, self.model, self.discriminator, *self.scheme.extra_modules.values())
+        losses = {k: v / self.steps_per_epoch for k, v in sums.items()}
+        if self.dist.enabled:
+            losses = {k: float(np.mean([r[k] for r in gather_objects(self.dist, losses)])) for k in losses}
+        self.epoch += 1
+        return losses
+
+    def _after_epoch(self, losses: dict[str, float], stage: str, t0: float) -> dict[str, Any]:
+        """The end of an epoch, always in this order: validate, schedule, best, save, log."""
+        val = self._validate_step()
+        if val:
+            value = monitor_value(self.spec.schedule.monitor, val)
+            self._schedule_step(value)
+            self._best_step(value)
+        record = {"epoch": self.epoch, "stage": stage, "lr": self.lr(), "losses": losses, "val": val,
+                  "best_epoch": self.best["epoch"], "epoch_seconds": round(time.monotonic() - t0, 3)}
+        self._save_step()
+        if self.dist.is_main:
+            self._write_epoch(record)
+        return record
+
+    def _validate_step(self) -> dict[str, Any]:
+        if self.epoch % self.spec.val_every and self.epoch != self.total_epochs:
+            return {}
+        val = self.validator(self.epoch, self.stages.use_refiner) if self.dist.is_main else {}
+        return broadcast_object(self.dist, val)
+
+    def _schedule_step(self, value: float) -> None:
+        for sched in self.schedulers.values():
+            sched.step(value)
+
+    def _best_step(self, value: float) -> None:
+        best = self.best["value"]
+        higher = self.spec.schedule.mode == "max"
+        if best is None or (value > best if higher else value < best):
+            self.best = {"epoch": self.epoch, "value": value, "monitor": self.spec.schedule.monitor}
+
+    def _save_step(self) -> None:
+        rng = gather_objects(self.dist, rng_state())
+        if self.dist.is_main:
+            self.checkpoint_state(rng).save(self.run_dir / "checkpoints" / "last.pt")
+            if self.best["epoch"] == self.epoch:
+                with atomic_path(self.run_dir / "checkpoints" / "best.pt") as tmp:
+                    shutil.copyfile(self.run_dir / "checkpoints" / "last.pt", tmp)
+
+    def _write_epoch(self, record: dict[str, Any]) -> None:
+        with (self.run_dir / "metrics.jsonl").open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        val = record["val"]
+        text = f"epoch {record['epoch']}/{self.total_epochs} lr {record['lr']:.1e}"
+        if val:
+            text += f" | val PSNR {val['psnr']:.2f} dB SSIM {val['ssim']:.4f} NRMSE {100 * val['nrmse']:.3f}%"
+            gain = [val["per_drf"][d]["psnr"] - val["low_dose"][d]["psnr"] for d in val["per_drf"]]
+            text += f" | vs input {min(gain):+.2f}..{max(gain):+.2f} dB (weighted {val['gain']:+.2f})"
+            if "dose_accuracy" in val:
+                text += f" | dose head {100 * val['dose_accuracy']:.0f}%"
+        text += f" | {record['epoch_seconds']:.1f} s"
+        self._say(text)
+
+    def _say(self, text: str) -> None:
+        if self.dist.is_main:
+            self.console.print(text)
+
+    def predict_volume(self, low: torch.Tensor, coarse_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Whole-volume prediction through the run's :class:`Predictor` (the current stage's refiner switch)."""
+        return self.predictor.predict(low, use_refiner=self.stages.use_refiner and not coarse_only)
+
+
+def default_run_dir(recipe: Mapping[str, Any], root: Path = Path("runs")) -> Path:
+    """``runs/<name>-<YYYYmmdd-HHMMSS>``."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return root / f"{recipe['name']}-{stamp}"

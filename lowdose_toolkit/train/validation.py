@@ -1,0 +1,151 @@
+"""Validation of a training run: whole-volume metrics per DRF against the input's, the selection metric,
+the dose head's calibration and accuracy, and the epoch's preview picture."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lowdose_toolkit.infer.predictor import Predictor
+from lowdose_toolkit.models.lowdose_model import LowDoseModel
+
+CALIBRATION_VOLUMES = 200  # whole training volumes a calibrated dose head is fitted on (evenly spaced)
+
+
+#: The Ultra-Low-Dose PET challenge's ranking weights per DRF (udpet-challenge.github.io, evaluation).
+CHALLENGE_DRF_WEIGHTS: dict[int, float] = {4: 0.05, 10: 0.15, 20: 0.20, 50: 0.25, 100: 0.35}
+
+
+def drf_weights(drfs: Iterable[int]) -> dict[int, float]:
+    """Weights of the DRFs in ``val_gain``: the challenge's (renormalised) when every DRF has one, else equal."""
+    drfs = [int(d) for d in drfs]
+    if all(d in CHALLENGE_DRF_WEIGHTS for d in drfs):
+        total = sum(CHALLENGE_DRF_WEIGHTS[d] for d in drfs)
+        return {d: CHALLENGE_DRF_WEIGHTS[d] / total for d in drfs}
+    return {d: 1.0 / len(drfs) for d in drfs}
+
+
+def weighted_gain(val: Mapping[str, Any]) -> float:
+    """DRF-weighted mean of the validation PSNR gain over the low-dose input (dB), see :func:`drf_weights`.
+
+    (A variant that also subtracted every DRF's loss below the input selected the first, near-identity
+    epoch of every unguided ML-Net run in the CPU study and stopped plateau schedules within a few
+    epochs, so it was dropped: docs/RESULTS.md.)"""
+    gains = {int(d): val["per_drf"][d]["psnr"] - val["low_dose"][d]["psnr"] for d in val["per_drf"]}
+    weights = drf_weights(gains)
+    return float(sum(weights[d] * g for d, g in gains.items()))
+
+
+def monitor_value(monitor: str, val: Mapping[str, Any]) -> float:
+    """The monitored number in a validation record (see :func:`monitor_mode`)."""
+    if monitor == "val_loss":
+        return float(val["loss"])
+    if monitor == "val_psnr":
+        return float(val["psnr"])
+    if monitor == "val_gain":
+        return float(val["gain"])
+    return float(val["per_drf"][str(int(monitor.removeprefix("val_psnr_drf")))]["psnr"])
+
+
+class Validator:
+    """Scores the model on the validation volumes after an epoch (and draws the preview).
+
+    Args:
+        model: The model being trained (switched to eval mode and back).
+        predictor: The run's :class:`Predictor` around ``model``.
+        val_set: Validation volumes (TorchIO subjects with ``low``, ``full``, ``drf``, ``drf_class``).
+        train_set: Training volumes, for calibrating a dose head that can be calibrated.
+        drfs: The DRFs, in class order.
+        ssim_range: ``eval.ssim_range``.
+        previews: Folder for ``epoch_NNN.png`` previews, or None.
+    """
+
+    def __init__(self, model: LowDoseModel, predictor: Predictor, val_set: Any, train_set: Any, drfs: list[int],
+                 ssim_range: str, previews: Path | None) -> None:
+        self.model, self.predictor = model, predictor
+        self.val_set, self.train_set, self.drfs = val_set, train_set, drfs
+        self.ssim_range, self.previews = ssim_range, previews
+        self._val_inputs: dict[str, dict[str, float]] | None = None
+        self._calibration: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def __call__(self, epoch: int, use_refiner: bool) -> dict[str, Any]:
+        """The validation record of ``epoch`` (see :func:`weighted_gain` for ``gain``)."""
+        from lowdose_toolkit.evaluation.metrics import compute_all
+
+        self.model.eval()
+        calibration = self._calibrate_dose_head()
+        per_drf: dict[int, list[dict[str, float]]] = {}
+        inputs: dict[int, list[dict[str, float]]] = {}
+        l1: list[float] = []
+        dose_hits: list[bool] = []
+        preview_index = len(self.drfs) - 1  # the first validation subject at the last (highest) DRF
+        for i in range(len(self.val_set)):
+            subject = self.val_set[i]
+            low, full = subject["low"].data.float(), subject["full"].data.float()
+            pred, probs = self.predictor.predict(low, use_refiner=use_refiner)
+            if probs is not None:
+                dose_hits.append(int(probs.argmax()) == int(subject["drf_class"]))
+            m = compute_all(full[0], pred[0], ssim_range=self.ssim_range)
+            per_drf.setdefault(int(subject["drf"]), []).append(m)
+            if self._val_inputs is None:  # the low-dose input's own metrics, once: the bar to clear
+                inputs.setdefault(int(subject["drf"]), []).append(
+                    compute_all(full[0], low[0], ssim_range=self.ssim_range))
+            l1.append(float((pred - full).abs().mean()))
+            if self.previews is not None and i == preview_index:
+                self._preview(epoch, use_refiner, low, full, pred, int(subject["drf"]), subject["subject_id"])
+        self.model.train()
+        out: dict[str, Any] = {"per_drf": {}}
+        for drf, rows in sorted(per_drf.items()):
+            out["per_drf"][str(drf)] = {k: float(np.mean([r[k] for r in rows])) for k in ("psnr", "ssim", "nrmse")}
+        for key in ("psnr", "ssim", "nrmse"):
+            out[key] = float(np.mean([v[key] for v in out["per_drf"].values()]))
+        out["loss"] = float(np.mean(l1))
+        if dose_hits:
+            out["dose_accuracy"] = float(np.mean(dose_hits))
+        if calibration is not None:
+            out["dose_calibration_accuracy"] = calibration
+        if self._val_inputs is None:
+            self._val_inputs = {str(d): {k: float(np.mean([r[k] for r in rows])) for k in ("psnr", "ssim", "nrmse")}
+                                for d, rows in sorted(inputs.items())}
+        out["low_dose"] = self._val_inputs
+        out["gain"] = weighted_gain(out)
+        return out
+
+    def _calibrate_dose_head(self) -> float | None:
+        """Calibrate a dose head that can be (``calibrate(statistics, classes)``, see ``parts.py``) on whole
+        training volumes; returns its training accuracy, or None. The statistics are computed once."""
+        name = self.model.dose_head
+        head = self.model.heads[name] if name is not None else None
+        if head is None or not callable(getattr(head, "calibrate", None)):
+            return None
+        if self._calibration is None:
+            n = len(self.train_set)
+            picks = sorted({round(i * (n - 1) / max(1, CALIBRATION_VOLUMES - 1)) for i in range(CALIBRATION_VOLUMES)}) \
+                if n > CALIBRATION_VOLUMES else range(n)
+            stats, classes = [], []
+            for i in picks:
+                subject = self.train_set[i]
+                stats.append(head.statistics(subject["low"].data[None].float().to(self.predictor.device)).cpu())
+                classes.append(int(subject["drf_class"]))
+            self._calibration = (torch.cat(stats), torch.tensor(classes))
+        return float(head.calibrate(*self._calibration))
+
+    def _preview(self, epoch: int, use_refiner: bool, low: torch.Tensor, full: torch.Tensor, pred: torch.Tensor,
+                 drf: int, subject: str) -> None:
+        from lowdose_toolkit.infer.preview import save_mip_png
+
+        assert self.previews is not None
+        panels = [("low-dose", low)]
+        if self.model.refiner is not None and use_refiner:
+            panels.append(("coarse", self.predictor.predict(low, use_refiner=False)[0]))
+            panels.append(("refined", pred))
+        else:
+            panels.append(("prediction", pred))
+        panels.append(("full-dose", full))
+        save_mip_png([(name, t[0]) for name, t in panels], self.previews / f"epoch_{epoch:03d}.png",
+                     title=f"{subject} DRF {drf}")
