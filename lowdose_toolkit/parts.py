@@ -59,6 +59,11 @@ Module contracts (all tensors are ``[B, C, D, H, W]``):
   run record.
 * source: ``records() -> list[SubjectRecord]`` (see ``lowdose_toolkit.records``).
 
+Conformance (:mod:`lowdose_toolkit.testing`): a factory may declare ``example_args`` (small keyword
+arguments for fast checks), a head that reads the image ``reads_image = True``, and a loss on class
+logits ``classifies = True``; ``check_part(kind, name)`` and ``train_steps(kind, name)`` then check the
+contract above and train a tiny recipe around the part.
+
 Any part may set a learning-rate factor on its parameters (``schemes.set_lr_scale(self, 10)``): the
 scheme's optimizer then puts them in a group with that factor on ``train.optimizer.lr`` (small heads
 beside a large generator).

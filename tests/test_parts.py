@@ -1,30 +1,21 @@
-"""Every built-in network part builds with its defaults (small widths where it has them) and runs
-forward + backward on a tiny odd-sized input. Parametrized over the built-in parts of the registry (a
-third-party plugin installed beside the project must not change the project's own suite)."""
+"""Every built-in part passes the conformance checks plugin authors use (lowdose_toolkit.testing): it builds
+with the small arguments it declares, honours its kind's contract on odd-sized inputs, and trains a few
+steps inside a tiny recipe. Parametrized over the built-in parts only: a third-party plugin installed
+beside the project must not change the project's own suite."""
 
 from __future__ import annotations
 
 import inspect
+import math
 
 import pytest
 import torch
+from torch import nn
 
 from lowdose_toolkit.core.plugin_manager import get_registry
+from lowdose_toolkit.testing import check_part, example_args, train_steps
 
-SMALL = {"channels": 4, "depth": 2, "hidden": [8], "n_layers": 1, "num_blocks": 1, "max_channels": 16,
-         "weights": "none"}
-
-
-#: Parts whose examples differ from SMALL: (kind, name) -> kwargs, and heads that read the image.
-EXAMPLES = {("head", "noise_level"): {"hidden": 8}}
-IMAGE_HEADS = {"noise_level"}
-
-
-def small_kwargs(kind: str, name: str) -> dict:
-    if (kind, name) in EXAMPLES:
-        return EXAMPLES[(kind, name)]
-    entry = get_registry().get(kind, name)
-    return {k: v for k, v in SMALL.items() if k in entry.parameters()}
+KINDS = ("generator", "head", "refiner", "discriminator", "loss")
 
 
 def entries(kind: str) -> list[str]:
@@ -32,74 +23,18 @@ def entries(kind: str) -> list[str]:
     return [n for n in registry.names(kind) if registry.get(kind, n).factory.__module__.startswith("ldt_plugins.")]
 
 
-@pytest.mark.parametrize("name", entries("generator"))
-def test_generator_forward_backward(name: str) -> None:
-    gen = get_registry().build("generator", {"name": name, **small_kwargs("generator", name)}, "g",
-                               context={"in_channels": 1, "out_channels": 1})
-    x = torch.rand(2, 1, 13, 18, 21, requires_grad=True)
-    y = gen(x)
-    assert y.shape == x.shape
-    y.square().mean().backward()
-    assert x.grad is not None and all(p.grad is not None for p in gen.parameters() if p.requires_grad)
-    if hasattr(gen, "forward_features"):
-        y2, feats = gen.forward_features(x)
-        assert set(gen.feature_channels) <= set(feats)
-        for key, channels in gen.feature_channels.items():
-            assert feats[key].shape[:2] == (2, channels)
+PARTS = [(kind, name) for kind in KINDS for name in entries(kind)]
 
 
-@pytest.mark.parametrize("name", entries("head"))
-def test_head_forward_backward(name: str) -> None:
-    channels = 1 if name in IMAGE_HEADS else 16
-    head = get_registry().build("head", {"name": name, **small_kwargs("head", name)}, "h",
-                                context={"in_channels": channels, "num_classes": 5})
-    feature = torch.rand(3, channels, *((12, 12, 12) if name in IMAGE_HEADS else (2, 2, 2)), requires_grad=True)
-    out = head(feature)
-    assert out.shape[0] == 3
-    out.float().sum().backward()
-    assert feature.grad is not None
+@pytest.mark.parametrize(("kind", "name"), PARTS, ids=[f"{k}-{n}" for k, n in PARTS])
+def test_builtin_part_conforms(kind: str, name: str) -> None:
+    check_part(kind, name)
 
 
-@pytest.mark.parametrize("name", entries("refiner"))
-def test_refiner_forward_backward(name: str) -> None:
-    ref = get_registry().build("refiner", {"name": name, **small_kwargs("refiner", name)}, "r",
-                               context={"in_channels": 1})
-    x = torch.rand(2, 1, 9, 10, 11, requires_grad=True)
-    y = ref(x)
-    assert y.shape == x.shape
-    y.sum().backward()
-    assert x.grad is not None
-
-
-@pytest.mark.parametrize("name", entries("discriminator"))
-def test_discriminator_forward_backward(name: str) -> None:
-    disc = get_registry().build("discriminator", {"name": name, **small_kwargs("discriminator", name)}, "d",
-                                context={"in_channels": 1})
-    x = torch.rand(2, 1, 16, 16, 16, requires_grad=True)
-    cond = torch.rand(2, 1, 16, 16, 16) if getattr(disc, "conditional", False) else None
-    logits = disc(x, cond)
-    assert logits.shape[0] == 2 and logits.numel() >= 2
-    logits.mean().backward()
-    assert x.grad is not None
-
-
-@pytest.mark.parametrize("name", entries("loss"))
-def test_loss_forward_backward(name: str) -> None:
-    loss = get_registry().build("loss", {"name": name, **small_kwargs("loss", name)}, "l")
-    if getattr(loss, "adversarial", False):
-        logits = torch.rand(2, 1, 3, 3, 3, requires_grad=True)
-        value = loss(logits, True) + loss(logits, False)
-        value.backward()
-        assert logits.grad is not None and value.ndim == 0
-        return
-    if "cross" in name or "entropy" in name:
-        pred, target = torch.randn(4, 5, requires_grad=True), torch.tensor([0, 1, 2, 4])
-    else:
-        pred, target = torch.rand(2, 1, 12, 12, 12, requires_grad=True), torch.rand(2, 1, 12, 12, 12)
-    value = loss(pred, target)
-    assert value.ndim == 0 and torch.isfinite(value) and float(value.detach()) > 0
-    value.backward()
-    assert pred.grad is not None
+@pytest.mark.parametrize(("kind", "name"), PARTS, ids=[f"{k}-{n}" for k, n in PARTS])
+def test_builtin_part_trains_in_a_tiny_recipe(kind: str, name: str) -> None:
+    losses = train_steps(kind, name, steps=2)
+    assert len(losses) == 2 and all(math.isfinite(v) for step in losses for v in step.values())
 
 
 @pytest.mark.parametrize("kind", ["generator", "head", "refiner", "discriminator", "loss", "scheme", "source"])
@@ -118,7 +53,32 @@ def test_residual_generators_start_as_the_identity(name: str) -> None:
     entry = get_registry().get("generator", name)
     if "residual" not in entry.parameters():
         pytest.skip(f"{name} has no residual option")
-    gen = get_registry().build("generator", {"name": name, **small_kwargs("generator", name), "residual": True},
+    gen = get_registry().build("generator", {"name": name, **example_args("generator", name), "residual": True},
                                "g", context={"in_channels": 1, "out_channels": 1})
     x = torch.rand(2, 1, 16, 16, 16)
     torch.testing.assert_close(gen(x), x)
+
+
+class ShrinkingRefiner(nn.Module):
+    """A refiner that breaks the contract: it crops its input."""
+
+    example_args = {"crop": 1}
+
+    def __init__(self, in_channels: int = 1, crop: int = 1) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(in_channels, in_channels, 3)
+        self.crop = crop
+
+    def forward(self, coarse: torch.Tensor) -> torch.Tensor:
+        return self.conv(coarse)
+
+
+def test_check_part_names_what_a_broken_part_gets_wrong() -> None:
+    from lowdose_toolkit.core.registry import Registry
+
+    registry = Registry()
+    registry.add("refiner", "shrinking", ShrinkingRefiner, "third-party", "0.1")
+    with pytest.raises(AssertionError, match=r"refiner 'shrinking': output \(2, 1, 11, 16, 19\) must have the "
+                                             r"input's shape \(2, 1, 13, 18, 21\)"):
+        check_part("refiner", "shrinking", registry=registry)
+    assert example_args("refiner", "shrinking", registry) == {"crop": 1}

@@ -64,7 +64,7 @@ def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     plugins.reset()
     yield root
     plugins.reset()
-    for name in [m for m in sys.modules if m.startswith(("ldt_edge", "ldt_broken"))]:
+    for name in [m for m in sys.modules if m.startswith(("ldt_edge", "ldt_broken", "ldt_misspelt"))]:
         del sys.modules[name]
 
 
@@ -93,6 +93,33 @@ def test_broken_plugin_is_reported_and_others_load(site: Path, tmp_path: Path,
     err = capsys.readouterr().err
     assert "plugin 'broken' (ldt_broken) failed to load: RuntimeError: boom at import" in " ".join(err.split())
     assert "broken" in [f.name for f in plugins.get_plugin_manager().failures]
+
+
+MISSPELT = """
+from lowdose_toolkit import hookimpl
+
+
+@hookimpl
+def ldt_register_head(register):
+    register("never_seen", object)
+"""
+
+
+def test_a_misspelt_hook_is_an_error_for_that_plugin(site: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """pluggy's check_pending: a hook without a spec is not silently ignored (the head would never register)."""
+    make_dist(site, "ldt-misspelt", "ldt_misspelt", MISSPELT, "misspelt")
+    make_dist(site, "ldt-edge", "ldt_edge", EDGE_HEAD, "edge")
+    assert main(["check", str(write(tmp_path / "r.yaml", RECIPE))]) == 0  # the other plugins still load
+    err = " ".join(capsys.readouterr().err.split())
+    assert ("plugin 'misspelt' (ldt_misspelt) failed to load: PluginError: plugin 'misspelt' implements unknown "
+            "hook 'ldt_register_head' (did you mean 'ldt_register_heads'?)") in err, err
+    assert not plugins.get_plugin_manager().is_registered(plugins.get_plugin_manager().get_plugin("misspelt"))
+    plugins.reset()
+    monkeypatch.setenv("LDT_STRICT_PLUGINS", "1")
+    assert main(["plugins"]) == 2
+    assert "unknown hook 'ldt_register_head'" in " ".join(capsys.readouterr().err.split())
 
 
 def test_strict_mode_makes_a_broken_plugin_fatal(site: Path, monkeypatch: pytest.MonkeyPatch,

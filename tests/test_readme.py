@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from conftest import REPO, write
 from lowdose_toolkit.cli.app import main
 from lowdose_toolkit.core import plugin_manager as plugins
 from lowdose_toolkit.core.recipe import safe_load
+from lowdose_toolkit.testing import check_part, train_steps
 
 README = (REPO / "README.md").read_text()
 
@@ -48,6 +50,10 @@ def test_plugin_example_installs_and_checks(tmp_path: Path, monkeypatch: pytest.
         assert "maxpool_head" in capsys.readouterr().out
         assert main(["plugins", "--json"]) == 0
         assert '"plugin": "maxpool_head"' in capsys.readouterr().out
+        # ... and trains: the README's plugin through the conformance helper plugin authors use.
+        check_part("head", "maxpool_head", {"hidden": 16})
+        losses = train_steps("head", "maxpool_head", {"hidden": 16}, steps=2)
+        assert all(math.isfinite(v) for step in losses for v in step.values())
     finally:
         plugins.reset()
         sys.modules.pop("ldt_maxpool_head", None)

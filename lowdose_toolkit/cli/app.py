@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 import typer
 
@@ -20,9 +19,6 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 
-SET_HELP = "Override a recipe key, e.g. --set train.epochs=2 (value parsed as YAML). Repeatable."
-
-
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"lowdose-toolkit {__version__}")
@@ -36,123 +32,34 @@ def _root(
     """lowdose-toolkit (ldt)."""
 
 
-@app.command("plugins")
-def plugins_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
-    """List installed plugins and the parts they register."""
-    import json
-
-    from rich.console import Console
-    from rich.table import Table
-
-    from lowdose_toolkit.core.plugin_manager import get_plugin_manager, get_registry
-
-    registry = get_registry()
-    failures = get_plugin_manager().failures
-    rows = [
-        {"kind": e.kind, "name": e.name, "plugin": e.plugin, "version": e.version, "doc": e.doc}
-        for e in registry.entries()
-    ]
-    if as_json:
-        typer.echo(json.dumps({"parts": rows, "failures": [f.__dict__ for f in failures]}, indent=2))
-        return
-    table = Table(title="lowdose-toolkit parts")
-    for col in ("kind", "name", "plugin", "version", "doc"):
-        table.add_column(col, overflow="fold")
-    for row in rows:
-        table.add_row(*(row[c] for c in ("kind", "name", "plugin", "version", "doc")))
-    console = Console()
-    console.print(table)
-    for failure in failures:
-        console.print(f"[yellow]warning:[/] {failure}")
+#: Every command: ``(name, "module:attribute")``; a typer app (``prepare``) becomes a command group. The
+#: modules import torch and friends inside their functions, so ``ldt --help`` stays fast.
+COMMANDS: tuple[tuple[str, str], ...] = (
+    ("plugins", "plugins:plugins"),
+    ("check", "check:check_cmd"),
+    ("run", "run:run_cmd"),
+    ("infer", "infer:infer_cmd"),
+    ("study", "study:study"),
+    ("evaluate", "evaluate:evaluate"),
+    ("table", "evaluate:table"),
+    ("simulate", "simulate:simulate"),
+    ("prepare", "prepare:prepare_app"),
+)
 
 
-@app.command("check")
-def check_cmd(
-    recipe: Path = typer.Argument(..., help="Recipe YAML file."),
-    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
-) -> None:
-    """Validate a recipe and build every part (no data is loaded, nothing is trained)."""
-    from lowdose_toolkit.cli.check import check
-
-    check(recipe, set_)
-
-
-@app.command("run")
-def run_cmd(
-    recipe: Path | None = typer.Argument(None, help="Recipe YAML file (optional with --resume)."),
-    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
-    out: Path | None = typer.Option(None, "--out", help="Run directory (default: runs/<name>-<time>)."),
-    resume: Path | None = typer.Option(None, "--resume", help="Resume the run in this directory."),
-) -> None:
-    """Train a recipe: data -> model -> training -> run directory, then evaluate on the test split."""
-    from lowdose_toolkit.cli.run import run
-
-    run(recipe, set_, out, resume)
-
-
-@app.command("infer")
-def infer_cmd(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint (.pt) or run directory."),
-    inputs: list[str] = typer.Argument(..., help="NIfTI files, folders, globs, DICOM folders or a manifest CSV."),
-    out: Path = typer.Option(..., "--out", help="Output folder (never an input folder)."),
-    patch_size: int | None = typer.Option(None, "--patch-size", help="Sliding-window patch (default: recipe)."),
-    overlap: float | None = typer.Option(None, "--overlap", help="Overlap: voxels, or a fraction < 1."),
-    batch_size: int | None = typer.Option(None, "--batch-size"),
-    blending: str | None = typer.Option(None, "--blending", help="hann | average | crop"),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
-    precision: str = typer.Option(
-        "auto", "--precision", "--amp", help="auto (bf16 where the device runs it natively, else fp32) | fp32 | bf16 "
-                                             "| fp16, on CPU and CUDA"
-    ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
-    previews: bool = typer.Option(True, "--previews/--no-previews", help="Coronal MIP PNGs in OUT/previews."),
-    prefetch: bool = typer.Option(
-        True, "--prefetch/--no-prefetch", help="Read the next and write the previous volume meanwhile (more memory)."
-    ),
-    drf: int | None = typer.Option(
-        None, "--drf", help="Known dose reduction factor of every input: a guided model is conditioned on it "
-                            "instead of its dose head's prediction (which is still reported)."
-    ),
-) -> None:
-    """Denoise whole volumes with a trained model (sliding window, affine and header kept)."""
-    from lowdose_toolkit.cli.infer import infer
-
-    raise typer.Exit(infer(checkpoint, inputs, out, patch_size, overlap, batch_size, blending, device, precision,
-                           overwrite,
-                           previews, prefetch, drf))
-
-
-@app.command("study")
-def study_cmd(
-    study: Path = typer.Argument(..., help="Study file, e.g. recipes/study_cpu.yaml."),
-    out: Path = typer.Option(Path("runs/study"), "--out", help="Folder for the runs and tables."),
-    docs: Path | None = typer.Option(None, "--docs", help="Also write RESULTS.md, results.csv, figure2.png here."),
-    only: list[str] = typer.Option([], "--only", help="Train only these methods (by label). Repeatable."),
-) -> None:
-    """Train and evaluate every method of a study under one budget; write Table I, Table II and a figure."""
-    from lowdose_toolkit.evaluation.study import run_study
-
-    run_study(study, out, docs, only)
-
-
-def _register_optional_commands() -> None:
-    """Commands implemented in their own modules (imported lazily themselves)."""
+def register_commands() -> None:
+    """Register :data:`COMMANDS` on :data:`app` (once)."""
     import importlib
 
-    modules = {}
-    for name in ("evaluate", "prepare", "simulate"):
-        try:
-            modules[name] = importlib.import_module(f"lowdose_toolkit.cli.{name}")
-        except ModuleNotFoundError as exc:  # pragma: no cover - a broken install
-            if exc.name != f"lowdose_toolkit.cli.{name}":
-                raise
-    if "evaluate" in modules:
-        app.command("evaluate")(modules["evaluate"].evaluate)
-        app.command("table")(modules["evaluate"].table)
-    if "simulate" in modules:
-        app.command("simulate")(modules["simulate"].simulate)
-    if "prepare" in modules:
-        app.add_typer(modules["prepare"].prepare_app, name="prepare")
+    if app.registered_commands or app.registered_groups:
+        return
+    for name, target in COMMANDS:
+        module, attribute = target.split(":")
+        obj = getattr(importlib.import_module(f"lowdose_toolkit.cli.{module}"), attribute)
+        if isinstance(obj, typer.Typer):
+            app.add_typer(obj, name=name)
+        else:
+            app.command(name)(obj)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         import warnings
 
         warnings.formatwarning = lambda message, category, *_a, **_k: f"warning: {message}\n"
-    _register_optional_commands()
+    register_commands()
     try:
         app(args=args, prog_name="ldt")  # standalone: usage errors print their help and exit 2
     except SystemExit as exc:

@@ -5,7 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import typer
+
 from lowdose_toolkit.errors import RecipeError
+
+SET_HELP = "Override a recipe key, e.g. --set train.epochs=2 (value parsed as YAML). Repeatable."
 
 
 def build_parts(recipe_path: Path, overrides: list[str]) -> dict[str, Any]:
@@ -90,3 +94,11 @@ def check(recipe_path: Path, overrides: list[str]) -> None:
     table.add_row("total", "", "", f"{total:,}", style="bold")
     Console().print(table)
     Console().print(f"[green]ok[/]: {recipe_path} is valid")
+
+
+def check_cmd(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
+    """Validate a recipe and build every part (no data is loaded, nothing is trained)."""
+    check(recipe, set_)

@@ -10,6 +10,8 @@ import glob
 from dataclasses import dataclass
 from pathlib import Path
 
+import typer
+
 from lowdose_toolkit.data.naming import is_nifti, nifti_stem
 from lowdose_toolkit.errors import UserError
 
@@ -128,3 +130,32 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
     console.print(f"{len(rows) - failed}/{len(rows)} volumes written to {out} (summary.csv; {predictor.precision} on "
                   f"{dev})")
     return 1 if failed else 0
+
+
+def infer_cmd(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint (.pt) or run directory."),
+    inputs: list[str] = typer.Argument(..., help="NIfTI files, folders, globs, DICOM folders or a manifest CSV."),
+    out: Path = typer.Option(..., "--out", help="Output folder (never an input folder)."),
+    patch_size: int | None = typer.Option(None, "--patch-size", help="Sliding-window patch (default: recipe)."),
+    overlap: float | None = typer.Option(None, "--overlap", help="Overlap: voxels, or a fraction < 1."),
+    batch_size: int | None = typer.Option(None, "--batch-size"),
+    blending: str | None = typer.Option(None, "--blending", help="hann | average | crop"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
+    precision: str = typer.Option(
+        "auto", "--precision", "--amp", help="auto (bf16 where the device runs it natively, else fp32) | fp32 | bf16 "
+                                             "| fp16, on CPU and CUDA"
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
+    previews: bool = typer.Option(True, "--previews/--no-previews", help="Coronal MIP PNGs in OUT/previews."),
+    prefetch: bool = typer.Option(
+        True, "--prefetch/--no-prefetch", help="Read the next and write the previous volume meanwhile (more memory)."
+    ),
+    drf: int | None = typer.Option(
+        None, "--drf", help="Known dose reduction factor of every input: a guided model is conditioned on it "
+                            "instead of its dose head's prediction (which is still reported)."
+    ),
+) -> None:
+    """Denoise whole volumes with a trained model (sliding window, affine and header kept)."""
+    raise typer.Exit(infer(checkpoint, inputs, out, patch_size, overlap, batch_size, blending, device, precision,
+                           overwrite,
+                           previews, prefetch, drf))

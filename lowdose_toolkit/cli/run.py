@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import typer
+
+from lowdose_toolkit.cli.check import SET_HELP
 from lowdose_toolkit.errors import UserError
 
 
@@ -48,3 +51,13 @@ def run(recipe_path: Path | None, overrides: list[str], out: Path | None, resume
         print_summary(summary, Console(), title=f"{recipe['name']}: held-out test subjects")
         print_dose_head(run_dir / "results.json", Console())
         console.print(f"results: {run_dir / 'results.md'}")
+
+
+def run_cmd(
+    recipe: Path | None = typer.Argument(None, help="Recipe YAML file (optional with --resume)."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    out: Path | None = typer.Option(None, "--out", help="Run directory (default: runs/<name>-<time>)."),
+    resume: Path | None = typer.Option(None, "--resume", help="Resume the run in this directory."),
+) -> None:
+    """Train a recipe: data -> model -> training -> run directory, then evaluate on the test split."""
+    run(recipe, set_, out, resume)

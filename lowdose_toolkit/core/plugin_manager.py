@@ -59,6 +59,7 @@ class PluginManager(pluggy.PluginManager):
                 if self.is_registered(module):
                     continue
                 self.register(module, name=ep.name)
+                self.check_hooks(ep.name)
             except Exception as exc:  # noqa: BLE001 - one broken plugin must not break the rest
                 failure = PluginFailure(ep.name, ep.value, f"{type(exc).__name__}: {exc}")
                 if strict:
@@ -68,6 +69,21 @@ class PluginManager(pluggy.PluginManager):
                 continue
             dist = getattr(ep, "dist", None)
             self.versions[ep.name] = dist.version if dist is not None else "-"
+        self.check_pending()  # every hook implementation left has a spec
+
+    def check_hooks(self, name: str) -> None:
+        """pluggy's ``check_pending`` for one plugin: a hook implementation without a spec (a misspelt
+        ``ldt_register_head``) unregisters the plugin and raises a PluginError naming the hook."""
+        plugin = self.get_plugin(name)
+        unknown = sorted(hook for hook, caller in vars(self.hook).items() if not hook.startswith("_")
+                         and not caller.has_spec()
+                         and any(impl.plugin is plugin and not impl.optionalhook for impl in caller.get_hookimpls()))
+        if not unknown:
+            return
+        self.unregister(name=name)
+        hint = "".join(f" (did you mean {m!r}?)" for hook in unknown for m in _close(hook))
+        raise PluginError(f"plugin {name!r} implements unknown hook {', '.join(map(repr, unknown))}{hint}; "
+                          f"the hooks are {', '.join(HOOKS.values())}")
 
     def build_registry(self) -> Registry:
         """Call every plugin's registration hooks and collect the parts, attributed to their plugin."""
@@ -81,6 +97,12 @@ class PluginManager(pluggy.PluginManager):
                 )
                 impl.function(register=register)
         return registry
+
+
+def _close(name: str) -> list[str]:
+    import difflib
+
+    return difflib.get_close_matches(name, list(HOOKS.values()), n=1)
 
 
 def _register_one(registry: Registry, kind: str, name: str, factory: object, *, plugin: str, version: str) -> None:
@@ -116,6 +138,7 @@ def register_plugin(plugin: ModuleType | object, name: str | None = None) -> str
     plugin_name = manager.register(plugin, name=name)
     if plugin_name is None:
         raise PluginError(f"plugin {name or plugin!r} is blocked or already registered")
+    manager.check_hooks(plugin_name)
     _REGISTRY = None
     return plugin_name
 

@@ -16,7 +16,7 @@ Minimum input size: each stride-2 conv maps ``n → floor(n/2)`` and each stride
 ``UserError`` saying so. The receptive field is 70 voxels for ``n_layers=3`` (34 for 2).
 """
 
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -52,6 +52,9 @@ class PatchGAN3D(nn.Module):
         >>> d(x, condition=x).shape
         torch.Size([1, 1, 2, 2, 2])
     """
+
+    #: Small arguments for conformance checks (lowdose_toolkit.testing).
+    example_args: ClassVar[dict[str, Any]] = {"channels": 4, "n_layers": 1}
 
     def __init__(
         self,

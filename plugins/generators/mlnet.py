@@ -26,7 +26,7 @@ Departures from pix2pix, chosen for PET:
 """
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -61,6 +61,9 @@ class MLNet(nn.Module):
         >>> net(torch.rand(1, 1, 17, 23, 30)).shape
         torch.Size([1, 1, 17, 23, 30])
     """
+
+    #: Small arguments for conformance checks (lowdose_toolkit.testing).
+    example_args: ClassVar[dict[str, Any]] = {"channels": 4, "depth": 2, "max_channels": 16}
 
     def __init__(
         self,

@@ -24,7 +24,7 @@ Any input size works: it is padded by replicating border voxels to a multiple of
 norm never sees a single value per channel (batch 1 trains), and the output is cropped back.
 """
 
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -79,6 +79,9 @@ class UNet3D(nn.Module):
         >>> net(torch.rand(1, 1, 17, 23, 30)).shape
         torch.Size([1, 1, 17, 23, 30])
     """
+
+    #: Small arguments for conformance checks (lowdose_toolkit.testing).
+    example_args: ClassVar[dict[str, Any]] = {"channels": 4, "num_levels": 2, "max_channels": 16}
 
     def __init__(
         self,

@@ -6,7 +6,7 @@ over space and predicts the dose reduction factor (DRF) class as logits. The pap
 one hidden layer of 128 units with ReLU is our default.
 """
 
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -50,6 +50,9 @@ class DoseClassifier(nn.Module):
         >>> head(torch.rand(2, 16, 3, 3, 4)).shape
         torch.Size([2, 5])
     """
+
+    #: Small arguments for conformance checks (lowdose_toolkit.testing).
+    example_args: ClassVar[dict[str, Any]] = {"hidden": [8]}
 
     def __init__(
         self,

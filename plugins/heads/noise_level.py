@@ -26,6 +26,7 @@ without overlap between subjects (docs/RESULTS.md).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -74,6 +75,11 @@ class NoiseLevelHead(nn.Module):
         >>> head(torch.rand(2, 1, 16, 16, 16)).shape
         torch.Size([2, 5])
     """
+
+    #: Small arguments for conformance checks (lowdose_toolkit.testing).
+    example_args: ClassVar[dict[str, Any]] = {"hidden": 8}
+    #: Reads the low-dose image (``input: image``), not a generator feature.
+    reads_image: ClassVar[bool] = True
 
     def __init__(self, in_channels: int, num_classes: int, hidden: int = 32, body_threshold: float = 0.3,
                  lr_scale: float = 10.0, calibration_l2: float = 1e-4) -> None:

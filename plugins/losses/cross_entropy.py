@@ -1,5 +1,7 @@
 """Cross-entropy loss of the dose-level classification head (CG-3DSRGAN paper, Sec. II.A, eq. 2)."""
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,6 +21,9 @@ class CrossEntropyLoss(nn.Module):
         >>> CrossEntropyLoss()(torch.tensor([[0.0, 0.0]]), torch.tensor([1]))
         tensor(0.6931)
     """
+
+    #: Compares class logits ``[B, C]`` with class indices (for lowdose_toolkit.testing).
+    classifies: ClassVar[bool] = True
 
     def __init__(self, label_smoothing: float = 0.0) -> None:
         super().__init__()

@@ -27,7 +27,7 @@ for where it is looked up; nothing is downloaded); ``none`` uses fixed random fe
 """
 
 import warnings
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +71,9 @@ class PerceptualLoss(nn.Module):
         >>> float(loss(x, x))
         0.0
     """
+
+    #: Small arguments for conformance checks (lowdose_toolkit.testing).
+    example_args: ClassVar[dict[str, Any]] = {"weights": "none"}
 
     def __init__(
         self,

@@ -16,6 +16,8 @@ so the refiner starts near the identity and learns the missing detail. No normal
 (as EDSR: BatchNorm hurts super-resolution and breaks with batch 1).
 """
 
+from typing import Any, ClassVar
+
 import torch
 from torch import nn
 
@@ -57,6 +59,9 @@ class ContextualNet(nn.Module):
         >>> net(torch.rand(1, 1, 9, 10, 11)).shape
         torch.Size([1, 1, 9, 10, 11])
     """
+
+    #: Small arguments for conformance checks (lowdose_toolkit.testing).
+    example_args: ClassVar[dict[str, Any]] = {"channels": 4, "num_blocks": 1}
 
     def __init__(self, in_channels: int = 1, channels: int = 32, num_blocks: int = 2,
                  identity_init: bool = False) -> None:
