@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 
+from lowdose_toolkit.core.device import resolve_device
 from lowdose_toolkit.core.plugin_manager import get_registry
 from lowdose_toolkit.core.recipe import load_recipe, resolve_recipe
 from lowdose_toolkit.data.datasets import PatchStream, pairs_dataset
-from lowdose_toolkit.train.build import build_training, resolve_device
+from lowdose_toolkit.train.build import build_training
 
 REPO = Path(__file__).resolve().parents[1]
 

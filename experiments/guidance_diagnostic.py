@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lowdose_toolkit.core.checkpoint import load_checkpoint
 from lowdose_toolkit.core.plugin_manager import get_registry
 from lowdose_toolkit.data.datasets import pairs_dataset
 from lowdose_toolkit.evaluation.metrics import compute_all
 from lowdose_toolkit.infer.predictor import Predictor
-from lowdose_toolkit.train.checkpoint import load_checkpoint
 
 run = Path(sys.argv[1])
 which = sys.argv[2] if len(sys.argv) > 2 else "test"

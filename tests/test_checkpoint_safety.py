@@ -12,8 +12,8 @@ from badinputs import crafted_checkpoint
 from conftest import REPO
 
 from lowdose_toolkit.cli.app import main
+from lowdose_toolkit.core.checkpoint import load_checkpoint
 from lowdose_toolkit.errors import UserError
-from lowdose_toolkit.train.checkpoint import load_checkpoint
 
 SAFE_TORCH = (2, 6)  # weights_only=True cannot be bypassed from here on (CVE-2025-32434)
 

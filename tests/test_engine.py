@@ -16,9 +16,9 @@ import yaml
 from conftest import make_tiny_dataset, tiny_gan_recipe, tiny_recipe, write
 
 from lowdose_toolkit.cli.app import main
+from lowdose_toolkit.core.checkpoint import load_checkpoint
 from lowdose_toolkit.core.plugin_manager import get_registry
 from lowdose_toolkit.core.recipe import load_recipe, resolve_recipe
-from lowdose_toolkit.train.checkpoint import load_checkpoint
 from lowdose_toolkit.train.engine import Trainer
 
 

@@ -255,7 +255,7 @@ def guided_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_a_refiner_stage_trains_the_refiners_conditioning_only(guided_run: Path) -> None:
     """Stage 2 trains [refiner]: the refiner's FiLM (zero at the start) learns; the generator's is frozen."""
-    from lowdose_toolkit.train.checkpoint import load_checkpoint
+    from lowdose_toolkit.core.checkpoint import load_checkpoint
 
     state = load_checkpoint(guided_run / "checkpoints" / "last.pt").model
     refiner_film = state["guidance.stage_parts.refiner.mlp.2.weight"]

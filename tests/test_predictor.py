@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from lowdose_toolkit.core.checkpoint import Checkpoint, Normalization, load_checkpoint
 from lowdose_toolkit.core.plugin_manager import get_registry
 from lowdose_toolkit.core.recipe import resolve_recipe
 from lowdose_toolkit.errors import UserError
 from lowdose_toolkit.infer import precision as prec
 from lowdose_toolkit.infer.predictor import Predictor
 from lowdose_toolkit.models.lowdose_model import build_model
-from lowdose_toolkit.train.checkpoint import Checkpoint, Normalization, load_checkpoint
 
 RECIPE = {
     "name": "tiny",

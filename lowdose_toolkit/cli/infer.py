@@ -104,10 +104,10 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
     """
     from rich.console import Console
 
+    from lowdose_toolkit.core.checkpoint import load_checkpoint
+    from lowdose_toolkit.core.device import resolve_device
     from lowdose_toolkit.infer.pipeline import denoise_all, write_summary
     from lowdose_toolkit.infer.predictor import Predictor
-    from lowdose_toolkit.train.build import resolve_device
-    from lowdose_toolkit.train.checkpoint import load_checkpoint
 
     console = Console(stderr=True)
     ckpt = load_checkpoint(checkpoint)

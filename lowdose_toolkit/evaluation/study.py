@@ -168,9 +168,9 @@ def _write_summary_csv(summary: Sequence[Mapping[str, Any]], path: Path) -> None
 
 
 def _test_dataset(recipe: Mapping[str, Any], run_dir: Path, split: str = "test") -> Any:
+    from lowdose_toolkit.core.checkpoint import load_checkpoint
     from lowdose_toolkit.core.plugin_manager import get_registry
     from lowdose_toolkit.data.datasets import pairs_dataset
-    from lowdose_toolkit.train.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     ids = set(ckpt.split[split])

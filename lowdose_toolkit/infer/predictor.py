@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
+from lowdose_toolkit.core.checkpoint import Checkpoint, Normalization, load_checkpoint
 from lowdose_toolkit.errors import RecipeError, UserError
 from lowdose_toolkit.infer.precision import resolve_precision
 from lowdose_toolkit.models.lowdose_model import LowDoseModel
-from lowdose_toolkit.train.checkpoint import Checkpoint, Normalization, load_checkpoint
 
 WINDOW_KEYS = ("patch_size", "overlap", "batch_size", "blending")
 

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from lowdose_toolkit.core.registry import Registry
-from lowdose_toolkit.errors import RecipeError
 from lowdose_toolkit.models.lowdose_model import LossTerm, LowDoseModel, build_losses, build_model
 from lowdose_toolkit.schemes import Scheme, identity
 
@@ -31,19 +30,6 @@ def make_optimizer_factory(cfg: Mapping[str, Any]) -> Callable[[Iterable[nn.Para
         return torch.optim.SGD(params, lr=lr, momentum=betas[0], weight_decay=wd)
 
     return factory
-
-
-def resolve_device(spec: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; a clear error for unusable devices."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise RecipeError(f"train.device: {spec!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RecipeError(f"train.device: {spec!r} asked for but CUDA is not available; use auto or cpu")
-    return device
 
 
 def build_training(

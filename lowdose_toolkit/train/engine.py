@@ -10,7 +10,7 @@
 
 The parts around the loop live in their own modules: the composition root (:mod:`lowdose_toolkit.train.build`),
 the stage controller (:mod:`lowdose_toolkit.train.stages`), validation (:mod:`lowdose_toolkit.train.validation`), the
-checkpoint file (:mod:`lowdose_toolkit.train.checkpoint`) and prediction (:mod:`lowdose_toolkit.infer.predictor`).
+checkpoint file (:mod:`lowdose_toolkit.core.checkpoint`) and prediction (:mod:`lowdose_toolkit.infer.predictor`).
 After each epoch the same steps run in one fixed order: validate, schedule, track the best, save.
 """
 
@@ -30,6 +30,8 @@ from torch import nn
 
 from lowdose_toolkit import __version__
 from lowdose_toolkit.core.atomic import atomic_path
+from lowdose_toolkit.core.checkpoint import Checkpoint, Normalization, load_checkpoint
+from lowdose_toolkit.core.device import resolve_device
 from lowdose_toolkit.core.recipe import dump_recipe
 from lowdose_toolkit.core.registry import Registry
 from lowdose_toolkit.core.spec import run_spec
@@ -40,8 +42,7 @@ from lowdose_toolkit.infer.precision import resolve_precision
 from lowdose_toolkit.infer.predictor import Predictor
 from lowdose_toolkit.models.lowdose_model import dry_run
 from lowdose_toolkit.records import SubjectRecord
-from lowdose_toolkit.train.build import build_training, resolve_device
-from lowdose_toolkit.train.checkpoint import Checkpoint, Normalization, load_checkpoint
+from lowdose_toolkit.train.build import build_training
 from lowdose_toolkit.train.distributed import (
     DistInfo,
     broadcast_buffers,
