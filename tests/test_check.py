@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from conftest import write
+from test_recipe import BASE as RECIPE_BASE
 
 from lowdose_toolkit.cli.app import main
 from lowdose_toolkit.core.plugin_manager import get_registry
@@ -13,25 +14,13 @@ from lowdose_toolkit.core.recipe import load_recipe, resolve_recipe
 from lowdose_toolkit.core.spec import run_spec
 from lowdose_toolkit.errors import RecipeError
 
-BASE = """
-name: tiny
-data:
-  drfs: [4, 100]
-  patch_size: 16
-model:
-  generator: {name: mlnet, channels: 4, depth: 2}
-  heads: [{name: dose_classifier, input: bottleneck}]
-  refiner: {name: contextual_net, channels: 4}
-losses:
-  - {name: l1, weight: 300, on: coarse}
-  - {name: cross_entropy, weight: 10, on: dose_classifier}
-train:
+BASE = RECIPE_BASE.replace("train: {epochs: 1}\n", """train:
   epochs: 2
   stages:
     - {name: coarse, epochs: 1, trainable: [generator, heads], use_refiner: false}
     - {name: refine, epochs: 1, trainable: [refiner]}
 eval: {patch_size: 24, overlap: 0}
-"""
+""")
 
 BAD = [  # (--set override, the key the message must name, a word of the fix or the value)
     ("train.stages.1.trainable=[refiner, decoder]", "train.stages.1.trainable", "'decoder'"),
