@@ -145,7 +145,7 @@ def main() -> None:
     if recipe["model"]["discriminator"] is None:
         raise SystemExit("this benchmark's plain loop is the paired-GAN one; use a recipe with a discriminator")
     device = resolve_device(args.device)
-    precision = args.amp if device.type == "cuda" else "none"
+    precision = {"none": "fp32"}.get(args.amp, args.amp)  # autocast on the CPU too
     p = recipe["data"]["patch_size"]
     size = (p, p, p) if isinstance(p, int) else tuple(p)
     b = recipe["data"]["batch_size"]

@@ -47,7 +47,7 @@ class Scheme:
         losses: The recipe's weighted loss terms.
         optimizer: Makes an optimizer (the recipe's ``train.optimizer``) for a parameter list.
         wrap: Wraps a network for distributed training (DistributedDataParallel) or returns it.
-        precision: ``none``, ``bf16`` or ``fp16`` (autocast; only on CUDA).
+        precision: ``fp32`` (or ``none``), ``bf16`` or ``fp16``: autocast on the device, CPU or CUDA.
         device: The device batches live on.
     """
 
@@ -61,14 +61,14 @@ class Scheme:
         losses: list[LossTerm],
         optimizer: OptimizerFactory,
         wrap: Callable[[nn.Module], nn.Module] = identity,
-        precision: str = "none",
+        precision: str = "fp32",
         device: str | torch.device = "cpu",
     ) -> None:
         self.model = model
         self.discriminator = discriminator
         self.losses = losses
         self.device = torch.device(device)
-        self.precision = precision if self.device.type == "cuda" else "none"
+        self.precision = "fp32" if precision == "none" else precision
         self.make_optimizer = optimizer
         self.wrap = wrap
         self.net = wrap(model)
@@ -110,11 +110,10 @@ class Scheme:
         return opt
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        """Autocast for the configured precision (a no-op on CPU / ``none``)."""
-        if self.precision == "none":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
+        """Autocast for the configured precision (a no-op for fp32)."""
+        from lowdose_toolkit.infer.precision import autocast
+
+        return autocast(self.device, self.precision)
 
     def trains(self, part: str) -> bool:
         """Whether the current stage trains ``part`` (``generator``, ``heads``, ``refiner``, ``discriminator``)."""

@@ -109,3 +109,14 @@ def test_check_runs_every_shape_on_the_meta_device(tmp_path: Path, capsys: pytes
     err = " ".join(capsys.readouterr().err.split())
     assert f"{path}: data.patch_size: the model cannot train on a [1, 1, 8, 8, 8] batch" in err, err
     assert "at least 10 voxels" in err, err  # the network's own reason
+
+
+def test_precision_setting_and_its_older_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path / "r.yaml", BASE)
+    resolve = lambda *o: run_spec(resolve_recipe(load_recipe(path, list(o)), get_registry(), str(path)))  # noqa: E731
+    assert resolve().precision == "fp32"  # the default: CPU runs stay as they were
+    assert resolve("train.precision=auto").precision == "auto"
+    assert resolve("train.amp=none").precision == "fp32"  # recipes and checkpoints of earlier versions
+    assert resolve("train.amp=bf16").precision == "bf16"
+    assert main(["check", str(path), "--set", "train.precision=fp16", "--set", "train.amp=bf16"]) == 2
+    assert "train.amp: 'bf16' contradicts train.precision 'fp16'" in capsys.readouterr().err

@@ -206,3 +206,18 @@ def test_after_epoch_steps_run_in_one_order_and_the_stage_is_passed_to_the_schem
     assert calls == ["_validate_step", "_schedule_step", "_best_step", "_save_step"] * 2
     assert entered == [(frozenset({"refiner", "discriminator"}), False),
                        (frozenset({"generator", "refiner", "discriminator"}), False)]
+
+
+def test_training_autocasts_on_the_cpu_in_its_precision(tmp_path: Path) -> None:
+    """train.precision is honoured on the CPU: bf16 runs the networks in bf16, and run.json says so."""
+    data = make_tiny_dataset(tmp_path / "data")
+    text = tiny_recipe(data).replace("  epochs: 3\n", "  epochs: 1\n  precision: bf16\n")
+    recipe = resolve_recipe(load_recipe(write(tmp_path / "r.yaml", text)), get_registry())
+    trainer = Trainer(recipe, tmp_path / "run", get_registry())
+    seen: list[torch.dtype] = []
+    conv = next(m for m in trainer.model.generator.modules() if isinstance(m, torch.nn.Conv3d))
+    conv.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    trainer.fit()
+    assert torch.bfloat16 in seen
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["precision"] == "bf16" and record["precision_setting"] == "bf16"

@@ -64,7 +64,7 @@ def test_deep_merge_another_part_replaces_the_inherited_one() -> None:
 
 def test_set_overrides_with_yaml_types(tmp_path: Path) -> None:
     path = write(tmp_path / "r.yaml", BASE)
-    recipe = resolve(path, ("train.epochs=3", "model.generator.channels=6", "losses.0.weight=5", "train.amp=bf16",
+    recipe = resolve(path, ("train.epochs=3", "model.generator.channels=6", "losses.0.weight=5", "train.precision=bf16",
                             "data.drfs=[4, 10]"))
     assert recipe["train"]["epochs"] == 3
     assert recipe["model"]["generator"]["channels"] == 6

@@ -125,7 +125,10 @@ SCHEMA: Schema = {
         "stop_when_lr_below": Field(float | None, 2.0e-6, "", NON_NEGATIVE),
         "stages": Field(list[dict] | None, None, "two-stage training; see recipes/cg3dsrgan.yaml"),
         "device": Field(str, "auto", "auto, cpu, cuda or cuda:N"),
-        "amp": Field(Literal["none", "bf16", "fp16"], "none", "autocast on CUDA (ignored on CPU)"),
+        "precision": Field(Literal["auto", "fp32", "bf16", "fp16"], "fp32",
+                           "fp32, or bf16/fp16 autocast, on CPU and CUDA; auto: bf16 where the device runs it "
+                           "natively (CPU avx512_bf16/AMX, CUDA sm80+), else fp32"),
+        "amp": Field(Literal["none", "bf16", "fp16"] | None, None, "deprecated: train.precision (none is fp32)"),
         "val_every": Field(int, 1, "", AT_LEAST_1),
         "max_minutes": Field(float | None, None, "wall-clock budget; training stops after the epoch", POSITIVE),
         "deterministic": Field(bool, True),

@@ -71,6 +71,7 @@ class RunSpec:
     val_every: int
     max_minutes: float | None
     device: str
+    precision: str  # auto, fp32, bf16 or fp16 (resolved per device by lowdose_toolkit.infer.precision)
 
     @property
     def total_epochs(self) -> int:
@@ -195,6 +196,13 @@ def run_spec(recipe: Mapping[str, Any]) -> RunSpec:
     device = train["device"]
     if not _DEVICE.fullmatch(device):
         raise RecipeError(f"train.device: {device!r} is not a device; use auto, cpu, cuda or cuda:N")
+    precision = train["precision"]
+    if train.get("amp") is not None:  # the key of earlier versions (and of their checkpoints' recipes)
+        legacy = "fp32" if train["amp"] == "none" else train["amp"]
+        if precision not in ("fp32", legacy):
+            raise RecipeError(f"train.amp: {train['amp']!r} contradicts train.precision {precision!r}; "
+                              f"drop train.amp (the older name)")
+        precision = legacy
     sched = train["scheduler"]
     schedule = ScheduleSpec(sched["name"], sched["factor"], sched["patience"], sched["monitor"],
                             monitor_mode(sched["monitor"], drfs), train["stop_when_lr_below"])
@@ -208,4 +216,5 @@ def run_spec(recipe: Mapping[str, Any]) -> RunSpec:
         val_every=train["val_every"],
         max_minutes=train["max_minutes"],
         device=device,
+        precision=precision,
     )

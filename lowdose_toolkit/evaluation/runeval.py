@@ -108,6 +108,7 @@ def evaluate_run(
     from lowdose_toolkit.evaluation.evaluate import aggregate, summary_markdown
     from lowdose_toolkit.evaluation.metrics import body_mask, check_ssim_range, compute_all
     from lowdose_toolkit.evaluation.results import write_results
+    from lowdose_toolkit.infer.precision import resolve_precision
     from lowdose_toolkit.infer.predictor import Predictor, confusion_matrix
 
     run_dir = Path(run_dir)
@@ -120,10 +121,11 @@ def evaluate_run(
         raise UserError(f"mask threshold must be in (0, 1) (a fraction of the reference maximum), got {mask_threshold}")
     ckpt = load_checkpoint(path)
     dev = resolve_device(device)
-    # The precision validation used (the recipe's train.amp on CUDA, fp32 on the CPU), so test and
-    # validation numbers are comparable.
-    precision = ckpt.recipe["train"]["amp"] if dev.type == "cuda" else "fp32"
-    predictor, recipe = Predictor.from_checkpoint(ckpt, dev, precision)
+    # The precision validation used (the recipe's train.precision), so test and validation numbers agree.
+    from lowdose_toolkit.core.spec import run_spec
+
+    predictor, recipe = Predictor.from_checkpoint(ckpt, dev, "fp32")
+    predictor.precision = resolve_precision(run_spec(recipe).precision, dev)
     model = predictor.model
     method = method or recipe["name"]
     cfg = recipe["eval"]

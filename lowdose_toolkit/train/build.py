@@ -36,7 +36,7 @@ def build_training(
     recipe: Mapping[str, Any],
     registry: Registry,
     device: torch.device,
-    precision: str = "none",
+    precision: str = "fp32",
     wrap: Callable[[nn.Module], nn.Module] | None = None,
 ) -> tuple[LowDoseModel, nn.Module | None, list[LossTerm], Scheme]:
     """Build the model, discriminator, loss terms (on ``device``) and the scheme that trains them."""

@@ -84,8 +84,8 @@ class Trainer:
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         self.console = console or Console(stderr=True)
-        self.precision = train["amp"] if self.device.type == "cuda" else "none"
         self.spec = run_spec(recipe)
+        self.precision = resolve_precision(self.spec.precision, self.device, "train.precision")
         self.drfs: list[int] = list(self.spec.drfs)
         seed_everything(recipe["seed"], train["deterministic"])
         if self.device.type == "cpu" and train["deterministic"]:
@@ -98,8 +98,7 @@ class Trainer:
         self.stages = StageController(self.spec.stages, self.model.refiner is not None)
         self.schedulers = self._make_schedulers()
         self.base_lr = train["optimizer"]["lr"]
-        self.predictor = Predictor(self.model, recipe["eval"], self.device, resolve_precision(
-            self.precision, self.device), tuple(self.drfs))
+        self.predictor = Predictor(self.model, recipe["eval"], self.device, self.precision, tuple(self.drfs))
         if not self.dist.enabled:  # shapes checked before any data is read (ldt check does the same)
             dry_run(self.model, self.discriminator, self.spec, recipe["data"]["batch_size"],
                     recipe["eval"]["batch_size"])
@@ -214,6 +213,7 @@ class Trainer:
             "device": str(self.device),
             "gpu": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
             "precision": self.precision,
+            "precision_setting": self.spec.precision,
             "world_size": self.dist.world,
             "split": self.split.summary(),
             "source": repr(self.source),
