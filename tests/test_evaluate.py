@@ -16,21 +16,18 @@ from typer.testing import CliRunner
 from lowdose_toolkit.cli.evaluate import evaluate, table
 from lowdose_toolkit.errors import DataError, UserError
 from lowdose_toolkit.evaluation import metrics
-from lowdose_toolkit.evaluation.evaluate import (
-    Pair,
-    aggregate,
+from lowdose_toolkit.evaluation.pairing import Pair, pair_by_filename, parse_drf
+from lowdose_toolkit.evaluation.paper import TABLE_I, TABLE_II, canonical_method, paper_method
+from lowdose_toolkit.evaluation.paper_tables import (
     build_table_i,
     build_table_ii,
-    evaluate_pairs,
-    load_results,
-    pair_by_filename,
-    parse_drf,
     print_table,
     table_markdown,
-    write_results,
     write_table,
 )
-from lowdose_toolkit.evaluation.paper import TABLE_I, TABLE_II, canonical_method, paper_method
+from lowdose_toolkit.evaluation.results import load_results
+from lowdose_toolkit.evaluation.scoring import evaluate_pairs
+from lowdose_toolkit.evaluation.summary import aggregate, write_results
 from lowdose_toolkit.records import SubjectRecord, write_manifest
 
 SHAPE = (12, 11, 10)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from lowdose_toolkit.errors import DataError
-from lowdose_toolkit.evaluation.evaluate import aggregate
 from lowdose_toolkit.evaluation.results import FORMAT, load_results, read_cases_csv, read_results, write_results
+from lowdose_toolkit.evaluation.summary import aggregate
 
 SETTINGS = {"ssim_range": "challenge", "mask": False}
 

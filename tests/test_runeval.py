@@ -12,7 +12,7 @@ import pytest
 from conftest import make_tiny_dataset, tiny_recipe, write
 
 from lowdose_toolkit.cli.app import main
-from lowdose_toolkit.evaluation.evaluate import load_results
+from lowdose_toolkit.evaluation.results import load_results
 
 
 @pytest.fixture(scope="module")

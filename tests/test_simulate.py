@@ -17,11 +17,15 @@ from ldt_plugins.sources import phantom as phantom_plugin
 from ldt_plugins.sources.phantom import PhantomSource
 from lowdose_toolkit.data import simulate as sim
 from lowdose_toolkit.data.phantom import LABELS, make_phantom, nifti_affine
+from lowdose_toolkit.data.projector import Projector
+from lowdose_toolkit.data.reconstruction import osem
+from lowdose_toolkit.data.scans import _draw_counts, simulate_scans
+from lowdose_toolkit.data.simulation_config import SimulationConfig, check_drfs, make_config
 from lowdose_toolkit.errors import DataError, UserError
 from lowdose_toolkit.evaluation.metrics import psnr
 
 SMALL = {"shape": (64, 40, 40), "spacing_mm": (15.0, 12.0, 12.0), "n_angles": 48}
-CFG = sim.SimulationConfig(**SMALL)
+CFG = SimulationConfig(**SMALL)
 LIVER = next(k for k, v in LABELS.items() if v == "liver")
 LESION = next(k for k, v in LABELS.items() if v == "lesion")
 
@@ -30,7 +34,7 @@ LESION = next(k for k, v in LABELS.items() if v == "lesion")
 
 
 def test_projector_is_adjoint_and_integrates_lines() -> None:
-    proj = sim.Projector((40, 40), (12.0, 12.0), n_angles=48, subsets=4)
+    proj = Projector((40, 40), (12.0, 12.0), n_angles=48, subsets=4)
     g = torch.Generator().manual_seed(0)
     x = torch.rand(proj.npix, 3, generator=g)
     y = torch.rand(proj.n_rows, 3, generator=g)
@@ -52,7 +56,7 @@ def test_projector_is_adjoint_and_integrates_lines() -> None:
 
 
 def test_osem_recovers_noise_free_activity() -> None:
-    proj = sim.Projector((40, 40), (12.0, 12.0), n_angles=48, subsets=4)
+    proj = Projector((40, 40), (12.0, 12.0), n_angles=48, subsets=4)
     c = (torch.arange(40) - 19.5) * 12.0
     r2 = c[:, None] ** 2 + c[None, :] ** 2
     img = torch.where(r2 <= 150.0**2, 1000.0, 0.0) + torch.where(r2 <= 40.0**2, 3000.0, 0.0)
@@ -60,7 +64,7 @@ def test_osem_recovers_noise_free_activity() -> None:
     af = torch.exp(-proj.forward(proj.to_columns((r2 <= 150.0**2).float()[None] * 0.0096)))
     bg = torch.full_like(af, 5.0)
     y = 0.5 * af * proj.forward(x) + bg
-    rec = proj.to_volume(sim.osem(y, af, 0.5, bg, proj, iterations=20))[0]
+    rec = proj.to_volume(osem(y, af, 0.5, bg, proj, iterations=20))[0]
     inner = r2 <= 100.0**2
     assert float(rec[inner & (r2 > 60.0**2)].mean()) == pytest.approx(1000.0, rel=0.03)
     assert float(rec.sum()) == pytest.approx(float(img.sum()), rel=0.03)
@@ -75,8 +79,8 @@ def scans() -> tuple:
     # that the liver's CoV is dominated by partial-volume structure, not by counting statistics.
     ph = make_phantom(CFG.shape, CFG.spacing_mm, seed=11)
     stats: dict = {}
-    cfg = sim.make_config(CFG, counts_per_bq=4.0)
-    images = sim.simulate_scans(ph.activity, ph.mu, (4, 10, 100), cfg, seed=5, stats=stats)
+    cfg = make_config(CFG, counts_per_bq=4.0)
+    images = simulate_scans(ph.activity, ph.mu, (4, 10, 100), cfg, seed=5, stats=stats)
     return ph, images, stats
 
 
@@ -120,7 +124,7 @@ def test_psnr_falls_with_drf(scans: tuple) -> None:
 def test_listmode_counts_are_nested_and_poisson() -> None:
     rng = np.random.default_rng(0)
     ybar = np.full((2000, 10), 40.0)
-    counts = sim._draw_counts(ybar, (4, 20, 100), "listmode", rng)
+    counts = _draw_counts(ybar, (4, 20, 100), "listmode", rng)
     assert bool((counts[100] <= counts[20]).all() and (counts[20] <= counts[4]).all())
     assert bool((counts[4] <= counts["full"]).all())
     for key, frac in (("full", 1.0), (4, 0.25), (100, 0.01)):
@@ -132,31 +136,31 @@ def test_listmode_counts_are_nested_and_poisson() -> None:
         return float(np.corrcoef(a.flatten().numpy(), b.flatten().numpy())[0, 1])
 
     assert corr(counts[4], counts["full"]) == pytest.approx(0.5, abs=0.03)
-    ind = sim._draw_counts(ybar, (4,), "independent", np.random.default_rng(0))
+    ind = _draw_counts(ybar, (4,), "independent", np.random.default_rng(0))
     assert abs(corr(ind[4], ind["full"])) < 0.03
 
 
 def test_simulation_is_deterministic_by_seed() -> None:
     ph = make_phantom(CFG.shape, CFG.spacing_mm, seed=2)
-    a = sim.simulate_scans(ph.activity, ph.mu, (10,), CFG, seed=1)
-    b = sim.simulate_scans(ph.activity, ph.mu, (10,), CFG, seed=1)
-    c = sim.simulate_scans(ph.activity, ph.mu, (10,), CFG, seed=2)
+    a = simulate_scans(ph.activity, ph.mu, (10,), CFG, seed=1)
+    b = simulate_scans(ph.activity, ph.mu, (10,), CFG, seed=1)
+    c = simulate_scans(ph.activity, ph.mu, (10,), CFG, seed=2)
     assert torch.equal(a["full"], b["full"]) and torch.equal(a[10], b[10])
     assert not torch.equal(a[10], c[10])
 
 
 def test_bad_parameters_are_user_errors() -> None:
     with pytest.raises(UserError, match="unknown simulation parameter.*'countz'"):
-        sim.make_config(countz=3)
+        make_config(countz=3)
     with pytest.raises(UserError, match=r"n_angles \(50\).*subsets \(8\)"):
-        sim.SimulationConfig(n_angles=50)
+        SimulationConfig(n_angles=50)
     with pytest.raises(UserError, match="counts_model"):
-        sim.SimulationConfig(counts_model="poisson")
+        SimulationConfig(counts_model="poisson")
     with pytest.raises(UserError, match=r"integers >= 2, got 1"):
-        sim.check_drfs([4, 1])
+        check_drfs([4, 1])
     ph = make_phantom(CFG.shape, CFG.spacing_mm, seed=0)
     with pytest.raises(UserError, match=r"configured shape \(160, 80, 80\)"):
-        sim.simulate_scans(ph.activity, ph.mu, (4,), sim.SimulationConfig())
+        simulate_scans(ph.activity, ph.mu, (4,), SimulationConfig())
 
 
 # ------------------------------------------------------------------------------------- data set

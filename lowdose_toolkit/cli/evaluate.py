@@ -75,8 +75,8 @@ def run_directory(run_dir: Path, console: Any = None, **options: Any) -> list[di
     """Evaluate a run directory on its test split, print the summary and where it was written."""
     from rich.console import Console
 
-    from lowdose_toolkit.evaluation.evaluate import print_summary
     from lowdose_toolkit.evaluation.runeval import evaluate_run, print_dose_head, results_dir
+    from lowdose_toolkit.evaluation.summary import print_summary
 
     if not Path(run_dir).is_dir():
         raise UserError(f"{run_dir} is not a directory; pass a run directory made by `ldt run`")
@@ -108,14 +108,10 @@ def run_pairs(
     """
     from rich.console import Console
 
-    from lowdose_toolkit.evaluation.evaluate import (
-        aggregate,
-        evaluate_pairs,
-        pair_by_filename,
-        print_summary,
-        write_results,
-    )
+    from lowdose_toolkit.evaluation.pairing import pair_by_filename
     from lowdose_toolkit.evaluation.paper import LOW_DOSE
+    from lowdose_toolkit.evaluation.scoring import evaluate_pairs
+    from lowdose_toolkit.evaluation.summary import aggregate, print_summary, write_results
 
     console = console or Console()
     pairs = pair_by_filename(pred, ref, method=method)
@@ -138,13 +134,8 @@ def table(
     """Print and write the paper's Table I (methods x DRF) and Table II (ablations at DRF 100)."""
     from rich.console import Console
 
-    from lowdose_toolkit.evaluation.evaluate import (
-        build_table_i,
-        build_table_ii,
-        load_results,
-        print_table,
-        write_table,
-    )
+    from lowdose_toolkit.evaluation.paper_tables import build_table_i, build_table_ii, print_table, write_table
+    from lowdose_toolkit.evaluation.results import load_results
 
     console = Console()
     rows = load_results(inputs)

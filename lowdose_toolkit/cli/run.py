@@ -15,8 +15,8 @@ def run(recipe_path: Path | None, overrides: list[str], out: Path | None, resume
 
     from lowdose_toolkit.core.plugin_manager import get_registry
     from lowdose_toolkit.core.recipe import load_recipe, resolve_recipe, safe_load
-    from lowdose_toolkit.evaluation.evaluate import print_summary
     from lowdose_toolkit.evaluation.runeval import evaluate_run, print_dose_head
+    from lowdose_toolkit.evaluation.summary import print_summary
     from lowdose_toolkit.train.engine import Trainer, default_run_dir
 
     console = Console(stderr=True)

@@ -39,6 +39,7 @@ def simulate(
     from rich.console import Console
 
     from lowdose_toolkit.data import simulate as sim
+    from lowdose_toolkit.data.simulation_config import COUNTS_MODELS, make_config
 
     n = sim.DEFAULT_SUBJECTS if subjects is None else subjects
     if n < 1:
@@ -47,9 +48,9 @@ def simulate(
         raise UserError(f"--seed must be >= 0, got {seed}")
     if out is None and not report:
         raise UserError("nothing to do: give --out FOLDER to write the data set, and/or --report")
-    if counts_model not in sim.COUNTS_MODELS:
-        raise UserError(f"--counts-model {counts_model!r}: use one of {', '.join(sim.COUNTS_MODELS)}")
-    config = sim.make_config(counts_model=counts_model)
+    if counts_model not in COUNTS_MODELS:
+        raise UserError(f"--counts-model {counts_model!r}: use one of {', '.join(COUNTS_MODELS)}")
+    config = make_config(counts_model=counts_model)
     console = Console(stderr=True)
     if out is not None:
         manifest = sim.write_dataset(out, n, seed, progress=True, config=config)

@@ -1,26 +1,4 @@
-"""Count-based low-dose PET simulation of the synthetic phantom, and the data set writer.
-
-Model (per subject, 2D per axial slice, all slices and dose levels batched):
-
-1. Truth: phantom activity (Bq/mL) blurred by the scanner's resolution, a 3D Gaussian PSF
-   (``psf_fwhm_mm``, default 5 mm: uEXPLORER ~3 mm intrinsic [1] plus positron range and the
-   reconstruction's effective resolution).
-2. Projection: a precomputed sparse system matrix ``P`` (pixel-driven, linear interpolation onto
-   ``n_angles`` parallel-beam views over 180 deg, radial bins of one pixel), giving line integrals
-   in (Bq/mL) mm. Attenuation factors ``AF = exp(-P mu)`` from the 511 keV mu map.
-3. Expected prompts ``ybar = c AF P x + s + r``: trues scaled by ``c = counts_per_bq x voxel depth``
-   so that the unattenuated trues number ``counts_per_bq`` per Bq in the field of view; scatter ``s``
-   a smooth (Gaussian, 100 mm radially, 50 mm axially) copy of the trues making
-   ``scatter_fraction`` of trues + scatter (uEXPLORER ~36 % [1]); randoms ``r`` uniform, totalling
-   ``randoms_fraction`` of the trues.
-4. Counts: ``counts_model="listmode"`` (default) draws the full acquisition as nested Poisson
-   increments so that the DRF-k data are the first 1/k of the full data's events, exactly as the
-   Ultra-Low-Dose challenge made its low-dose images by rebinning list-mode data to shorter windows;
-   ``"independent"`` draws every dose level from its own, independent Poisson realisation.
-5. Reconstruction: OSEM [2] (``iterations`` x ``subsets`` of interleaved views) with exact
-   attenuation, scatter and randoms modelling; the low-dose system model carries ``c / DRF`` so the
-   image is in Bq/mL, unbiased; optional Gaussian post-filter. Full-dose and low-dose images go
-   through the very same reconstruction.
+"""Simulated phantom data sets: the subjects, the data set writer and reader, and the calibration.
 
 Calibration: the default ``counts_per_bq`` was chosen so that the low-dose images' PSNR against the
 full-dose image (the challenge's ``20 log10(max(ref) / RMSE)`` on the whole volume) matches the
@@ -28,49 +6,28 @@ paper's "Low-Dose" row (Table I) within a few dB at every DRF; :func:`calibratio
 With list-mode subsets the error variance grows like ``DRF - 1`` (a DRF-4 image shares a quarter of
 its counts with the reference), which reproduces the paper's ~16 dB drop from DRF 4 to 100 better
 than independent draws (``DRF + 1``, ~13 dB).
-
-References:
-    [1] Spencer BA et al. Performance evaluation of the uEXPLORER total-body PET/CT scanner based on
-        NEMA NU 2-2018. J Nucl Med 2021;62:861-870.
-    [2] Hudson HM, Larkin RS. Accelerated image reconstruction using ordered subsets of projection
-        data. IEEE Trans Med Imaging 1994;13:601-609.
-
-Example:
-    >>> from lowdose_toolkit.data.phantom import make_phantom
-    >>> cfg = SimulationConfig(shape=(64, 40, 40), spacing_mm=(15.0, 12.0, 12.0), n_angles=48)
-    >>> p = make_phantom(cfg.shape, cfg.spacing_mm, seed=0)
-    >>> images = simulate_scans(p.activity, p.mu, [4, 100], cfg, seed=0)
-    >>> list(images)
-    ['full', 4, 100]
-    >>> images["full"].shape
-    torch.Size([64, 40, 40])
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import json
-import math
 import os
 import shutil
 import tempfile
-import warnings
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
-from scipy import ndimage
 
 from lowdose_toolkit import __version__
 from lowdose_toolkit.core.atomic import atomic_path
 from lowdose_toolkit.data.manifest import manifest_records, write_manifest
 from lowdose_toolkit.data.naming import dose_filename, nifti_stem
 from lowdose_toolkit.data.phantom import LABELS, Phantom, make_phantom
+from lowdose_toolkit.data.scans import simulate_scans
+from lowdose_toolkit.data.simulation_config import SimulationConfig, check_drfs, make_config
 from lowdose_toolkit.errors import DataError, UserError
 from lowdose_toolkit.records import FULL, SubjectRecord
 
@@ -79,19 +36,12 @@ __all__ = [
     "DEFAULT_SUBJECTS",
     "PAPER_LOW_DOSE_PSNR",
     "SIM_VERSION",
-    "Projector",
-    "SimulationConfig",
     "calibration_report",
-    "check_drfs",
     "check_subjects_seed",
     "dataset_report",
     "is_simulation_output",
-    "make_config",
-    "osem",
     "print_calibration",
-    "projector_for",
     "read_dataset",
-    "simulate_scans",
     "write_dataset",
 ]
 
@@ -102,406 +52,6 @@ DEFAULT_DRFS: tuple[int, ...] = (4, 10, 20, 50, 100)
 PAPER_LOW_DOSE_PSNR: dict[int, float] = {4: 58.718, 10: 54.421, 20: 51.698, 50: 47.490, 100: 42.490}
 """CG-3DSRGAN paper, Table I, "Low-Dose" row: PSNR (dB) of the low-dose input vs full dose."""
 GENERATOR = "lowdose_toolkit.data.simulate"
-COUNTS_MODELS = ("listmode", "independent")
-_FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
-
-
-@dataclass(frozen=True)
-class SimulationConfig:
-    """Geometry, count level and reconstruction of the simulated scans.
-
-    Attributes:
-        shape: Volume ``(D, H, W)`` = (axial slices, y, x).
-        spacing_mm: Voxel size ``(sz, sy, sx)``, mm.
-        n_angles: Parallel-beam views over 180 degrees (a multiple of ``subsets``).
-        psf_fwhm_mm: Resolution blur of the truth (3D Gaussian FWHM), mm; 0 turns it off.
-        counts_per_bq: Full-dose unattenuated true counts per Bq in the field of view (the
-            acquisition's sensitivity x duration). Sets the noise level; calibrated to the paper.
-        scatter_fraction: Scatter / (trues + scatter).
-        randoms_fraction: Randoms / trues.
-        iterations: OSEM iterations.
-        subsets: OSEM subsets (interleaved views).
-        postfilter_fwhm_mm: 3D Gaussian post-filter FWHM of the reconstructions, mm; 0 = none.
-        counts_model: ``"listmode"`` (low dose = first 1/DRF of the full events) or
-            ``"independent"`` (every dose level its own Poisson draw).
-        supersample: Phantom sub-voxels per axis (partial-volume edges).
-    """
-
-    shape: tuple[int, int, int] = (160, 80, 80)
-    spacing_mm: tuple[float, float, float] = (6.0, 6.0, 6.0)
-    n_angles: int = 96
-    psf_fwhm_mm: float = 5.0
-    counts_per_bq: float = 32.0
-    scatter_fraction: float = 0.35
-    randoms_fraction: float = 0.25
-    iterations: int = 3
-    subsets: int = 8
-    postfilter_fwhm_mm: float = 0.0
-    counts_model: str = "listmode"
-    supersample: int = 2
-
-    def __post_init__(self) -> None:
-        shape = tuple(int(v) for v in self.shape)
-        spacing = tuple(float(v) for v in self.spacing_mm)
-        object.__setattr__(self, "shape", shape)
-        object.__setattr__(self, "spacing_mm", spacing)
-        if len(shape) != 3 or min(shape) < 1:
-            raise UserError(f"simulation shape must be three positive integers (D, H, W), got {shape}")
-        if min(shape[1:]) < 8:
-            raise UserError(f"simulation in-plane size must be at least 8 x 8 voxels, got {shape[1:]}")
-        if len(spacing) != 3 or min(spacing) <= 0:
-            raise UserError(f"simulation spacing_mm must be three positive values, got {spacing}")
-        if self.subsets < 1 or self.n_angles < self.subsets or self.n_angles % self.subsets:
-            raise UserError(
-                f"n_angles ({self.n_angles}) must be a positive multiple of subsets ({self.subsets})"
-            )
-        if self.iterations < 1:
-            raise UserError(f"iterations must be >= 1, got {self.iterations}")
-        if not self.counts_per_bq > 0:
-            raise UserError(f"counts_per_bq must be > 0, got {self.counts_per_bq}")
-        if not 0 <= self.scatter_fraction < 1:
-            raise UserError(f"scatter_fraction must be in [0, 1), got {self.scatter_fraction}")
-        if self.randoms_fraction < 0:
-            raise UserError(f"randoms_fraction must be >= 0, got {self.randoms_fraction}")
-        if self.psf_fwhm_mm < 0 or self.postfilter_fwhm_mm < 0:
-            raise UserError(
-                f"psf_fwhm_mm ({self.psf_fwhm_mm}) and postfilter_fwhm_mm ({self.postfilter_fwhm_mm}) "
-                "must be >= 0"
-            )
-        if self.counts_model not in COUNTS_MODELS:
-            raise UserError(f"counts_model must be one of {COUNTS_MODELS}, got {self.counts_model!r}")
-        if self.supersample < 1:
-            raise UserError(f"supersample must be >= 1, got {self.supersample}")
-
-    def as_dict(self) -> dict:
-        """JSON-friendly dict of the fields (tuples as lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-
-def make_config(config: SimulationConfig | None = None, **params: object) -> SimulationConfig:
-    """Return ``config`` (default: :class:`SimulationConfig()`) with ``params`` replaced.
-
-    Raises:
-        UserError: On an unknown parameter name (the message lists the valid ones) or a bad value.
-    """
-    config = config or SimulationConfig()
-    names = [f.name for f in dataclasses.fields(SimulationConfig)]
-    unknown = sorted(set(params) - set(names))
-    if unknown:
-        raise UserError(f"unknown simulation parameter(s) {unknown}; valid: {', '.join(names)}")
-    return dataclasses.replace(config, **params) if params else config
-
-
-def check_drfs(drfs: Iterable[int]) -> tuple[int, ...]:
-    """Validate dose reduction factors (integers > 1, no repeats) and return them sorted."""
-    drfs = list(drfs)
-    out = []
-    for d in drfs:
-        if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 2:
-            raise UserError(f"dose reduction factors must be integers >= 2, got {d!r} in {list(drfs)}")
-        out.append(int(d))
-    if not out or len(set(out)) != len(out):
-        raise UserError(f"dose reduction factors must be a non-empty list without repeats, got {out}")
-    return tuple(sorted(out))
-
-
-# ------------------------------------------------------------------------------------------------
-# System matrix
-# ------------------------------------------------------------------------------------------------
-
-
-class Projector:
-    """2D parallel-beam system matrix of one slice geometry, split into OSEM subsets.
-
-    Pixels inside the inscribed circle are the unknowns (``npix`` of them, in ``pixels`` order).
-    Subset ``k`` holds views ``k, k + K, k + 2K, ...``; the rows of a sinogram are ordered subset by
-    subset, so ``rows(k)`` is a contiguous block. ``forward`` / ``back`` act on ``[npix, B]`` /
-    ``[rows, B]`` matrices, B = any number of slices (and dose levels).
-    """
-
-    def __init__(self, hw: tuple[int, int], pixel_mm: tuple[float, float], n_angles: int, subsets: int):
-        h, w = hw
-        sy, sx = pixel_mm
-        self.hw, self.pixel_mm, self.n_angles, self.subsets = (h, w), (sy, sx), n_angles, subsets
-        ys = (np.arange(h) - (h - 1) / 2) * sy
-        xs = (np.arange(w) - (w - 1) / 2) * sx
-        yy, xx = np.meshgrid(ys, xs, indexing="ij")
-        radius = min(h * sy, w * sx) / 2
-        inside = (yy**2 + xx**2) <= radius**2
-        self.fov = torch.from_numpy(inside)
-        self.pixels = torch.from_numpy(np.flatnonzero(inside))
-        self.npix = int(inside.sum())
-        self.bin_mm = min(sy, sx)
-        self.n_bins = 2 * math.ceil(radius / self.bin_mm) + 1
-        self.views_per_subset = n_angles // subsets
-        self.rows_per_subset = self.views_per_subset * self.n_bins
-        px, py = xx[inside], yy[inside]
-        scale = sy * sx / self.bin_mm  # linear interpolation of a pixel's area onto bins
-        self._fwd: list[torch.Tensor] = []
-        self._back: list[torch.Tensor] = []
-        cols = np.arange(self.npix)
-        for k in range(subsets):
-            r_all, c_all, v_all = [], [], []
-            for j, a in enumerate(range(k, n_angles, subsets)):
-                theta = math.pi * a / n_angles
-                u = (px * math.cos(theta) + py * math.sin(theta)) / self.bin_mm + (self.n_bins - 1) / 2
-                i0 = np.floor(u).astype(np.int64)
-                f = u - i0
-                for b, wgt in ((i0, 1.0 - f), (i0 + 1, f)):
-                    ok = (b >= 0) & (b < self.n_bins) & (wgt > 0)
-                    r_all.append(j * self.n_bins + b[ok])
-                    c_all.append(cols[ok])
-                    v_all.append(wgt[ok] * scale)
-            rows = np.concatenate(r_all)
-            cls = np.concatenate(c_all)
-            vals = np.concatenate(v_all).astype(np.float32)
-            self._fwd.append(_csr(rows, cls, vals, (self.rows_per_subset, self.npix)))
-            self._back.append(_csr(cls, rows, vals, (self.npix, self.rows_per_subset)))
-
-    @property
-    def n_rows(self) -> int:
-        """Sinogram rows (views x bins) of one slice."""
-        return self.rows_per_subset * self.subsets
-
-    def rows(self, k: int) -> slice:
-        """Row block of subset ``k``."""
-        return slice(k * self.rows_per_subset, (k + 1) * self.rows_per_subset)
-
-    def forward(self, x: torch.Tensor, k: int | None = None) -> torch.Tensor:
-        """Line integrals ``P x`` (of subset ``k``, or all rows): ``[npix, B] -> [rows, B]``."""
-        if k is not None:
-            return self._fwd[k] @ x
-        return torch.cat([m @ x for m in self._fwd])
-
-    def back(self, y: torch.Tensor, k: int | None = None) -> torch.Tensor:
-        """Back-projection ``P^T y`` (of subset ``k``, or all rows): ``[rows, B] -> [npix, B]``."""
-        if k is not None:
-            return self._back[k] @ y
-        out = self._back[0] @ y[self.rows(0)]
-        for j in range(1, self.subsets):
-            out += self._back[j] @ y[self.rows(j)]
-        return out
-
-    def to_columns(self, vol: torch.Tensor) -> torch.Tensor:
-        """``[D, H, W]`` volume -> ``[npix, D]`` matrix of its field-of-view pixels."""
-        d = vol.shape[0]
-        return vol.reshape(d, -1)[:, self.pixels].T.contiguous()
-
-    def to_volume(self, cols: torch.Tensor) -> torch.Tensor:
-        """``[npix, D]`` -> ``[D, H, W]``, zero outside the field of view."""
-        d = cols.shape[1]
-        out = torch.zeros(d, self.hw[0] * self.hw[1], dtype=cols.dtype)
-        out[:, self.pixels] = cols.T
-        return out.reshape(d, *self.hw)
-
-    def __repr__(self) -> str:
-        return (
-            f"Projector(hw={self.hw}, pixel_mm={self.pixel_mm}, npix={self.npix}, "
-            f"views={self.n_angles}, bins={self.n_bins}, subsets={self.subsets})"
-        )
-
-
-def _csr(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, shape: tuple[int, int]) -> torch.Tensor:
-    """torch CSR matrix from COO triplets (duplicates summed)."""
-    order = np.lexsort((cols, rows))
-    rows, cols, vals = rows[order], cols[order], vals[order]
-    crow = np.zeros(shape[0] + 1, np.int64)
-    np.add.at(crow, rows + 1, 1)
-    crow = np.cumsum(crow)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(
-            torch.from_numpy(crow), torch.from_numpy(cols.astype(np.int64)), torch.from_numpy(vals),
-            size=shape, check_invariants=True,
-        )
-
-
-@functools.lru_cache(maxsize=4)
-def _projector(hw: tuple[int, int], pixel_mm: tuple[float, float], n_angles: int, subsets: int) -> Projector:
-    return Projector(hw, pixel_mm, n_angles, subsets)
-
-
-def projector_for(config: SimulationConfig) -> Projector:
-    """The (cached) projector of a configuration's slice geometry."""
-    _, h, w = config.shape
-    return _projector((h, w), config.spacing_mm[1:], config.n_angles, config.subsets)
-
-
-# ------------------------------------------------------------------------------------------------
-# Reconstruction
-# ------------------------------------------------------------------------------------------------
-
-
-def osem(
-    y: torch.Tensor,
-    af: torch.Tensor,
-    scale: float,
-    background: torch.Tensor,
-    proj: Projector,
-    iterations: int,
-    sens: list[torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """OSEM for ``ybar = scale * af * P x + background``, all columns (slices) at once.
-
-    Args:
-        y: Measured prompts ``[rows, B]`` (subset-ordered rows).
-        af: Attenuation factors ``[rows, B]``.
-        scale: Counts per unit of ``P x`` (the dose level's ``c``); the image comes out in the units
-            of ``x`` (Bq/mL) whatever the dose.
-        background: Expected scatter + randoms ``[rows, B]``, > 0.
-        proj: The projector.
-        iterations: Full passes over the subsets.
-        sens: Precomputed ``P_k^T af_k`` per subset (optional; computed otherwise).
-
-    Returns:
-        ``[npix, B]`` image columns.
-    """
-    with _single_thread():
-        return _osem(y, af, scale, background, proj, iterations, sens)
-
-
-def _osem(
-    y: torch.Tensor,
-    af: torch.Tensor,
-    scale: float,
-    background: torch.Tensor,
-    proj: Projector,
-    iterations: int,
-    sens: list[torch.Tensor] | None,
-) -> torch.Tensor:
-    if sens is None:
-        sens = [proj.back(af[proj.rows(k)], k) for k in range(proj.subsets)]
-    total_sens = sum(s.sum(0) for s in sens) * scale
-    excess = (y.sum(0) - background.sum(0)).clamp_min(1e-3 * y.sum(0).clamp_min(1.0))
-    x = (excess / total_sens).expand(proj.npix, -1).contiguous()
-    inv_sens = [1.0 / (s * scale).clamp_min(1e-12) for s in sens]
-    a = [af[proj.rows(k)] * scale for k in range(proj.subsets)]
-    ay = [ak * y[proj.rows(k)] for k, ak in enumerate(a)]
-    bg = [background[proj.rows(k)] for k in range(proj.subsets)]
-    for _ in range(iterations):
-        for k in range(proj.subsets):
-            q = torch.addcmul(bg[k], a[k], proj.forward(x, k))  # expected prompts
-            ratio = torch.div(ay[k], q, out=q)
-            x = proj.back(ratio, k).mul_(inv_sens[k]).mul_(x)
-    return x
-
-
-def _gauss(vol: np.ndarray, fwhm_mm: float, spacing: Sequence[float]) -> np.ndarray:
-    """3D Gaussian filter with the given FWHM (mm)."""
-    if fwhm_mm <= 0:
-        return vol
-    sigma = [fwhm_mm / _FWHM_PER_SIGMA / s for s in spacing]
-    return ndimage.gaussian_filter(vol, sigma, mode="constant", truncate=3.0)
-
-
-def simulate_scans(
-    activity: torch.Tensor,
-    mu: torch.Tensor,
-    drfs: Iterable[int],
-    config: SimulationConfig | None = None,
-    seed: int | np.random.SeedSequence | np.random.Generator = 0,
-    stats: dict | None = None,
-) -> dict[str | int, torch.Tensor]:
-    """Simulate full-dose and low-dose acquisitions of one subject and reconstruct them.
-
-    Args:
-        activity: ``[D, H, W]`` activity, Bq/mL.
-        mu: ``[D, H, W]`` attenuation map at 511 keV, 1/mm.
-        drfs: Dose reduction factors to simulate (besides full dose).
-        config: Geometry, counts and reconstruction; its ``shape`` must match ``activity``.
-        seed: Seed, ``SeedSequence`` or ``Generator`` of the Poisson draws.
-        stats: If given, filled with count totals (trues, scatter, randoms, prompts per level).
-
-    Returns:
-        ``{"full": image, drf: image, ...}``, float32 ``[D, H, W]`` in Bq/mL.
-
-    Raises:
-        UserError: If the volume shape does not match ``config.shape`` or a DRF is invalid.
-    """
-    with _single_thread():
-        return _simulate_scans(activity, mu, drfs, config, seed, stats)
-
-
-def _simulate_scans(
-    activity: torch.Tensor,
-    mu: torch.Tensor,
-    drfs: Iterable[int],
-    config: SimulationConfig | None,
-    seed: int | np.random.SeedSequence | np.random.Generator,
-    stats: dict | None,
-) -> dict[str | int, torch.Tensor]:
-    config = config or SimulationConfig()
-    levels = check_drfs(drfs)
-    if tuple(activity.shape) != config.shape or tuple(mu.shape) != config.shape:
-        raise UserError(
-            f"activity {tuple(activity.shape)} and mu {tuple(mu.shape)} must both have the "
-            f"configured shape {config.shape}"
-        )
-    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-    proj = projector_for(config)
-    sz = config.spacing_mm[0]
-    truth = _gauss(np.asarray(activity, dtype=np.float32), config.psf_fwhm_mm, config.spacing_mm)
-    x = proj.to_columns(torch.from_numpy(np.ascontiguousarray(truth, dtype=np.float32)))
-    mucols = proj.to_columns(mu.float())
-    # c turns line integrals (Bq/mL x mm) into counts: sum over one view of P x = sum(x) area / bin,
-    # the activity in Bq is sum(x) area sz / 1000, and there are n_angles views.
-    c = config.counts_per_bq * (sz / 1000.0) * proj.bin_mm / config.n_angles
-    af = torch.exp(-proj.forward(mucols))
-    trues = c * af * proj.forward(x)
-    # Scatter: the trues smoothed (100 mm radially, 50 mm axially), scaled to the scatter fraction.
-    t3 = trues.numpy().reshape(config.n_angles, proj.n_bins, -1)
-    smooth = ndimage.gaussian_filter(t3, (0.0, 100.0 / proj.bin_mm, 50.0 / sz), mode="nearest")
-    n_true = float(trues.sum(dtype=torch.float64))
-    sf = config.scatter_fraction
-    scatter = smooth * np.float32(sf / (1.0 - sf) * n_true / max(float(smooth.sum(dtype=np.float64)), 1e-30))
-    randoms = config.randoms_fraction * n_true / trues.numel()
-    background = torch.from_numpy(scatter.reshape(trues.shape)) + randoms
-    background = background.clamp_min(1e-6 * max(n_true / trues.numel(), 1e-12))
-    ybar = (trues + background).numpy().astype(np.float64)
-    counts = _draw_counts(ybar, levels, config.counts_model, rng)
-    if stats is not None:
-        stats.update(
-            trues=n_true,
-            scatter=float(scatter.sum(dtype=np.float64)),
-            randoms=float(randoms * trues.numel()),
-            prompts={str(k): float(v.sum(dtype=torch.float64)) for k, v in counts.items()},
-        )
-    sens = [proj.back(af[proj.rows(k)], k) for k in range(proj.subsets)]
-    out: dict[str | int, torch.Tensor] = {}
-    for key, y in counts.items():
-        frac = 1.0 if key == FULL else 1.0 / int(key)
-        cols = osem(y, af, c * frac, background * frac, proj, config.iterations, sens)
-        vol = proj.to_volume(cols).numpy()
-        vol = _gauss(vol, config.postfilter_fwhm_mm, config.spacing_mm).astype(np.float32)
-        out[key] = torch.from_numpy(np.ascontiguousarray(vol))
-    return out
-
-
-def _draw_counts(
-    ybar: np.ndarray, drfs: tuple[int, ...], model: str, rng: np.random.Generator
-) -> dict[str | int, torch.Tensor]:
-    """Poisson prompts of the full acquisition and of every DRF (see ``counts_model``)."""
-    out: dict[str | int, torch.Tensor] = {}
-    if model == "independent":
-        out[FULL] = torch.from_numpy(rng.poisson(ybar).astype(np.float32))
-        for d in drfs:
-            out[d] = torch.from_numpy(rng.poisson(ybar / d).astype(np.float32))
-        return out
-    # List mode: events of time window [0, T/d) for the largest d first, then the increments.
-    total = np.zeros(ybar.shape, np.float64)
-    done = 0.0
-    for d in sorted(drfs, reverse=True):
-        total += rng.poisson(ybar * (1.0 / d - done))
-        done = 1.0 / d
-        out[d] = torch.from_numpy(total.astype(np.float32))
-    total += rng.poisson(ybar * (1.0 - done))
-    out[FULL] = torch.from_numpy(total.astype(np.float32))
-    return {FULL: out[FULL], **{d: out[d] for d in sorted(drfs)}}
-
-
-# ------------------------------------------------------------------------------------------------
-# Subjects, data sets and calibration
-# ------------------------------------------------------------------------------------------------
 
 
 def _subject_id(i: int) -> str:
@@ -517,21 +67,6 @@ def _simulate_subject(
     stats: dict = {}
     images = simulate_scans(ph.activity, ph.mu, drfs, config, ss_noise, stats)
     return ph, images, stats
-
-
-@contextmanager
-def _single_thread() -> Iterator[None]:
-    """Run torch on one thread inside the block, restoring the thread count after.
-
-    The many small OSEM operations gain little from a second thread, and OpenMP spin-waiting makes
-    them several times slower when other processes share the cores (measured 3 s vs 19 s a subject).
-    """
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def check_subjects_seed(subjects: int, seed: int) -> None:

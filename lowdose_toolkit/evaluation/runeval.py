@@ -105,9 +105,9 @@ def evaluate_run(
     from lowdose_toolkit.core.device import resolve_device
     from lowdose_toolkit.core.plugin_manager import get_registry
     from lowdose_toolkit.data.datasets import pairs_dataset
-    from lowdose_toolkit.evaluation.evaluate import aggregate, summary_markdown
     from lowdose_toolkit.evaluation.metrics import body_mask, check_ssim_range, compute_all
     from lowdose_toolkit.evaluation.results import write_results
+    from lowdose_toolkit.evaluation.summary import aggregate, summary_markdown
     from lowdose_toolkit.infer.precision import resolve_precision
     from lowdose_toolkit.infer.predictor import Predictor, confusion_matrix
 

@@ -91,15 +91,10 @@ def run_study(path: Path, out: Path, docs: Path | None = None, only: Sequence[st
     from rich.console import Console
 
     from lowdose_toolkit.core.plugin_manager import get_registry
-    from lowdose_toolkit.evaluation.evaluate import (
-        aggregate,
-        build_table_i,
-        build_table_ii,
-        load_results,
-        print_table,
-        write_table,
-    )
+    from lowdose_toolkit.evaluation.paper_tables import build_table_i, build_table_ii, print_table, write_table
+    from lowdose_toolkit.evaluation.results import load_results
     from lowdose_toolkit.evaluation.runeval import evaluate_run
+    from lowdose_toolkit.evaluation.summary import aggregate
     from lowdose_toolkit.train.engine import Trainer
 
     console = Console(stderr=True)
@@ -186,10 +181,10 @@ def evaluate_classical(recipe: Mapping[str, Any], run_dir: Path, study: Mapping[
     from rich.progress import Progress
 
     from lowdose_toolkit.evaluation.classical import bm4d_denoise, gaussian, tune_gaussian_sigma
-    from lowdose_toolkit.evaluation.evaluate import aggregate
     from lowdose_toolkit.evaluation.metrics import compute_all
     from lowdose_toolkit.evaluation.results import write_results
     from lowdose_toolkit.evaluation.runeval import LOW_DOSE
+    from lowdose_toolkit.evaluation.summary import aggregate
 
     val = _test_dataset(recipe, run_dir, "val")
     pairs: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -258,7 +253,7 @@ def write_docs(study: Mapping[str, Any], record: Mapping[str, Any], table_i: Any
     """RESULTS.md (generated tables + the kept reading), results.csv and figure2.png in ``docs``."""
     import shutil
 
-    from lowdose_toolkit.evaluation.evaluate import table_markdown
+    from lowdose_toolkit.evaluation.paper_tables import table_markdown
 
     docs.mkdir(parents=True, exist_ok=True)
     results = docs / "RESULTS.md"

@@ -1,7 +1,7 @@
 """The ``phantom`` source: the embedded default data, a simulated whole-body FDG PET data set.
 
 On first use it simulates the data set (:mod:`lowdose_toolkit.data.phantom` for the anatomy,
-:mod:`lowdose_toolkit.data.simulate` for count-based low-dose scans) into a cache folder named by a hash
+:mod:`lowdose_toolkit.data.scans` for count-based low-dose scans) into a cache folder named by a hash
 of every parameter and the simulator version, and reuses it afterwards. The cache lives in
 ``~/.cache/lowdose-toolkit/phantom/<key>`` (``$XDG_CACHE_HOME`` is honoured); ``LDT_CACHE_DIR``
 replaces ``~/.cache/lowdose-toolkit``, and ``cache_dir`` replaces the whole ``.../phantom`` folder.
@@ -72,10 +72,11 @@ class PhantomSource:
         counts_model: Literal["listmode", "independent"] | None = None,
     ) -> None:
         from lowdose_toolkit.data import simulate as sim
+        from lowdose_toolkit.data.simulation_config import check_drfs, make_config
 
         self.subjects = sim.DEFAULT_SUBJECTS if subjects is None else subjects
         self.seed = seed
-        self.drfs = list(sim.check_drfs(sim.DEFAULT_DRFS if drfs is None else drfs))
+        self.drfs = list(check_drfs(sim.DEFAULT_DRFS if drfs is None else drfs))
         sim.check_subjects_seed(self.subjects, self.seed)
         params = {
             "shape": shape,
@@ -85,7 +86,7 @@ class PhantomSource:
             "counts_model": counts_model,
         }
         self.params = {k: (tuple(v) if isinstance(v, list) else v) for k, v in params.items() if v is not None}
-        self.config = sim.make_config(**self.params)
+        self.config = make_config(**self.params)
         self._cache_parent = Path(cache_dir).expanduser() if cache_dir else None
         self._records: list[SubjectRecord] | None = None
 

@@ -1,0 +1,123 @@
+"""Scoring of prediction/reference pairs: PSNR, SSIM and NRMSE per pair, on the whole volume as the challenge
+does (or inside a body mask).
+
+Example:
+    >>> pairs = pair_by_filename("preds/", "full_dose/", method="cg3dsrgan")  # doctest: +SKIP
+    >>> rows = evaluate_pairs(pairs)  # doctest: +SKIP
+    >>> write_results(rows, "eval/")  # doctest: +SKIP
+
+(:func:`~lowdose_toolkit.evaluation.pairing.pair_by_filename` pairs the files,
+:func:`~lowdose_toolkit.evaluation.summary.write_results` writes the results.)
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lowdose_toolkit.errors import DataError
+from lowdose_toolkit.evaluation.pairing import Pair
+
+__all__ = ["evaluate_pairs"]
+
+
+def _nifti_shape(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except Exception as exc:  # nibabel raises several types for unreadable files
+        raise DataError(f"{path}: not a readable NIfTI file ({exc})") from None
+    shape = tuple(int(s) for s in img.shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape, np.asarray(img.affine)
+
+
+def _load(path: Path) -> np.ndarray:
+    import nibabel as nib
+
+    data = nib.load(str(path)).get_fdata(dtype=np.float32)
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    return data
+
+
+def evaluate_pairs(
+    pairs: Sequence[Pair],
+    ssim_range: str = "challenge",
+    mask: bool = False,
+    mask_threshold: float = 0.01,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Compute PSNR, SSIM and NRMSE for every pair, on the whole volume as the challenge does.
+
+    References are loaded once for all the pairs that share them.
+
+    Args:
+        pairs: Prediction/reference pairs.
+        ssim_range: ``"challenge"`` (SSIM data range 2) or ``"standard"`` (1).
+        mask: Restrict the metrics to a body mask of the reference
+            (:func:`lowdose_toolkit.evaluation.metrics.body_mask` at ``mask_threshold``).
+        mask_threshold: Fraction of the reference maximum for the body mask.
+        progress: Show a rich progress bar.
+
+    Returns:
+        One dict per pair, in the pairs' order: ``method, subject, drf, psnr, ssim, nrmse`` (fraction),
+        ``rmse, ssim_range, ssim_data_range, masked, pred, ref``.
+
+    Raises:
+        DataError: If a file is unreadable or a prediction's shape differs from its reference's.
+    """
+    import torch
+    from rich.progress import Progress
+
+    from lowdose_toolkit.evaluation.metrics import body_mask, check_ssim_range, compute_all
+
+    check_ssim_range(ssim_range)
+    shapes: dict[Path, tuple[tuple[int, ...], np.ndarray]] = {}
+    for pair in pairs:
+        for p in (pair.pred, pair.ref):
+            if p not in shapes:
+                shapes[p] = _nifti_shape(p)
+        (ps, pa), (rs, ra) = shapes[pair.pred], shapes[pair.ref]
+        if ps != rs:
+            raise DataError(
+                f"shape mismatch: prediction {pair.pred} is {ps} but reference {pair.ref} is {rs}; "
+                "predictions must be on the reference's grid"
+            )
+        if not np.allclose(pa, ra, atol=1e-3):
+            warnings.warn(f"{pair.pred} and {pair.ref} have different affines; are they aligned?", stacklevel=2)
+
+    order = sorted(range(len(pairs)), key=lambda i: str(pairs[i].ref))
+    rows: list[dict[str, Any] | None] = [None] * len(pairs)
+    cached_ref: tuple[Path, torch.Tensor, torch.Tensor | None] | None = None
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task("evaluating", total=len(pairs))
+        for i in order:
+            pair = pairs[i]
+            bar.update(task, description=f"{pair.method} {pair.subject} DRF {pair.drf}")
+            if cached_ref is None or cached_ref[0] != pair.ref:
+                ref = torch.from_numpy(_load(pair.ref))
+                cached_ref = (pair.ref, ref, body_mask(ref, mask_threshold) if mask else None)
+            _, ref, ref_mask = cached_ref
+            try:
+                m = compute_all(ref, torch.from_numpy(_load(pair.pred)), ssim_range=ssim_range, mask=ref_mask)
+            except DataError as exc:
+                raise DataError(f"{pair.pred} vs {pair.ref}: {exc}") from None
+            rows[i] = {
+                "method": pair.method,
+                "subject": pair.subject,
+                "drf": pair.drf,
+                **{k: m[k] for k in ("psnr", "ssim", "nrmse", "rmse", "ssim_range", "ssim_data_range", "masked")},
+                "pred": str(pair.pred),
+                "ref": str(pair.ref),
+            }
+            bar.advance(task)
+    return [r for r in rows if r is not None]
