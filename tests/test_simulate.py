@@ -273,6 +273,22 @@ def test_source_caches_under_ldt_cache_dir(tmp_path: Path, monkeypatch: pytest.M
     assert [p.name for p in src.path.parent.iterdir()] == [src.key]  # no temp folders left
 
 
+def test_format_name_is_fixed_and_a_stale_cache_is_regenerated(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """simulation.json's generator names the data set format, not a module path: moving the module must not
+    invalidate every cache and `ldt simulate` output. A cache folder that is not a valid output is replaced."""
+    assert sim.GENERATOR == "lowdose_toolkit.simulate"
+    monkeypatch.setenv("LDT_CACHE_DIR", str(tmp_path))
+    src = _small_source()
+    src.path.mkdir(parents=True)
+    (src.path / "simulation.json").write_text('{"generator": "something else"}')
+    (src.path / "leftover.txt").write_text("partial")
+    recs = src.records()
+    assert recs[0].full.is_file() and sim.is_simulation_output(src.path)
+    assert not (src.path / "leftover.txt").exists()
+    assert [p.name for p in src.path.parent.iterdir()] == [src.key]  # no temp or stale folders left
+
+
 def test_interrupted_generation_leaves_no_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LDT_CACHE_DIR", str(tmp_path))
     src = PhantomSource(subjects=2, drfs=[4], shape=[64, 40, 40], spacing_mm=[15, 12, 12])

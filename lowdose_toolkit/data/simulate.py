@@ -51,7 +51,7 @@ DEFAULT_SUBJECTS = 10
 DEFAULT_DRFS: tuple[int, ...] = (4, 10, 20, 50, 100)
 PAPER_LOW_DOSE_PSNR: dict[int, float] = {4: 58.718, 10: 54.421, 20: 51.698, 50: 47.490, 100: 42.490}
 """CG-3DSRGAN paper, Table I, "Low-Dose" row: PSNR (dB) of the low-dose input vs full dose."""
-GENERATOR = "lowdose_toolkit.data.simulate"
+GENERATOR = "lowdose_toolkit.simulate"  # the data set format's name in simulation.json: never change it
 
 
 def _subject_id(i: int) -> str:

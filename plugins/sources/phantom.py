@@ -151,6 +151,8 @@ class PhantomSource:
                 work / "data", self.subjects, self.seed, self.drfs,
                 progress=sys.stderr.isatty(), config=self.config,
             )
+            if final.exists() and not sim.is_simulation_output(final):  # a stale or partial cache: set aside
+                os.rename(final, work / "stale")
             try:
                 os.rename(work / "data", final)
             except OSError:
