@@ -112,3 +112,36 @@ def test_predictor_window_overrides_and_denoise_in_input_units(tmp_path: Path) -
     assert predictor.verdict(probs)["predicted_drf"] in (4, 100)
     with pytest.raises(UserError, match="not guided by a dose head"):
         predictor.drf_class(4)
+
+
+def test_folding_batchnorm_is_exact_and_channels_last_changes_nothing(tmp_path: Path) -> None:
+    from lowdose_toolkit.infer.optimize import fold_batchnorm, for_inference
+
+    model, _ = tiny()
+    for m in model.modules():  # running statistics far from the identity, so folding has work to do
+        if isinstance(m, torch.nn.BatchNorm3d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+    x = torch.rand(2, 1, 16, 16, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        reference = model.predict(x)
+        for channels_last in (False, True):
+            fast = for_inference(model, fold=True, channels_last=channels_last)
+            assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in fast.modules())
+            xi = x.contiguous(memory_format=torch.channels_last_3d) if channels_last else x
+            torch.testing.assert_close(fast.predict(xi), reference, atol=1e-5, rtol=1e-5)
+    assert any(isinstance(m, torch.nn.BatchNorm3d) for m in model.modules())  # the original is untouched
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batchnorm(model.train())
+
+
+def test_predictor_from_checkpoint_is_an_optimised_copy_with_the_same_output(tmp_path: Path) -> None:
+    path = checkpoint(tmp_path)
+    low = torch.rand(1, 20, 18, 22, generator=torch.Generator().manual_seed(4))
+    plain, _ = Predictor.from_checkpoint(path, CPU, "fp32", fold_bn=False, channels_last=False)
+    fast, _ = Predictor.from_checkpoint(path, CPU, "fp32", fold_bn=True, channels_last=True)
+    assert fast.channels_last and not any(isinstance(m, torch.nn.BatchNorm3d) for m in fast.model.modules())
+    (a, pa), (b, pb) = plain.predict(low), fast.predict(low)
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pb, pa, atol=1e-5, rtol=1e-5)

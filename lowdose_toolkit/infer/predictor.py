@@ -22,6 +22,8 @@ from lowdose_toolkit.infer.precision import resolve_precision
 from lowdose_toolkit.models.lowdose_model import LowDoseModel
 
 WINDOW_KEYS = ("patch_size", "overlap", "batch_size", "blending")
+#: Whether inference copies use channels_last_3d, per device type (benchmarks/conv3d.py, docs/BENCHMARKS.md).
+CHANNELS_LAST: dict[str, bool] = {"cpu": True, "cuda": True}
 
 
 def model_from_checkpoint(ckpt: Checkpoint, device: torch.device) -> tuple[LowDoseModel, dict[str, Any]]:
@@ -61,22 +63,31 @@ class Predictor:
     precision: str = "fp32"
     drfs: tuple[int, ...] = ()
     normalization: Normalization | None = None
+    channels_last: bool = False
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Path | Checkpoint, device: torch.device, precision: str = "auto",
+                        fold_bn: bool = True, channels_last: bool | None = None,
                         **window: Any) -> tuple[Predictor, dict[str, Any]]:
         """A predictor for a checkpoint (file, run directory or loaded) and its resolved recipe.
 
-        ``window`` overrides the recipe's ``eval`` keys (None keeps the recipe's).
+        The model is an inference copy (:mod:`lowdose_toolkit.infer.optimize`): BatchNorm folded into
+        the convolutions (``fold_bn``) and channels_last_3d weights and windows (``channels_last``;
+        None: :data:`CHANNELS_LAST`, measured per device in docs/BENCHMARKS.md). ``window`` overrides
+        the recipe's ``eval`` keys (None keeps the recipe's).
         """
+        from lowdose_toolkit.infer.optimize import for_inference
+
         ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
         model, recipe = model_from_checkpoint(ckpt, device)
+        channels_last = CHANNELS_LAST.get(device.type, False) if channels_last is None else channels_last
+        model = for_inference(model, fold=fold_bn, channels_last=channels_last)
         unknown = set(window) - set(WINDOW_KEYS)
         if unknown:
             raise TypeError(f"unknown window keys {sorted(unknown)}; use {WINDOW_KEYS}")
         merged = {k: recipe["eval"][k] if window.get(k) is None else window[k] for k in WINDOW_KEYS}
         return cls(model, merged, device, resolve_precision(precision, device), tuple(ckpt.drfs),
-                   ckpt.normalization), recipe
+                   ckpt.normalization, channels_last), recipe
 
     @property
     def dose_head(self) -> str | None:
@@ -112,6 +123,8 @@ class Predictor:
         votes: list[torch.Tensor] = []
 
         def run(x: torch.Tensor) -> torch.Tensor:
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last_3d)
             if head is None:
                 return model.predict(x, use_refiner)
             cls = None if drf_class is None else torch.full((x.shape[0],), drf_class, device=x.device)
