@@ -7,6 +7,10 @@ Add an entry for every bug a bad input revealed; the tests that use a list run e
 * ``BAD_SUV_HEADERS``: geometrically sound PET series whose SUV header cannot be true
   (``prepare.suv_from_dicom``).
 * ``crafted_checkpoint``: a ``.pt`` file that runs code when unpickled without ``weights_only``.
+* ``BAD_NIFTI``: NIfTI files ``ldt infer`` fails one at a time (``make`` returns the file); ``error``
+  matches that volume's summary row.
+* ``degenerate_affine_nifti``: a readable volume whose sform cannot be oriented (no preview can be drawn).
+* ``nan_weights_checkpoint``: a real checkpoint whose weights are NaN (a diverged training).
 """
 
 from __future__ import annotations
@@ -201,4 +205,96 @@ def crafted_checkpoint(path: Path, marker: Path, like: dict | None = None) -> Pa
     payload = dict(like or {"format": 1, "recipe": {}})
     payload["model"] = {"weight": torch.zeros(2), "hook": _RunsCode(marker)}
     torch.save(payload, path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ NIfTI
+
+
+def _nifti(name: str, data: np.ndarray, affine: np.ndarray | None = None) -> Callable[[Path], Path]:
+    def make(folder: Path) -> Path:
+        import nibabel as nib
+
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(data, np.diag([4.0, 4.0, 4.0, 1.0]) if affine is None else affine), path)
+        return path
+
+    return make
+
+
+def _voxels(nan: int = 0, inf: int = 0) -> np.ndarray:
+    """A 20^3 float32 volume of ones whose first ``nan`` voxels are NaN and next ``inf`` voxels Inf."""
+    data = np.ones(20**3, dtype=np.float32)
+    data[:nan] = np.nan
+    data[nan:nan + inf] = np.inf
+    return data.reshape(20, 20, 20)
+
+
+def _truncated(folder: Path) -> Path:
+    path = _nifti("truncated", np.random.default_rng(0).random((20, 20, 20), dtype=np.float32))(folder)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # the header whole, half the voxels
+    return path
+
+
+def _huge_header(folder: Path) -> Path:
+    """A header declaring 30000^3 float32 voxels (98 TiB) over 40 bytes of data: reading it was a MemoryError."""
+    import nibabel as nib
+
+    header = nib.Nifti1Header()
+    header.set_data_shape((30000, 30000, 30000))
+    header.set_data_dtype(np.float32)
+    header["vox_offset"] = 352
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "huge_header.nii"
+    path.write_bytes(header.binaryblock + b"\0" * 4 + np.ones(10, dtype=np.float32).tobytes())
+    return path
+
+
+def _not_gzip(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "not_gzip.nii.gz"
+    path.write_text("subject,drf,path\n")
+    return path
+
+
+BAD_NIFTI: list[BadInput] = [
+    BadInput("nan_voxels", _nifti("nan_voxels", _voxels(nan=3)),
+             r"nan_voxels\.nii\.gz: 3 NaN and 0 Inf voxels \(of 8000\)"),
+    BadInput("inf_voxels", _nifti("inf_voxels", _voxels(inf=2)),
+             r"inf_voxels\.nii\.gz: 0 NaN and 2 Inf voxels \(of 8000\)"),
+    BadInput("all_zero", _nifti("all_zero", np.zeros((20, 20, 20), dtype=np.float32)),
+             r"all_zero\.nii\.gz: empty volume: all 8000 voxels are 0"),
+    BadInput("two_volumes", _nifti("two_volumes", np.ones((20, 20, 20, 2), dtype=np.float32)),
+             r"two_volumes\.nii\.gz: holds 2 volumes or channels"),
+    BadInput("truncated", _truncated, r"truncated\.nii\.gz: unreadable or truncated NIfTI"),
+    BadInput("not_gzip", _not_gzip, r"not_gzip\.nii\.gz: unreadable NIfTI header"),
+    BadInput("huge_header", _huge_header,
+             r"huge_header\.nii: needs about 393 TiB of memory \(30000x30000x30000 float32 voxels: 98\.2 TiB to read "
+             r"plus 3 float32 working copies of 98\.2 TiB\) but .* is available; free memory"),
+]
+
+
+def degenerate_affine_nifti(path: Path) -> Path:
+    """A sound volume whose sform has a zero column: nibabel cannot orient it (OrientationError)."""
+    import nibabel as nib
+
+    header = nib.Nifti1Header()
+    header.set_data_shape((16, 16, 16))
+    header.set_data_dtype(np.float32)
+    header.set_qform(np.eye(4), code=0)
+    header["sform_code"] = 1
+    header["srow_x"], header["srow_y"], header["srow_z"] = [4, 0, 0, 0], [0, 0, 0, 0], [0, 0, 4, 0]
+    data = np.random.default_rng(1).poisson(50, size=(16, 16, 16)).astype(np.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, None, header=header), path)
+    return path
+
+
+def nan_weights_checkpoint(source: Path, path: Path) -> Path:
+    """A copy of the checkpoint ``source`` with every floating-point weight of its model NaN."""
+    ckpt = torch.load(source, weights_only=True)
+    ckpt["model"] = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                     for k, v in ckpt["model"].items()}
+    torch.save(ckpt, path)
     return path

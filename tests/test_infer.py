@@ -222,7 +222,8 @@ def test_preview_mip_is_coronal_head_up_whatever_the_voxel_order() -> None:
 def test_interrupt_keeps_finished_outputs_whole(trained: tuple[Path, Path], tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    """Ctrl-C during the second volume: exit 130, the first output complete, no temporary file left."""
+    """Ctrl-C during the second volume: exit 130, the first output complete, no temporary file left, and the
+    summary of what was done (the rest ``not done``) written all the same (it was not before)."""
     import lowdose_toolkit.infer.sliding as sliding
 
     run, data = trained
@@ -238,9 +239,26 @@ def test_interrupt_keeps_finished_outputs_whole(trained: tuple[Path, Path], tmp_
     monkeypatch.setattr(sliding, "infer_volume", interrupted)
     out = tmp_path / "out"
     assert main(["infer", str(run), str(inputs), "--out", str(out)]) == 130
-    assert "interrupted" in capsys.readouterr().err
-    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["a.nii.gz", "a.png"]
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "lists what was done; the same command with --skip-existing finishes" in err
+    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["a.nii.gz", "a.png", "summary.csv",
+                                                                      "summary.json"]  # no lock file left
     np.testing.assert_array_equal(nib.load(out / "a.nii.gz").shape, nib.load(inputs / "a.nii.gz").shape)
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert [(Path(r["input"]).name, r["status"]) for r in rows] == [("a.nii.gz", "ok"), ("b.nii.gz", "not done"),
+                                                                     ("c.nii.gz", "not done")]
+    assert "the batch was stopped" in rows[2]["error"]
+    # ... and --skip-existing resumes it: a is kept as it is, b and c are denoised.
+    before = (out / "a.nii.gz").stat().st_mtime_ns
+    monkeypatch.setattr(sliding, "infer_volume", real)
+    assert main(["infer", str(run), str(inputs), "--out", str(out), "--skip-existing"]) == 0
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert [r["status"] for r in rows] == ["skipped", "ok", "ok"]
+    assert rows[0]["predicted_drf"] in ("4", "100")  # carried over from the first run's summary
+    assert (out / "a.nii.gz").stat().st_mtime_ns == before and (out / "c.nii.gz").is_file()
+    assert "2/3 volumes written" in capsys.readouterr().err
+    assert main(["infer", str(run), str(inputs), "--out", str(out), "--skip-existing", "--overwrite"]) == 2
+    assert "--overwrite and --skip-existing contradict each other" in capsys.readouterr().err
 
 
 def test_infer_normalises_with_the_quantile_the_checkpoint_was_trained_with(
@@ -267,3 +285,343 @@ def test_infer_normalises_with_the_quantile_the_checkpoint_was_trained_with(
     torch.save(ckpt, tmp_path / "old.pt")
     assert main(["infer", str(tmp_path / "old.pt"), volume, "--out", str(tmp_path / "old")]) == 0
     assert seen == [0.99, 0.999]
+
+
+# ------------------------------------------------------------------------- a batch that always finishes
+
+
+def summary(out: Path) -> dict[str, dict[str, str]]:
+    return {Path(r["input"]).name: r for r in csv.DictReader((out / "summary.csv").open())}
+
+
+def test_bad_niftis_fail_alone_and_the_summary_is_written(trained: tuple[Path, Path], tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Every entry of badinputs.BAD_NIFTI is one failed row and one console line; the good volume is written.
+
+    Before: the header declaring 98 TiB raised MemoryError while reading, which ended the batch with no summary.
+    """
+    import re
+
+    from badinputs import BAD_NIFTI
+
+    run, data = trained
+    inputs = tmp_path / "in"
+    for case in BAD_NIFTI:
+        case.make(inputs)
+    shutil.copy(data / "sub02" / "drf_004.nii.gz", inputs / "good.nii.gz")
+    out = tmp_path / "out"
+    assert main(["infer", str(run), str(inputs), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    rows = summary(out)
+    assert len(rows) == len(BAD_NIFTI) + 1 and rows["good.nii.gz"]["status"] == "ok"
+    for case in BAD_NIFTI:
+        row = next(r for name, r in rows.items() if name.startswith(case.name))
+        assert row["status"] == "failed", case.name
+        assert re.search(case.error, row["error"]) and "\n" not in row["error"], row["error"]
+        assert re.search(rf"failed .*{re.escape(Path(row['input']).name)}: ", " ".join(err.split())), case.name
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["good.nii.gz"]
+    assert f"1/{len(rows)} volumes written" in err and f"{len(BAD_NIFTI)} failed" in err
+
+
+def test_any_error_fails_one_volume_and_the_batch_goes_on(trained: tuple[Path, Path], tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """CUDA running out of memory, a bug in the model, a failed write: each one volume's row; the rest written.
+
+    Before, only DataError/UserError were caught: the first of these ended the batch with no summary.
+    """
+    import torch
+
+    import lowdose_toolkit.data.io as ldt_io
+    import lowdose_toolkit.infer.sliding as sliding
+
+    run, data = trained
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("a", "b_oom", "c_bug", "d", "e_write"):
+        shutil.copy(data / "sub01" / "drf_100.nii.gz", inputs / f"{name}.nii.gz")
+    real_infer, real_save = sliding.infer_volume, ldt_io.save_like
+    calls: list[int] = []
+
+    def infer_volume(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - the patched function's signature
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB.\nGPU 0 has 1 GiB free")
+        if len(calls) == 3:
+            raise RuntimeError("shape mismatch in layer 3")
+        return real_infer(*args, **kwargs)
+
+    def save_like(volume, reference, out_path):  # noqa: ANN001, ANN202 - the patched function's signature
+        if Path(out_path).name == "e_write.nii.gz":
+            raise ValueError("compression failed")
+        return real_save(volume, reference, out_path)
+
+    monkeypatch.setattr(sliding, "infer_volume", infer_volume)
+    monkeypatch.setattr(ldt_io, "save_like", save_like)
+    out = tmp_path / "out"
+    assert main(["infer", str(run), str(inputs), "--out", str(out)]) == 1
+    rows = summary(out)
+    assert [rows[f"{n}.nii.gz"]["status"] for n in ("a", "b_oom", "c_bug", "d", "e_write")] == [
+        "ok", "failed", "failed", "ok", "failed"]
+    assert rows["b_oom"".nii.gz"]["error"].startswith("OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 "
+                                                      "GiB. GPU 0 has 1 GiB free; the device ran out of memory: lower "
+                                                      "--batch-size")
+    assert rows["c_bug.nii.gz"]["error"] == "RuntimeError: shape mismatch in layer 3"
+    assert rows["e_write.nii.gz"]["error"] == "ValueError: compression failed"
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["a.nii.gz", "d.nii.gz"]
+    err = " ".join(capsys.readouterr().err.split())
+    assert all(f"failed {inputs / n}.nii.gz: " in err for n in ("b_oom", "c_bug", "e_write"))
+
+
+def test_a_preview_that_cannot_be_drawn_keeps_the_prediction(trained: tuple[Path, Path], tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """A sform nibabel cannot orient: the volume is written, without preview, and the row says why.
+
+    Before: nibabel's OrientationError while drawing the preview ended the batch.
+    """
+    from badinputs import degenerate_affine_nifti
+
+    run, data = trained
+    inputs = tmp_path / "in"
+    degenerate_affine_nifti(inputs / "a_degenerate.nii.gz")
+    shutil.copy(data / "sub01" / "drf_100.nii.gz", inputs / "b.nii.gz")
+    out = tmp_path / "out"
+    assert main(["infer", str(run), str(inputs), "--out", str(out)]) == 0
+    rows = summary(out)
+    assert [r["status"] for r in rows.values()] == ["ok", "ok"]
+    assert rows["a_degenerate.nii.gz"]["error"].startswith("no preview: OrientationError: ")
+    assert (out / "a_degenerate.nii.gz").is_file() and sorted(p.name for p in (out / "previews").iterdir()) == [
+        "b.png"]
+    assert "warning" in capsys.readouterr().err
+
+
+def test_memory_is_checked_from_the_header_before_reading(trained: tuple[Path, Path], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Needed (header shape x type + 3 float32 copies) against available: refused with both numbers."""
+    from badinputs import good_series
+
+    from lowdose_toolkit.data import io
+    from lowdose_toolkit.infer import memory
+
+    run, data = trained
+    volume = data / "sub00" / "drf_004.nii.gz"  # 24^3 float32: 54 KiB stored, 4 x 54 KiB needed
+    assert memory.memory_needed(volume)[0] == 4 * 24**3 * 4
+    series = good_series(tmp_path / "series")
+    assert io.declared_volume(series)[0] == io.load_array(series)[2].shape
+    assert memory.available_memory() > 0 and memory.format_bytes(1536) == "1.5 KiB"
+    monkeypatch.setattr(memory, "available_memory", lambda: 100_000)
+    out = tmp_path / "out"
+    assert main(["infer", str(run), str(volume), "--out", str(out)]) == 1
+    [row] = summary(out).values()
+    assert row["error"] == (f"{volume}: needs about 216 KiB of memory (24x24x24 float32 voxels: 54 KiB to read plus 3 "
+                            "float32 working copies of 54 KiB) but 97.7 KiB is available; free memory or use a "
+                            "machine with more (a shape this machine cannot hold may also be a damaged header: check "
+                            "the file)")
+
+
+def test_a_nonfinite_prediction_is_an_error_not_a_written_volume(trained: tuple[Path, Path], tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint with NaN weights, and a model that overflows on one volume: failed rows, nothing written.
+
+    Before: the NaN volumes were written and marked ok.
+    """
+    from badinputs import nan_weights_checkpoint
+
+    import lowdose_toolkit.infer.sliding as sliding
+
+    run, data = trained
+    inputs = three_copies(data, tmp_path / "in")
+    broken = nan_weights_checkpoint(run / "checkpoints" / "best.pt", tmp_path / "nan.pt")
+    out = tmp_path / "nan"
+    assert main(["infer", str(broken), str(inputs), "--out", str(out), "--precision", "fp32"]) == 1
+    rows = summary(out)
+    assert {r["status"] for r in rows.values()} == {"failed"} and not list(out.glob("*.nii.gz"))
+    assert rows["a.nii.gz"]["error"] == (
+        f"{inputs / 'a.nii.gz'}: the prediction has 13824 NaN and 0 Inf voxels (of 13824); nothing was written; the "
+        "checkpoint's weights may be damaged (a diverged training?) or the input far outside what the model was "
+        "trained on; check the checkpoint with `ldt evaluate RUN_DIR`")
+    real = sliding.infer_volume
+
+    def overflowing(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - the patched function's signature
+        pred = real(*args, **kwargs).clone()
+        if args[0].mean() > 0 and len(overflowing.seen) == 1:  # the second volume
+            pred[0, 1, 2, 3] = float("inf")
+        overflowing.seen.append(1)
+        return pred
+
+    overflowing.seen = []
+    monkeypatch.setattr(sliding, "infer_volume", overflowing)
+    out = tmp_path / "inf"
+    assert main(["infer", str(run), str(inputs), "--out", str(out), "--precision", "bf16"]) == 1
+    rows = summary(out)
+    assert [r["status"] for r in rows.values()] == ["ok", "failed", "ok"]
+    assert rows["b.nii.gz"]["error"].endswith("0 NaN and 1 Inf voxels (of 13824); nothing was written; rerun with "
+                                              "--precision fp32 (bf16 can overflow)")
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["a.nii.gz", "c.nii.gz"]
+
+
+# -------------------------------------------------------------------------------------- links and locks
+
+
+def test_links_never_let_an_input_be_written_over(trained: tuple[Path, Path], tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Inputs given through symbolic (or hard) links: the listed folder is an input folder, and an output that
+    is a link to an input is never replaced.
+
+    Before, only resolved paths were compared: `--out links --overwrite` replaced the user's links with
+    predictions, and an output that was a link to (or a hard link of) an input was replaced.
+    """
+    import os
+
+    run, data = trained
+    store = three_copies(data, tmp_path / "store")
+    links = tmp_path / "links"
+    links.mkdir()
+    for name in ("a", "b"):
+        (links / f"patient_{name}.nii.gz").symlink_to(store / f"{name}.nii.gz")
+    before = snapshot(tmp_path)
+
+    def refused(*args: str) -> str:
+        assert main(["infer", str(run), *args]) == 2
+        assert snapshot(tmp_path) == before
+        return " ".join(capsys.readouterr().err.split())
+
+    err = refused(str(links), "--out", str(links), "--overwrite")
+    assert f"--out {links}: {links} is an input folder (a folder listed as input)" in err
+    err = refused(str(links / "*.nii.gz"), "--out", str(links), "--overwrite")
+    assert f"is an input folder (it holds the input {links / 'patient_a.nii.gz'})" in err
+    assert "choose another folder (inputs are never written to)" in err
+    # An output folder where the output name is a link to an input, or a hard link of one.
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "patient_a.nii.gz").symlink_to(store / "a.nii.gz")
+    os.link(store / "b.nii.gz", results / "patient_b.nii.gz")
+    before = snapshot(tmp_path)
+    err = refused(str(links / "patient_a.nii.gz"), "--out", str(results), "--overwrite")
+    assert (f"{results / 'patient_a.nii.gz'} is a link to the input {links / 'patient_a.nii.gz'} (a link to "
+            f"{store / 'a.nii.gz'}); inputs are never replaced") in err
+    err = refused(str(links / "patient_b.nii.gz"), "--out", str(results), "--overwrite")
+    assert f"{results / 'patient_b.nii.gz'} is the same file as the input" in err
+    assert (results / "patient_a.nii.gz").is_symlink()
+    # Linked inputs are named as listed, not as the files they link to.
+    out = tmp_path / "out"
+    assert main(["infer", str(run), str(links), "--out", str(out), "--no-previews"]) == 0
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["patient_a.nii.gz", "patient_b.nii.gz"]
+    assert summary(out)["patient_a.nii.gz"]["input"] == str(links / "patient_a.nii.gz")
+
+
+def test_a_second_infer_into_the_same_out_is_refused(trained: tuple[Path, Path], tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """OUT is locked while an `ldt infer` writes there: another one gets one line naming the holder's pid.
+
+    Before, both ran and mixed their outputs (and the summary listed one of them).
+    """
+    import subprocess
+    import sys
+
+    run, data = trained
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from lowdose_toolkit.core.lock import folder_lock\n"
+         f"with folder_lock({str(out)!r}, 'ldt infer', 'wait', '.ldt-infer.lock'):\n"
+         "    print('locked', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        volume = str(data / "sub00" / "drf_004.nii.gz")
+        assert main(["infer", str(run), volume, "--out", str(out)]) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert (f"error: {out} is in use by another ldt infer (pid {holder.pid}); wait for it or choose another "
+                "--out") in err
+        assert sorted(p.name for p in out.iterdir()) == [".ldt-infer.lock"]
+    finally:
+        holder.communicate("")
+    assert not (out / ".ldt-infer.lock").exists()
+    assert main(["infer", str(run), volume, "--out", str(out)]) == 0
+
+
+def test_the_lock_is_exclusive_in_one_process_too(tmp_path: Path) -> None:
+    from lowdose_toolkit.core.lock import folder_lock
+    from lowdose_toolkit.errors import UserError
+
+    with folder_lock(tmp_path, "ldt infer", "wait for it", "x.lock") as path:
+        assert path.read_text() == f"{__import__('os').getpid()}\n"
+        with pytest.raises(UserError, match=r"is in use by another ldt infer \(pid \d+\); wait for it$"):
+            with folder_lock(tmp_path, "ldt infer", "wait for it", "x.lock"):
+                pass
+    with folder_lock(tmp_path, "ldt infer", "wait for it", "x.lock"):  # free again
+        pass
+    assert not (tmp_path / "x.lock").exists()
+
+
+# ------------------------------------------------------------------------------------------------- SUV
+
+
+@pytest.fixture(scope="module")
+def suv_checkpoint(trained: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The trained checkpoint as if trained with data.normalization: suv (the weights do not mind)."""
+    import torch
+
+    run, _ = trained
+    ckpt = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    ckpt["normalization"] = {"method": "suv"}
+    path = tmp_path_factory.mktemp("suv") / "suv.pt"
+    torch.save(ckpt, path)
+    return path
+
+
+def test_suv_checkpoint_takes_the_factor_from_each_input(trained: tuple[Path, Path], suv_checkpoint: Path,
+                                                         tmp_path: Path) -> None:
+    """A model trained on SUV: the factor from --suv-factor, a JSON sidecar, a manifest or a DICOM header.
+
+    Before, infer never supplied one: every volume failed (normalization 'suv' needs the SUV factor).
+    """
+    import json
+
+    from badinputs import good_series
+
+    from lowdose_toolkit.data.prepare import suv_from_dicom
+
+    run, data = trained
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("a_none", "b_sidecar", "c_bad_sidecar", "d_implausible"):
+        shutil.copy(data / "sub01" / "drf_100.nii.gz", inputs / f"{name}.nii.gz")
+    write(inputs / "b_sidecar.json", json.dumps({"suv_factor": 2.5e-4, "Modality": "PT"}))
+    write(inputs / "c_bad_sidecar.json", "{suv_factor: 2.5e-4}")
+    write(inputs / "d_implausible.json", '{"suv_factor": 4000}')
+    series = good_series(inputs / "e_dicom")
+    out = tmp_path / "out"
+    assert main(["infer", str(suv_checkpoint), str(inputs), "--out", str(out)]) == 1
+    rows = summary(out)
+    assert [r["status"] for r in rows.values()] == ["failed", "ok", "failed", "failed", "ok"]
+    assert rows["a_none.nii.gz"]["error"] == (
+        f"{inputs / 'a_none.nii.gz'}: the checkpoint was trained on SUV (data.normalization: suv) and this input's "
+        "SUV factor is unknown (no sidecar a_none.json with a suv_factor); give it with --suv-factor X (X = body "
+        "weight in g / injected activity in Bq), a manifest's suv_factor column, or a JSON sidecar "
+        f"{inputs / 'a_none.json'} holding {{\"suv_factor\": X}}")
+    assert rows["b_sidecar.nii.gz"]["suv_factor"] == "0.00025"
+    assert rows["c_bad_sidecar.nii.gz"]["error"].startswith(f"{inputs / 'c_bad_sidecar.json'}: not a readable JSON "
+                                                            "sidecar (")
+    assert rows["d_implausible.nii.gz"]["error"].startswith(f"{inputs / 'd_implausible.json'}: suv_factor 4000 is "
+                                                            "not a plausible body weight (g) / injected activity (Bq)")
+    assert float(rows["e_dicom"]["suv_factor"]) == pytest.approx(suv_from_dicom(series)["factor"])
+    sources = {Path(r["input"]).name: r.get("suv_source") for r in json.loads((out / "summary.json").read_text())[
+        "volumes"]}
+    assert sources["b_sidecar.nii.gz"] == f"sidecar {inputs / 'b_sidecar.json'}"
+    assert sources["e_dicom"].startswith("DICOM header IM")
+    # --suv-factor: every input's factor.
+    out = tmp_path / "given"
+    assert main(["infer", str(suv_checkpoint), str(inputs / "a_none.nii.gz"), "--out", str(out),
+                 "--suv-factor", "3e-4"]) == 0
+    assert summary(out)["a_none.nii.gz"]["suv_factor"] == "0.0003"
+    assert main(["infer", str(suv_checkpoint), str(inputs / "a_none.nii.gz"), "--out", str(out),
+                 "--suv-factor", "-1", "--overwrite"]) == 2
+    # A manifest's suv_factor column (given on the subject's full-dose row).
+    manifest = write(tmp_path / "m" / "list.csv", "subject,drf,path,suv_factor\n"
+                     f"sub03,100,{data / 'sub03' / 'drf_100.nii.gz'},\n"
+                     f"sub03,full,{data / 'sub03' / 'full.nii.gz'},2e-4\n")
+    out = tmp_path / "manifest"
+    assert main(["infer", str(suv_checkpoint), str(manifest), "--out", str(out)]) == 0
+    assert summary(out)["drf_100.nii.gz"]["suv_factor"] == "0.0002"

@@ -7,7 +7,9 @@ weights fill them, and its normalisation method is applied to each input and inv
 from __future__ import annotations
 
 import glob
-from dataclasses import dataclass
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import typer
@@ -15,20 +17,72 @@ import typer
 from lowdose_toolkit.data.naming import is_nifti, nifti_stem
 from lowdose_toolkit.errors import UserError
 
+LOCK_NAME = ".ldt-infer.lock"
+SUMMARY_FILES = ("summary.csv", "summary.json")
+
+
+@dataclass(frozen=True)
+class Volume:
+    """One input volume: ``path`` resolved (it is read from there), ``given`` as the user listed it (absolute,
+    links not followed) and the SUV factor a manifest gives its subject."""
+
+    path: Path
+    given: Path
+    suv_factor: float | None = None
+    suv_source: str = ""
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What the input arguments name: the volumes, and the folders listed (or holding a listed manifest)."""
+
+    volumes: list[Volume]
+    folders: list[Path] = field(default_factory=list)
+
 
 @dataclass(frozen=True)
 class Job:
-    """One input volume and where its prediction goes."""
+    """One input volume and where its prediction goes (``skip``: it exists and ``--skip-existing`` was given)."""
 
     source: Path
     output: Path
+    given: Path | None = None
+    suv_factor: float | None = None
+    suv_source: str = ""
+    skip: bool = False
 
 
-def _from_manifest(path: Path) -> list[Path]:
-    """The manifest's low-dose volumes (rows whose drf is not ``full``); only its ``path`` column is required."""
+def _absolute(path: Path) -> Path:
+    """Absolute without following links (``..`` removed lexically)."""
+    return Path(os.path.abspath(path))
+
+
+def _both(path: Path) -> set[Path]:
+    """A path as given (absolute) and resolved (links followed)."""
+    return {_absolute(path), path.resolve()}
+
+
+def _from_manifest(path: Path) -> list[Volume]:
+    """The manifest's low-dose volumes (rows whose drf is not ``full``); only its ``path`` column is required.
+
+    A subject's ``suv_factor`` (on any of its rows) goes with each of its volumes.
+    """
     from lowdose_toolkit.data.manifest import read_manifest
 
-    return [row.path.resolve() for row in read_manifest(path, require=("path",)) if not row.full]
+    rows = read_manifest(path, require=("path",))
+    per_subject = {}
+    for row in rows:
+        if row.suv_factor is not None and row.subject:
+            per_subject.setdefault(row.subject, row)
+    volumes = []
+    for row in rows:
+        if row.full:
+            continue
+        source = row if row.suv_factor is not None else per_subject.get(row.subject)
+        factor = None if source is None else source.suv_factor
+        where = "" if source is None else f"{path} line {source.line}"
+        volumes.append(Volume(row.path.resolve(), _absolute(row.path), factor, where))
+    return volumes
 
 
 def _has_dicom(folder: Path) -> bool:
@@ -41,9 +95,10 @@ def _has_dicom(folder: Path) -> bool:
     return False
 
 
-def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files, folders (NIfTI inside, or a DICOM series), globs and manifest CSVs -> volume paths."""
-    found: list[Path] = []
+def find_inputs(inputs: list[str]) -> Inputs:
+    """Files, folders (NIfTI inside, or a DICOM series), globs and manifest CSVs -> volumes, in order, once each."""
+    found: list[Volume] = []
+    folders: list[Path] = []
     for item in inputs:
         matches = [Path(m) for m in sorted(glob.glob(item))] if any(c in item for c in "*?[") else [Path(item)]
         if not matches:
@@ -53,65 +108,160 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
                 raise UserError(f"{path}: no such file or folder")
             if path.is_file() and path.suffix.lower() == ".csv":
                 found.extend(_from_manifest(path))
+                folders.append(_absolute(path.parent))
             elif path.is_file():
                 if not is_nifti(path):
                     raise UserError(f"{path}: not a NIfTI file (.nii/.nii.gz), DICOM folder or manifest CSV")
-                found.append(path.resolve())
+                found.append(Volume(path.resolve(), _absolute(path)))
             elif _has_dicom(path):
-                found.append(path.resolve())
+                found.append(Volume(path.resolve(), _absolute(path)))
             else:
+                folders.append(_absolute(path))
                 niftis = sorted(p for p in path.iterdir() if p.is_file() and is_nifti(p))
                 dicoms = sorted(p for p in path.iterdir() if p.is_dir() and _has_dicom(p))
                 if not niftis and not dicoms:
                     raise UserError(f"{path}: the folder holds no NIfTI files or DICOM series")
-                found.extend(p.resolve() for p in niftis + dicoms)
-    unique = list(dict.fromkeys(found))
+                found.extend(Volume(p.resolve(), _absolute(p)) for p in niftis + dicoms)
+    unique: dict[Path, Volume] = {}
+    for volume in found:  # each file once (the first way it was named), in order
+        unique.setdefault(volume.path, volume)
     if not unique:
         raise UserError("no input volumes given")
-    return unique
+    return Inputs(list(unique.values()), folders)
 
 
-def plan_jobs(sources: list[Path], out: Path, overwrite: bool) -> list[Job]:
-    """Output path per input; refuses input folders as output and name clashes."""
-    out = out.resolve()
+def expand_inputs(inputs: list[str]) -> list[Path]:
+    """Files, folders (NIfTI inside, or a DICOM series), globs and manifest CSVs -> volume paths (resolved)."""
+    return [v.path for v in find_inputs(inputs).volumes]
+
+
+def _never_written(volumes: Sequence[Volume], folders: Sequence[Path]) -> tuple[dict[Path, str], dict[Path, str]]:
+    """The folders and the files ``ldt infer`` must not write into or over, each with why (for messages).
+
+    Both the given and the resolved path of every input count, and of its folder: with a link to a
+    file elsewhere, the folder the user listed is as much an input folder as the one the file is in.
+    """
+    protected_folders: dict[Path, str] = {}
+    protected_files: dict[Path, str] = {}
+    for folder in folders:
+        for path in _both(folder):
+            protected_folders.setdefault(path, "a folder listed as input")
+    for v in volumes:
+        link = f" (a link to {v.path})" if v.given != v.path else ""
+        for path in (v.given, v.path):
+            if v.path.is_dir():  # a DICOM series
+                protected_folders.setdefault(path, f"the input series {v.given}{link}")
+            else:
+                protected_files.setdefault(path, f"the input {v.given}{link}")
+                for parent in _both(path.parent):
+                    protected_folders.setdefault(parent, f"it holds the input {path}")
+    return protected_folders, protected_files
+
+
+def plan_jobs(sources: Sequence[Path | Volume], out: Path, overwrite: bool = False, skip_existing: bool = False,
+              folders: Sequence[Path] = ()) -> list[Job]:
+    """Output path per input; refuses input folders as output, name clashes and writing over any input.
+
+    An output that exists is refused, replaced (``overwrite``) or left and its job marked ``skip``
+    (``skip_existing``); an output that is an input, or a link to one, is always refused. Inputs are
+    compared with the output folder and each output by their given and their resolved paths, and
+    existing outputs by identity (device and inode), so symbolic and hard links cannot get around it.
+    """
+    if overwrite and skip_existing:
+        raise UserError("--overwrite and --skip-existing contradict each other; pass one of them")
+    volumes = [s if isinstance(s, Volume) else Volume(s.resolve(), _absolute(s)) for s in sources]
+    protected_folders, protected_files = _never_written(volumes, folders)
+    for path in [*_both(out), *_both(out / "previews")]:
+        why = protected_folders.get(path) or protected_files.get(path)
+        if why:
+            raise UserError(f"--out {out}: {path} is an input folder ({why}); choose another folder "
+                            "(inputs are never written to)")
+    identities = {}
+    for path in protected_files:
+        if path.exists():
+            st = path.stat()
+            identities.setdefault((st.st_dev, st.st_ino), protected_files[path])
+    root = out.resolve()
+
+    def refuse_input(target: Path) -> None:
+        """Refuse an output path that is an input, a link to one, or the same file (a hard link)."""
+        if target.exists():
+            st = target.stat()
+            why = identities.get((st.st_dev, st.st_ino))
+            if why:
+                kind = "a link to" if target.is_symlink() else "the same file as"
+                raise UserError(f"{target} is {kind} {why}; inputs are never replaced: remove {target.name} from "
+                                f"{target.parent} or choose another --out")
+        for path in _both(target):
+            if path in protected_files:
+                raise UserError(f"{target} would be written over {protected_files[path]}; choose another --out "
+                                "(inputs are never written to)")
+
+    for name in SUMMARY_FILES:
+        refuse_input(root / name)
     jobs: list[Job] = []
     names: dict[str, Path] = {}
-    for source in sources:
-        folder = source if source.is_dir() else source.parent
-        if out == folder or out == source:
-            raise UserError(f"--out {out} is an input folder; choose another folder (inputs are never written to)")
-        name = f"{nifti_stem(source)}.nii.gz"
+    for v in volumes:
+        name = f"{nifti_stem(v.given)}.nii.gz"
         if name in names:
-            raise UserError(f"{source} and {names[name]} would both be written as {out / name}; "
+            raise UserError(f"{v.given} and {names[name]} would both be written as {root / name}; "
                             "run them separately or rename one")
-        names[name] = source
-        target = out / name
-        if target.exists() and not overwrite:
-            raise UserError(f"{target} exists; pass --overwrite to replace it")
-        jobs.append(Job(source, target))
+        names[name] = v.given
+        target = root / name
+        refuse_input(target)
+        skip = False
+        if target.exists():
+            if skip_existing:
+                skip = True
+            elif not overwrite:
+                raise UserError(f"{target} exists; pass --overwrite to replace it or --skip-existing to keep it "
+                                "(and resume the batch)")
+        jobs.append(Job(v.path, target, v.given, v.suv_factor, v.suv_source, skip))
     return jobs
 
 
 def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None, overlap: float | None,
           batch_size: int | None, blending: str | None, device: str, precision: str, overwrite: bool,
-          previews: bool = True, prefetch: bool = True, drf: int | None = None) -> int:
+          previews: bool = True, prefetch: bool = True, drf: int | None = None, skip_existing: bool = False,
+          suv_factor: float | None = None) -> int:
     """Run the checkpoint's model over every input; returns the exit code (1 if any input failed).
 
     With ``previews``, ``OUT/previews/<name>.png`` shows coronal MIPs of each input and its output.
     With ``prefetch``, volume k+1 is read and volume k-1 written in threads while volume k is inferred.
     With ``drf``, a guided model is conditioned on that DRF instead of its dose head's prediction.
     ``precision``: auto (bf16 where the device runs it natively, else fp32), fp32, bf16 or fp16.
+    With ``skip_existing``, inputs whose output exists are left (``skipped`` in the summary): a batch
+    resumes where it stopped. ``suv_factor`` is every input's SUV factor, for a model trained on SUV.
+    ``OUT`` is locked for the run; ``OUT/summary.csv`` is written whatever happens, Ctrl-C included.
     """
     from rich.console import Console
+    from rich.markup import escape
 
     from lowdose_toolkit.core.checkpoint import load_checkpoint
     from lowdose_toolkit.core.device import resolve_device
-    from lowdose_toolkit.infer.pipeline import denoise_all, write_summary
+    from lowdose_toolkit.core.lock import folder_lock
+    from lowdose_toolkit.data.normalize import check_suv_factor
+    from lowdose_toolkit.errors import DataError
+    from lowdose_toolkit.infer.pipeline import (
+        FAILED,
+        OK,
+        SKIPPED,
+        denoise_all,
+        previous_rows,
+        summary_row,
+        write_summary,
+    )
     from lowdose_toolkit.infer.predictor import Predictor
 
     console = Console(stderr=True)
     ckpt = load_checkpoint(checkpoint)
-    jobs = plan_jobs(expand_inputs(inputs), out, overwrite)
+    if suv_factor is not None:
+        try:
+            suv_factor = check_suv_factor(suv_factor, "--suv-factor")
+        except DataError as exc:
+            raise UserError(str(exc)) from None
+    found = find_inputs(inputs)
+    plan_jobs(found.volumes, out, overwrite, skip_existing, found.folders)  # refused before anything is made
     dev = resolve_device(device)
     window = {"patch_size": patch_size, "overlap": None if overlap is None else (int(overlap) if overlap >= 1
                                                                                  else overlap),
@@ -121,21 +271,45 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
     conditioned = None
     if predictor.guided and predictor.dose_head is not None:
         conditioned = f"DRF {drf} (--drf)" if drf is not None else "dose head"
+    method = ckpt.normalization.method
+    if suv_factor is not None and method != "suv":
+        console.print(f"[yellow]warning[/] --suv-factor is not used: this checkpoint normalises with {method!r}, "
+                      "not SUV", soft_wrap=True)
     out.mkdir(parents=True, exist_ok=True)
-    rows = denoise_all(predictor, jobs, out, console, previews=previews, prefetch=prefetch, drf_class=drf_class,
-                       conditioned_on=conditioned)
-    write_summary(rows, out, {"checkpoint": str(checkpoint), "normalization": ckpt.normalization.method,
-                              "precision": predictor.precision, "device": str(dev)})
-    failed = sum(row["status"] == "failed" for row in rows)
-    console.print(f"{len(rows) - failed}/{len(rows)} volumes written to {out} (summary.csv; {predictor.precision} on "
-                  f"{dev})")
-    return 1 if failed else 0
+    with folder_lock(out, "ldt infer", "wait for it or choose another --out", LOCK_NAME):
+        jobs = plan_jobs(found.volumes, out, overwrite, skip_existing, found.folders)  # what exists now
+        rows = [summary_row(job) for job in jobs]
+        earlier = previous_rows(out) if skip_existing else {}
+        for job, row in zip(jobs, rows, strict=True):
+            if job.skip:
+                kept = earlier.get(str(job.output), {})
+                row.update({k: kept[k] for k in ("shape", "predicted_drf", "drf_probability", "conditioned_on",
+                                                 "suv_factor") if k in kept})
+                row.update(status=SKIPPED, error="output exists (--skip-existing)")
+        todo = [(job, row) for job, row in zip(jobs, rows, strict=True) if not job.skip]
+        meta = {"checkpoint": str(checkpoint), "normalization": method, "precision": predictor.precision,
+                "device": str(dev)}
+        try:
+            denoise_all(predictor, [job for job, _ in todo], out, console, previews=previews, prefetch=prefetch,
+                        drf_class=drf_class, conditioned_on=conditioned, rows=[row for _, row in todo],
+                        suv_factor=suv_factor)
+        except KeyboardInterrupt:
+            console.print(f"{escape(str(out / 'summary.csv'))} lists what was done; the same command with "
+                          "--skip-existing finishes the batch", soft_wrap=True)
+            raise
+        finally:  # also when interrupted: the summary of what was done, the rest "not done"
+            write_summary(rows, out, meta)
+    counts = {status: sum(row["status"] == status for row in rows) for status in (OK, SKIPPED, FAILED)}
+    extra = "".join(f", {counts[s]} {s}" for s in (SKIPPED, FAILED) if counts[s])
+    console.print(f"{counts[OK]}/{len(rows)} volumes written to {escape(str(out))}{extra} (summary.csv; "
+                  f"{predictor.precision} on {dev})", soft_wrap=True)
+    return 1 if counts[FAILED] else 0
 
 
 def infer_cmd(
     checkpoint: Path = typer.Argument(..., help="Checkpoint (.pt) or run directory."),
     inputs: list[str] = typer.Argument(..., help="NIfTI files, folders, globs, DICOM folders or a manifest CSV."),
-    out: Path = typer.Option(..., "--out", help="Output folder (never an input folder)."),
+    out: Path = typer.Option(..., "--out", help="Output folder (never an input folder); locked while in use."),
     patch_size: int | None = typer.Option(None, "--patch-size", help="Sliding-window patch (default: recipe)."),
     overlap: float | None = typer.Option(None, "--overlap", help="Overlap: voxels, or a fraction < 1."),
     batch_size: int | None = typer.Option(None, "--batch-size"),
@@ -145,7 +319,10 @@ def infer_cmd(
         "auto", "--precision", "--amp", help="auto (bf16 where the device runs it natively, else fp32) | fp32 | bf16 "
                                              "| fp16, on CPU and CUDA"
     ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs (never an input)."),
+    skip_existing: bool = typer.Option(
+        False, "--skip-existing", help="Keep existing outputs and denoise the rest: resumes a stopped batch."
+    ),
     previews: bool = typer.Option(True, "--previews/--no-previews", help="Coronal MIP PNGs in OUT/previews."),
     prefetch: bool = typer.Option(
         True, "--prefetch/--no-prefetch", help="Read the next and write the previous volume meanwhile (more memory)."
@@ -154,8 +331,11 @@ def infer_cmd(
         None, "--drf", help="Known dose reduction factor of every input: a guided model is conditioned on it "
                             "instead of its dose head's prediction (which is still reported)."
     ),
+    suv_factor: float | None = typer.Option(
+        None, "--suv-factor", help="SUV factor (body weight g / injected activity Bq) of every input, for a model "
+                                   "trained on SUV; otherwise each input's manifest row, JSON sidecar or DICOM header."
+    ),
 ) -> None:
     """Denoise whole volumes with a trained model (sliding window, affine and header kept)."""
     raise typer.Exit(infer(checkpoint, inputs, out, patch_size, overlap, batch_size, blending, device, precision,
-                           overwrite,
-                           previews, prefetch, drf))
+                           overwrite, previews, prefetch, drf, skip_existing, suv_factor))

@@ -53,6 +53,7 @@ __all__ = [
     "check_dicom_series",
     "check_same_geometry",
     "checked_info",
+    "declared_volume",
     "is_nifti",
     "load_array",
     "read_dicom_series",
@@ -418,6 +419,49 @@ def read_info(path: str | os.PathLike[str]) -> ImageInfo:
         qform_code=int(header["qform_code"]) if "qform_code" in header else None,
         sform_code=int(header["sform_code"]) if "sform_code" in header else None,
     )
+
+
+def declared_volume(path: str | os.PathLike[str]) -> tuple[tuple[int, int, int], str, int] | None:
+    """What an image says it holds, before any voxel is read: ``(shape I, J, K, data type, data bytes)``.
+
+    NIfTI: the header's shape and on-disk type (a file of several volumes is refused, as by
+    :func:`load_array`). DICOM: the first slice's columns x rows (x frames) x the files in the folder, as
+    float32 (the series reader's output type). ``None`` when a DICOM folder holds no readable header
+    (the reader then says why). The header may lie (a damaged or crafted file): that is the point of
+    asking it first.
+    """
+    path = Path(path)
+    if _kind(path) == "dicom":
+        return _declared_dicom(path)
+    try:
+        header = nib.load(str(path)).header
+        spatial, channels = _nifti_channels(header.get_data_shape(), path)
+        dtype = np.dtype(header.get_data_dtype())
+    except DataError:
+        raise
+    except _READ_ERRORS as exc:
+        raise DataError(
+            f"{path}: unreadable NIfTI header ({type(exc).__name__}: {_one_line(exc)}); re-export or re-download it"
+        ) from exc
+    _check_channels(path, channels, (channels, *spatial))
+    return spatial, dtype.name, math.prod(spatial) * dtype.itemsize
+
+
+def _declared_dicom(folder: Path) -> tuple[tuple[int, int, int], str, int] | None:
+    try:
+        import pydicom
+    except ImportError:  # pragma: no cover - pydicom comes with the toolkit
+        return None
+    files = [p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
+    for file in files:
+        try:
+            ds = pydicom.dcmread(file, stop_before_pixels=True, specific_tags=["Rows", "Columns", "NumberOfFrames"])
+            rows, cols, frames = int(ds.Rows), int(ds.Columns), int(ds.get("NumberOfFrames") or 1)
+        except Exception:  # noqa: BLE001 - not a DICOM image (DICOMDIR, notes...): try the next file
+            continue
+        shape = (cols, rows, frames * len(files))
+        return shape, "float32", math.prod(shape) * 4
+    return None
 
 
 def _dicom_info(path: Path, tensor: torch.Tensor, affine: np.ndarray) -> ImageInfo:

@@ -17,7 +17,11 @@ Methods:
 
 from __future__ import annotations
 
+import json
+import math
+import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -27,6 +31,10 @@ BODY_FRACTION = 0.05
 QUANTILE = 0.99
 LEGACY_QUANTILE = 0.999  # checkpoints without a recorded quantile were trained with this
 _MAX_SAMPLES = 2_000_000
+# Body weight (g) / injected activity (Bq): a mouse on 20 GBq to 500 kg on 1 MBq (ldt prepare's header bounds).
+SUV_FACTOR_RANGE = (5e-10, 0.5)
+SUV_HOW = ("give it with --suv-factor X (X = body weight in g / injected activity in Bq), a manifest's suv_factor "
+           "column, or a JSON sidecar {sidecar} holding {{\"suv_factor\": X}}")
 
 
 @dataclass(frozen=True)
@@ -84,3 +92,56 @@ def fit_normalization(low: torch.Tensor, method: str = "auto", suv_factor: float
     if method == "none":
         return Normalization("none", 1.0)
     raise DataError(f"unknown normalization {method!r}; use auto, robust, suv or none")
+
+
+def check_suv_factor(value: object, where: str) -> float:
+    """``value`` as a plausible SUV factor (g/Bq), else a DataError naming ``where`` and the expected size."""
+    try:
+        factor = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        factor = math.nan
+    lo, hi = SUV_FACTOR_RANGE
+    if isinstance(value, bool) or not lo <= factor <= hi:
+        raise DataError(f"{where}: suv_factor {value!r} is not a plausible body weight (g) / injected activity (Bq) "
+                        f"(about 2e-4 for 70 kg and 370 MBq; {lo:g} to {hi:g}); correct it")
+    return factor
+
+
+def sidecar(image: str | os.PathLike[str]) -> Path:
+    """The JSON sidecar of an image: ``scan.json`` beside ``scan.nii.gz`` (or beside a DICOM folder ``scan``)."""
+    from lowdose_toolkit.data.naming import nifti_stem
+
+    image = Path(image)
+    return image.with_name(f"{nifti_stem(image)}.json")
+
+
+def suv_factor_of(image: str | os.PathLike[str], given: str | os.PathLike[str] | None = None
+                  ) -> tuple[float | None, str]:
+    """The SUV factor an image carries, and where it came from (or why there is none).
+
+    Looked for in order: the JSON sidecar's ``suv_factor`` (:func:`sidecar`, beside the image as
+    ``given`` first, then beside the file it links to), then a DICOM PET series' header
+    (:func:`lowdose_toolkit.data.prepare.suv_from_dicom`). Returns ``(factor, source)`` or
+    ``(None, reason)``. A sidecar that is not JSON or whose factor is implausible, and a DICOM header
+    whose values cannot be true, are a DataError naming the file.
+    """
+    image = Path(image)
+    places = [Path(given), image] if given is not None else [image]
+    for place in dict.fromkeys(places):
+        side = sidecar(place)
+        if not side.is_file():
+            continue
+        try:
+            meta = json.loads(side.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise DataError(f"{side}: not a readable JSON sidecar ({exc}); fix it or remove it") from exc
+        if isinstance(meta, dict) and "suv_factor" in meta:
+            return check_suv_factor(meta["suv_factor"], str(side)), f"sidecar {side}"
+    if image.is_dir():
+        from lowdose_toolkit.data.prepare import suv_from_dicom
+
+        info = suv_from_dicom(image)
+        if info.get("factor"):
+            return check_suv_factor(info["factor"], f"{image / info['file']}"), f"DICOM header {info['file']}"
+        return None, f"its DICOM header gives none: {info.get('reason', 'unknown reason')}"
+    return None, f"no sidecar {sidecar(places[0]).name} with a suv_factor"

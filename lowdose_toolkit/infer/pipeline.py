@@ -2,7 +2,11 @@
 
 Volume k+1 is read and volume k-1 written while volume k is denoised, so for a folder of scans the
 decompression and compression of NIfTI files hide behind the model; at most two inputs and two outputs
-are in memory at a time. Each volume's failure is one row of the summary; the batch goes on.
+are in memory at a time. Each volume's failure, whatever it is (a bad file, a header declaring more
+memory than the machine has, a non-finite prediction, CUDA running out of memory, a full disk), is one
+summary row and one console line naming the file; the batch goes on. Each row is updated in place as
+its volume goes through, so a caller that writes the summary in a ``finally`` covers an interrupted
+batch too: what was not written is ``not done``.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ from lowdose_toolkit.errors import DataError, UserError
 from lowdose_toolkit.infer.predictor import Predictor
 
 SUMMARY_FIELDS = ("input", "output", "status", "shape", "seconds", "predicted_drf", "drf_probability",
-                  "conditioned_on", "error")
+                  "conditioned_on", "suv_factor", "error")
+OK, FAILED, SKIPPED, NOT_DONE = "ok", "failed", "skipped", "not done"
+_MAX_ERROR = 400
 
 
 class Inline:
@@ -45,103 +51,206 @@ class Inline:
         return None
 
 
+def describe(exc: BaseException) -> str:
+    """One line for a volume's failure: a UserError's own message, else the exception's type and message.
+
+    Running out of memory (host or device) gets the options that need less.
+    """
+    text = " ".join(str(exc).split())
+    if not isinstance(exc, UserError):  # our own messages are one line already; others can be pages
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+        if len(text) > _MAX_ERROR:
+            text = text[: _MAX_ERROR - 3] + "..."
+    if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in text.lower():
+        text += ("; the device ran out of memory: lower --batch-size or --patch-size, use --precision bf16, "
+                 "or --device cpu")
+    elif isinstance(exc, MemoryError):
+        text += "; the machine ran out of memory: free memory, or pass --no-prefetch (one volume at a time)"
+    return text
+
+
+def summary_row(job: Any) -> dict[str, Any]:
+    """A job's summary row before it runs: the input as the user gave it, the output, status ``not done``."""
+    given = getattr(job, "given", None) or job.source
+    return {"input": str(given), "output": str(job.output), "status": NOT_DONE}
+
+
+def suv_factor_for(job: Any, override: float | None) -> tuple[float, str]:
+    """The SUV factor of a job's input: ``override`` (``--suv-factor``), the manifest's, a sidecar's or the
+    DICOM header's; a DataError saying how to give one when none is known."""
+    from lowdose_toolkit.data.normalize import SUV_HOW, check_suv_factor, sidecar, suv_factor_of
+
+    if override is not None:
+        return check_suv_factor(override, "--suv-factor"), "--suv-factor"
+    given = getattr(job, "given", None) or job.source
+    if getattr(job, "suv_factor", None) is not None:
+        where = getattr(job, "suv_source", "") or "manifest"
+        return check_suv_factor(job.suv_factor, where), where
+    factor, where = suv_factor_of(job.source, given)
+    if factor is None:
+        raise DataError(f"{given}: the checkpoint was trained on SUV (data.normalization: suv) and this input's "
+                        f"SUV factor is unknown ({where}); " + SUV_HOW.format(sidecar=sidecar(given)))
+    return factor, where
+
+
 def denoise_all(predictor: Predictor, jobs: Sequence[Any], out: Path, console: Any, previews: bool = True,
-                prefetch: bool = True, drf_class: int | None = None, conditioned_on: str | None = None
+                prefetch: bool = True, drf_class: int | None = None, conditioned_on: str | None = None,
+                rows: Sequence[dict[str, Any]] | None = None, suv_factor: float | None = None
                 ) -> list[dict[str, Any]]:
-    """Denoise every job (``source`` -> ``output``); returns one summary row per job, in order."""
+    """Denoise every job (``source`` -> ``output``); returns one summary row per job, in order.
+
+    ``rows`` (one per job, from :func:`summary_row`) are updated in place as the volumes go through.
+    ``suv_factor`` overrides every input's (for a model trained on SUV). Before a volume is read, the
+    memory it needs is checked against what is available (:mod:`lowdose_toolkit.infer.memory`).
+    KeyboardInterrupt and SystemExit stop the batch (the write under way finishes, atomically) and are
+    re-raised with the unwritten rows ``not done``.
+    """
     from concurrent.futures import ThreadPoolExecutor, wait
 
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from lowdose_toolkit.data.io import load_array, save_like
     from lowdose_toolkit.data.normalize import fit_normalization
+    from lowdose_toolkit.infer.memory import check_memory
+    from lowdose_toolkit.infer.predictor import check_finite
     from lowdose_toolkit.infer.preview import ras_mip, save_mips_png
 
     norm_cfg = predictor.normalization
     assert norm_cfg is not None, "a batch predictor is built from a checkpoint"
+    rows = [summary_row(job) for job in jobs] if rows is None else list(rows)
+    if len(rows) != len(jobs):
+        raise ValueError(f"{len(rows)} summary rows for {len(jobs)} jobs")
 
-    def read(job: Any) -> tuple[torch.Tensor, Any, Any, Any, float]:
-        """Reader thread: load and fit the normalisation (nibabel/zlib release the GIL meanwhile)."""
+    def label(job: Any) -> str:
+        return str(getattr(job, "given", None) or job.source)
+
+    def read(job: Any, row: dict[str, Any]) -> tuple[torch.Tensor, Any, Any, Any, float]:
+        """Reader thread: check the memory, load, fit the normalisation (nibabel/zlib release the GIL meanwhile)."""
         t0 = time.monotonic()
+        check_memory(job.source)
+        factor = None
+        if norm_cfg.method == "suv":
+            factor, row["suv_source"] = suv_factor_for(job, suv_factor)
+            row["suv_factor"] = factor
         volume, affine, info = load_array(job.source)
-        norm = fit_normalization(volume, norm_cfg.method, None, where=str(job.source), quantile=norm_cfg.quantile)
+        norm = fit_normalization(volume, norm_cfg.method, factor, where=label(job), quantile=norm_cfg.quantile)
         return volume, affine, info, norm, time.monotonic() - t0
 
-    def write(volume: torch.Tensor, job: Any, mips: list[tuple[str, Any]], title: str) -> float:
-        """Writer thread: save atomically (temp file + rename), then the preview; returns the seconds."""
-        t0 = time.monotonic()
-        save_like(volume, job.source, job.output)
-        if mips:
-            save_mips_png(mips, out / "previews" / f"{nifti_stem(job.output)}.png", title=title)
-        return time.monotonic() - t0
+    def say(kind: str, job: Any, text: str) -> None:
+        """One console line naming the input (once: most messages start with it already)."""
+        name = label(job)
+        line = text if text.startswith(f"{name}: ") else f"{name}: {text}"
+        console.print(f"{kind} {escape(line)}", soft_wrap=True)
 
-    def denoise(volume: torch.Tensor, affine: Any, norm: Any) -> tuple[torch.Tensor, list[tuple[str, Any]], dict]:
-        """The prediction (normalised units), the preview MIPs (if wanted), the dose head's verdict."""
+    def fail(row: dict[str, Any], job: Any, exc: BaseException) -> None:
+        row.update(status=FAILED, error=describe(exc))
+        say("[red]failed[/]", job, row["error"])
+
+    def no_preview(row: dict[str, Any], job: Any, exc: BaseException) -> None:
+        """A preview that cannot be drawn (e.g. a degenerate affine) is noted; the prediction stands."""
+        row["error"] = f"no preview: {describe(exc)}"
+        say("[yellow]warning[/]", job, row["error"])
+
+    def write(volume: torch.Tensor, job: Any, row: dict[str, Any], mips: list[tuple[str, Any]], title: str,
+              seconds: float) -> None:
+        """Writer thread: save atomically (temp file + rename), then the preview; the row says how it went."""
+        t0 = time.monotonic()
+        try:
+            save_like(volume, job.source, job.output)
+        except Exception as exc:  # noqa: BLE001 - any failure is this volume's, reported in its row
+            fail(row, job, exc)
+            return
+        row.update(status=OK, seconds=round(seconds + time.monotonic() - t0, 2))
+        if mips:
+            try:
+                save_mips_png(mips, out / "previews" / f"{nifti_stem(job.output)}.png", title=title)
+            except Exception as exc:  # noqa: BLE001
+                no_preview(row, job, exc)
+
+    def denoise(job: Any, row: dict[str, Any], volume: torch.Tensor, affine: Any, norm: Any
+                ) -> tuple[torch.Tensor, list[tuple[str, Any]], dict]:
+        """The prediction in the input's units, the preview MIPs (if wanted), the dose head's verdict."""
         pred, probs = predictor.predict(norm.apply(volume), drf_class)
+        pred = norm.invert(pred)
+        check_finite(pred, label(job), predictor.precision)
         mips = []
         if previews:
-            mips = [("input", ras_mip(volume, affine)), ("denoised", ras_mip(pred, affine) * norm.scale)]
+            try:
+                mips = [("input", ras_mip(volume, affine)), ("denoised", ras_mip(pred, affine))]
+            except Exception as exc:  # noqa: BLE001
+                no_preview(row, job, exc)
         dose = predictor.verdict(probs)
         if dose and conditioned_on:
             dose["conditioned_on"] = conditioned_on
         return pred, mips, dose
 
-    def fail(row: dict[str, Any], source: Path, exc: Exception) -> None:
-        row.update(status="failed", error=str(exc))
-        console.print(f"[red]failed[/] {source}: {exc}")
+    def recover() -> None:
+        """After a failure on the device, give its cached memory back so the next volume has it."""
+        if predictor.device.type == "cuda":
+            torch.cuda.empty_cache()
 
-    rows: list[dict[str, Any]] = []
-    writes: list[tuple[dict[str, Any], Any, Future[float], float]] = []
+    if not jobs:
+        return rows
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with (
-        ThreadPoolExecutor(1, thread_name_prefix="ldt-read") if prefetch else Inline() as reader,
-        ThreadPoolExecutor(1, thread_name_prefix="ldt-write") if prefetch else Inline() as writer,
-        Progress(*columns, console=console) as progress,
-    ):
-        task = progress.add_task("denoising", total=len(jobs))
-        reads = {0: reader.submit(read, jobs[0])}
-        try:
-            for i, job in enumerate(jobs):
-                if i + 1 < len(jobs) and prefetch:
-                    reads[i + 1] = reader.submit(read, jobs[i + 1])
-                elif i not in reads:
-                    reads[i] = reader.submit(read, job)
-                row: dict[str, Any] = {"input": str(job.source), "output": str(job.output)}
-                rows.append(row)
-                try:
-                    volume, affine, info, norm, seconds = reads.pop(i).result()  # popped: freed early
-                    t0 = time.monotonic()
-                    pred, mips, dose = denoise(volume, affine, norm)
-                    del volume
-                    row.update(status="ok", shape="x".join(map(str, info.shape)), **dose)
-                    title = nifti_stem(job.source)
-                    if dose:
-                        title += f" - predicted DRF {dose['predicted_drf']} ({dose['drf_probability']:.0%})"
-                    if writes:
-                        wait([writes[-1][2]])  # one write behind at most
-                    future = writer.submit(write, norm.invert(pred), job, mips, title)
-                    del pred
-                    future.add_done_callback(lambda _: progress.advance(task))
-                    writes.append((row, job, future, seconds + time.monotonic() - t0))
-                except (DataError, UserError) as exc:
-                    fail(row, job.source, exc)
-                    progress.advance(task)
-        except BaseException:  # Ctrl-C: drop the queued read; the running write finishes (atomically)
-            for pending in reads.values():
-                pending.cancel()
-            raise
-        for row, job, future, seconds in writes:
+    try:
+        with (
+            ThreadPoolExecutor(1, thread_name_prefix="ldt-read") if prefetch else Inline() as reader,
+            ThreadPoolExecutor(1, thread_name_prefix="ldt-write") if prefetch else Inline() as writer,
+            Progress(*columns, console=console) as progress,
+        ):
+            task = progress.add_task("denoising", total=len(jobs))
+            reads: dict[int, Future[Any]] = {}
+            last_write: Future[Any] | None = None
             try:
-                row["seconds"] = round(seconds + future.result(), 2)
-            except (DataError, UserError, OSError) as exc:
-                fail(row, job.source, exc)
+                for i, (job, row) in enumerate(zip(jobs, rows, strict=True)):
+                    if i not in reads:
+                        reads[i] = reader.submit(read, job, row)
+                    if i + 1 < len(jobs) and prefetch:
+                        reads[i + 1] = reader.submit(read, jobs[i + 1], rows[i + 1])
+                    try:
+                        volume, affine, info, norm, seconds = reads.pop(i).result()  # popped: freed early
+                        t0 = time.monotonic()
+                        pred, mips, dose = denoise(job, row, volume, affine, norm)
+                        del volume
+                        row.update(shape="x".join(map(str, info.shape)), **dose)
+                        title = nifti_stem(job.output)
+                        if dose:
+                            title += f" - predicted DRF {dose['predicted_drf']} ({dose['drf_probability']:.0%})"
+                        if last_write is not None:
+                            wait([last_write])  # one write behind at most
+                        last_write = writer.submit(write, pred, job, row, mips, title,
+                                                   seconds + time.monotonic() - t0)
+                        del pred
+                        last_write.add_done_callback(lambda _: progress.advance(task))
+                    except Exception as exc:  # noqa: BLE001 - any failure is this volume's; the batch goes on
+                        fail(row, job, exc)
+                        recover()
+                        progress.advance(task)
+            except BaseException:  # Ctrl-C: drop the queued read; the running write finishes (atomically)
+                for pending in reads.values():
+                    pending.cancel()
+                raise
+    finally:  # the executors are shut down: every row says what became of its volume
+        for row in rows:
+            if row["status"] == NOT_DONE:
+                row.setdefault("error", "not run: the batch was stopped before this volume was written")
     return rows
+
+
+def previous_rows(out: Path) -> dict[str, dict[str, Any]]:
+    """The rows of an earlier ``summary.json`` in ``out`` by output path (empty if none or unreadable)."""
+    try:
+        volumes = json.loads((out / "summary.json").read_text()).get("volumes", [])
+        return {str(row["output"]): row for row in volumes if isinstance(row, dict) and "output" in row}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {}
 
 
 def write_summary(rows: Sequence[Mapping[str, Any]], out: Path, meta: Mapping[str, Any]) -> None:
     """``summary.csv`` (one row per volume) and ``summary.json`` (``meta`` + the rows), atomically."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS)
+    writer = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     with atomic_path(out / "summary.csv") as tmp:

@@ -147,17 +147,42 @@ class Predictor:
         k = int(probs.argmax())
         return {"predicted_drf": self.drfs[k], "drf_probability": round(float(probs[k]), 4)}
 
-    def denoise(self, volume: torch.Tensor, where: str, drf_class: int | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
-        """A volume ``[1, X, Y, Z]`` in its own units -> (prediction in the same units, probabilities, norm)."""
+    def denoise(self, volume: torch.Tensor, where: str, drf_class: int | None = None,
+                suv_factor: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
+        """A volume ``[1, X, Y, Z]`` in its own units -> (prediction in the same units, probabilities, norm).
+
+        ``suv_factor`` is needed by a model trained on SUV (``data.normalization: suv``). A prediction
+        with NaN or Inf voxels is a :class:`NonFiniteError`.
+        """
         from lowdose_toolkit.data.normalize import fit_normalization
 
         if self.normalization is None:
             raise UserError(f"{where}: this predictor has no normalisation (build it from a checkpoint)")
-        norm = fit_normalization(volume, self.normalization.method, None, where=where,
+        norm = fit_normalization(volume, self.normalization.method, suv_factor, where=where,
                                  quantile=self.normalization.quantile)
         pred, probs = self.predict(norm.apply(volume), drf_class)
-        return norm.invert(pred), probs, norm
+        pred = norm.invert(pred)
+        check_finite(pred, where, self.precision)
+        return pred, probs, norm
+
+
+class NonFiniteError(UserError):
+    """A prediction holds NaN or Inf voxels: an error for that volume, never a written file."""
+
+
+def check_finite(pred: torch.Tensor, where: str, precision: str = "fp32") -> None:
+    """Raise :class:`NonFiniteError` (counting NaN and Inf voxels, with the likely fix) unless all are finite."""
+    finite = torch.isfinite(pred)
+    if bool(finite.all()):
+        return
+    n = pred.numel()
+    nan = int(torch.isnan(pred).sum())
+    inf = n - int(finite.sum()) - nan
+    fix = (f"rerun with --precision fp32 ({precision} can overflow)" if precision != "fp32" else
+           "the checkpoint's weights may be damaged (a diverged training?) or the input far outside what the "
+           "model was trained on; check the checkpoint with `ldt evaluate RUN_DIR`")
+    raise NonFiniteError(f"{where}: the prediction has {nan} NaN and {inf} Inf voxels (of {n}); nothing was "
+                         f"written; {fix}")
 
 
 def confusion_matrix(true: list[int], predicted: list[int], num_classes: int) -> list[list[int]]:
