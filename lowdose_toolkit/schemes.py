@@ -9,13 +9,14 @@ listed in :mod:`lowdose_toolkit.parts` by name; recipe keys of ``train.scheme`` 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from lowdose_toolkit.errors import RecipeError
+from lowdose_toolkit.errors import RecipeError, UserError
 from lowdose_toolkit.models.lowdose_model import IMAGE_OUTPUTS, LossTerm, LowDoseModel
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -31,6 +32,22 @@ def set_lr_scale(module: nn.Module, scale: float) -> None:
 def lr_scale(p: nn.Parameter) -> float:
     """The learning-rate factor of a parameter (1 unless a part set one with :func:`set_lr_scale`)."""
     return float(getattr(p, "lr_scale", 1.0))
+
+
+class NonFiniteLoss(UserError):
+    """A loss is NaN or infinite: :meth:`Scheme.backward_step` refuses to step on it (the weights stay as they were).
+
+    Attributes:
+        phase: The optimizer that was to step (``generator``, ``discriminator``, ...).
+        value: The loss value.
+        terms: The weighted terms computed in this step so far, by name.
+    """
+
+    def __init__(self, phase: str, value: float, terms: Mapping[str, float]) -> None:
+        self.phase, self.value, self.terms = phase, value, dict(terms)
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in self.terms.items())
+        self.what = f"non-finite {phase} loss {value}" + (f" ({shown})" if shown else "")
+        super().__init__(f"{self.what}; lower train.optimizer.lr or check the data")
 
 
 def identity(module: nn.Module) -> nn.Module:
@@ -82,6 +99,8 @@ class Scheme:
         #: (given by the engine through :meth:`enter_stage`).
         self.frozen_parts: frozenset[str] = frozenset()
         self.use_refiner = True
+        #: The loss terms computed since the last optimizer step (named when a loss is non-finite).
+        self.step_terms: dict[str, float] = {}
 
     def enter_stage(self, frozen_parts: frozenset[str], use_refiner: bool) -> None:
         """Called by the engine when a ``train.stages`` stage starts (their ``requires_grad`` already set)."""
@@ -122,13 +141,20 @@ class Scheme:
     def backward_step(self, name: str, loss: torch.Tensor) -> None:
         """Zero grads, backward (scaled for fp16), step the optimizer ``name``.
 
-        A loss that needs no gradient (the stage froze every parameter it reaches) is not stepped.
+        A loss that needs no gradient (the stage froze every parameter it reaches) is not stepped. A
+        non-finite loss raises :class:`NonFiniteLoss` before the optimizer steps (its value is read
+        after the backward pass is queued, so the check costs one synchronisation and no extra pass).
         """
+        terms, self.step_terms = self.step_terms, {}
         if not loss.requires_grad:
             return
         opt, scaler = self.optimizers[name], self.scalers[name]
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            opt.zero_grad(set_to_none=True)
+            raise NonFiniteLoss(name, value, terms)
         scaler.step(opt)
         scaler.update()
 
@@ -154,6 +180,7 @@ class Scheme:
                 value = term.loss(out[term.on].float(), target)
             total = total + term.weight * value
             values[term.name] = float(value.detach())
+        self.step_terms.update(values)
         return total, values
 
     @staticmethod

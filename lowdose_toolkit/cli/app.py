@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
 
 import typer
 
@@ -62,8 +66,38 @@ def register_commands() -> None:
             app.command(name)(obj)
 
 
+#: Set when SIGTERM arrived (it is raised as a KeyboardInterrupt, so it stops a command like Ctrl-C).
+_terminated = False
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (what schedulers and ``kill`` send) raises KeyboardInterrupt meanwhile: the command stops
+    as on Ctrl-C (atomic writes leave complete files, a training run stays resumable)."""
+    global _terminated
+    _terminated = False
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        global _terminated
+        _terminated = True
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave SIGTERM alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: user errors print one red line and exit 2; ``--debug`` shows tracebacks."""
+    """Entry point: user errors print one red line and exit 2; ``--debug`` shows tracebacks.
+
+    Ctrl-C exits 130 and SIGTERM 143 (128 + the signal), each with one line on what was kept.
+    """
     from lowdose_toolkit.errors import UserError
 
     args = list(sys.argv[1:] if argv is None else argv)
@@ -75,12 +109,12 @@ def main(argv: list[str] | None = None) -> int:
         warnings.formatwarning = lambda message, category, *_a, **_k: f"warning: {message}\n"
     register_commands()
     try:
-        app(args=args, prog_name="ldt")  # standalone: usage errors print their help and exit 2
+        with _sigterm_as_interrupt():
+            app(args=args, prog_name="ldt")  # standalone: usage errors print their help and exit 2
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if code == 130:  # typer turns Ctrl-C into exit 130 without a word
-            _error("interrupted; files already written are complete (atomic writes); "
-                   "`ldt run --resume RUN_DIR` continues a training")
+            return _interrupted()
         return code
     except UserError as exc:
         if debug:
@@ -88,14 +122,21 @@ def main(argv: list[str] | None = None) -> int:
         _error(str(exc))
         return 2
     except KeyboardInterrupt:  # outside typer's own handling (e.g. while it starts)
-        _error("interrupted")
-        return 130
+        return _interrupted()
     except Exception as exc:  # noqa: BLE001 - the last line of defence for users
         if debug:
             raise
         _error(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)")
         return 1
     return 0
+
+
+def _interrupted() -> int:
+    """The one line for Ctrl-C (exit 130) or SIGTERM (exit 143)."""
+    what, code = ("terminated (SIGTERM)", 143) if _terminated else ("interrupted", 130)
+    _error(f"{what}; files already written are complete (atomic writes); "
+           "`ldt run --resume RUN_DIR` continues a training")
+    return code
 
 
 def _error(message: str) -> None:

@@ -52,6 +52,12 @@ class Checkpoint:
     best: dict[str, Any] = field(default_factory=lambda: {"epoch": -1, "value": None})
     split: dict[str, list[str]] = field(default_factory=dict)
     world_size: int = 1
+    #: Training seconds through this epoch, over every resume (``train.max_minutes`` counts them), and
+    #: the part of them spent in the current ``train.stages`` stage (its ``max_minutes``).
+    elapsed: float = 0.0
+    stage_elapsed: float = 0.0
+    #: This epoch's ``metrics.jsonl`` line (JSON text), restored from here when a kill lost it.
+    metrics: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """The on-disk mapping (format :data:`FORMAT`)."""
@@ -77,6 +83,9 @@ class Checkpoint:
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         known["normalization"] = Normalization(str(norm["method"]), float(norm.get("quantile", LEGACY_QUANTILE)))
         known["epoch"], known["drfs"] = int(data["epoch"]), [int(d) for d in data["drfs"]]
+        for key in ("elapsed", "stage_elapsed"):
+            if key in known:
+                known[key] = float(known[key])
         return cls(**known)
 
     def save(self, path: Path) -> None:

@@ -3,7 +3,8 @@ and seed, evaluated on the same held-out subjects, written as the paper's Table 
 
 A study file (YAML) names the methods (a recipe each, plus overrides) and the overrides shared by all
 (the budget: data, epochs, steps). ``ldt study recipes/study_cpu.yaml`` trains what is not trained yet
-(a finished method is reused, an interrupted one resumed), evaluates, adds the classical references
+(a finished method is reused, an interrupted one resumed, each only when the recipe recorded in its run
+directory is the one the study file gives it now), evaluates, adds the classical references
 (Gaussian filter with σ tuned per DRF on the validation split; BM4D when installed), and writes::
 
     OUT/<method>/...            one run directory per method (checkpoints, metrics, results.csv)
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 
 from lowdose_toolkit.core.atomic import atomic_path
-from lowdose_toolkit.errors import RecipeError
+from lowdose_toolkit.errors import RecipeError, UserError
 
 STUDY_KEYS = {"name", "description", "seed", "set", "methods", "classical", "figure_drf", "bm4d_drfs", "checkpoint"}
 METHOD_KEYS = {"method", "recipe", "set"}
@@ -86,6 +87,20 @@ def _recipe_for(study: Mapping[str, Any], method: Mapping[str, Any]) -> dict[str
     return resolve_recipe(load_recipe(method["recipe_path"], overrides), get_registry(), str(method["recipe_path"]))
 
 
+def check_run_matches(run_dir: Path, recipe: Mapping[str, Any], label: str, study_path: Path) -> None:
+    """Refuse to reuse or resume ``run_dir`` when its recorded recipe is not the method's recipe now."""
+    from lowdose_toolkit.core.plugin_manager import get_registry
+    from lowdose_toolkit.train.rundir import first_difference, recorded_recipe
+
+    recorded = recorded_recipe(run_dir, get_registry())
+    difference = None if recorded is None else first_difference(recorded, recipe)
+    if difference is not None:
+        key, was, now = difference
+        raise UserError(f"{run_dir}: trained with another recipe than {study_path} now gives {label!r}: {key} is "
+                        f"{was!r} there and {now!r} in the study; remove {run_dir} to train it again, or restore "
+                        "the study file")
+
+
 def run_study(path: Path, out: Path, docs: Path | None = None, only: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Train (or reuse) every method, evaluate, and write the tables; returns the summary rows."""
     from rich.console import Console
@@ -101,6 +116,10 @@ def run_study(path: Path, out: Path, docs: Path | None = None, only: Sequence[st
     study = load_study(Path(path))
     out.mkdir(parents=True, exist_ok=True)
     recipes = {m["method"]: _recipe_for(study, m) for m in study["methods"]}  # all validated before training
+    for method in study["methods"]:  # and every run to reuse or resume checked against them
+        if not only or method["method"] in only:
+            check_run_matches(out / slug(method["method"]), recipes[method["method"]], method["method"],
+                              study["path"])
     timings: dict[str, float] = {}
     run_dirs: dict[str, Path] = {}
     for method in study["methods"]:
@@ -112,7 +131,7 @@ def run_study(path: Path, out: Path, docs: Path | None = None, only: Sequence[st
         if (run_dir / "results.csv").is_file():
             console.print(f"[dim]{label}: done earlier, reusing {run_dir}[/]")
             continue
-        resume = (run_dir / "checkpoints" / "last.pt").is_file()
+        resume = (run_dir / "recipe.yaml").is_file()  # stopped at any point: resumed (from the start if need be)
         console.rule(f"{label} ({method['recipe']})")
         t0 = time.monotonic()
         trainer = Trainer(recipes[label], run_dir, get_registry(), resume=resume, console=console)

@@ -1,26 +1,33 @@
 """The training loop: ``Trainer(recipe, run_dir).fit()`` trains a resolved recipe into a run directory::
 
     run_dir/
-      recipe.yaml          the resolved recipe
+      recipe.yaml          the resolved recipe (the first file written: the folder is resumable from then on)
       run.json             what ran: versions, device, split, plugins, loss records
       metrics.jsonl        one line per epoch: loss terms, lr, val PSNR/SSIM/NRMSE per DRF, time
       checkpoints/last.pt  written atomically at each epoch's end (resume from here)
       checkpoints/best.pt  the epoch with the best validation metric
       previews/epoch_NNN.png  MIPs of low-dose / coarse / refined / full-dose (one val subject)
+      .lock                held (flock) by the process training here
 
 The parts around the loop live in their own modules: the composition root (:mod:`lowdose_toolkit.train.build`),
 the stage controller (:mod:`lowdose_toolkit.train.stages`), validation (:mod:`lowdose_toolkit.train.validation`), the
 checkpoint file (:mod:`lowdose_toolkit.core.checkpoint`) and prediction (:mod:`lowdose_toolkit.infer.predictor`).
 After each epoch the same steps run in one fixed order: validate, schedule, track the best, save.
+
+A kill at any moment leaves a resumable directory (:mod:`lowdose_toolkit.train.rundir`). The end of an
+epoch writes ``last.pt`` (with the epoch's metrics line and the best epoch in it), then ``best.pt`` (a
+copy of it, when it is the best), then ``metrics.jsonl`` (rewritten atomically); a resume takes
+``last.pt`` as the truth and repairs the other two from it. A non-finite loss or weight stops training
+before anything non-finite is saved.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import platform
 import shutil
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +49,7 @@ from lowdose_toolkit.infer.precision import resolve_precision
 from lowdose_toolkit.infer.predictor import Predictor
 from lowdose_toolkit.models.lowdose_model import dry_run
 from lowdose_toolkit.records import SubjectRecord
+from lowdose_toolkit.schemes import NonFiniteLoss
 from lowdose_toolkit.train.build import build_training
 from lowdose_toolkit.train.distributed import (
     DistInfo,
@@ -53,6 +61,14 @@ from lowdose_toolkit.train.distributed import (
     init_distributed,
 )
 from lowdose_toolkit.train.rng import rng_state, seed_everything, set_rng_state
+from lowdose_toolkit.train.rundir import (
+    RunLock,
+    default_run_dir,
+    read_metrics,
+    remove_stale_temp_files,
+    write_metrics,
+    write_recipe,
+)
 from lowdose_toolkit.train.stages import StageController
 from lowdose_toolkit.train.validation import Validator, monitor_value
 
@@ -64,18 +80,21 @@ class Trainer:
 
     Args:
         recipe: The resolved recipe (:func:`lowdose_toolkit.core.recipe.resolve_recipe`).
-        run_dir: Run directory; created if missing.
+        run_dir: Run directory; created if missing (None: a new ``runs/<name>-<time>``).
         registry: The part registry.
-        resume: Continue from ``run_dir/checkpoints/last.pt``.
+        resume: Continue from ``run_dir/checkpoints/last.pt``, or from the beginning when the run was
+            stopped before its first checkpoint. Without it, a ``run_dir`` that holds a checkpoint is refused.
         console: A rich console for messages (rank 0 only prints).
+
+    The run directory is locked (see :class:`lowdose_toolkit.train.rundir.RunLock`) and its ``recipe.yaml``
+    written before any data is read; :meth:`fit` releases the lock when it returns (or :meth:`close`).
     """
 
-    def __init__(self, recipe: dict[str, Any], run_dir: Path, registry: Registry, resume: bool = False,
+    def __init__(self, recipe: dict[str, Any], run_dir: Path | None, registry: Registry, resume: bool = False,
                  console: Any = None) -> None:
         from rich.console import Console
 
         self.recipe = recipe
-        self.run_dir = Path(run_dir)
         self.registry = registry
         self.resume = resume
         train = recipe["train"]
@@ -87,6 +106,15 @@ class Trainer:
         self.spec = run_spec(recipe)
         self.precision = resolve_precision(self.spec.precision, self.device, "train.precision")
         self.drfs: list[int] = list(self.spec.drfs)
+        self.run_dir = self._claim_run_dir(run_dir)  # before any data is read: resumable from here on
+        try:
+            self._build(recipe, registry, train)
+        except BaseException:  # the lock is not kept by a trainer that could not be built
+            self.close()
+            raise
+
+    def _build(self, recipe: dict[str, Any], registry: Registry, train: dict[str, Any]) -> None:
+        """Seed, build the model, losses and scheme, check every shape, read the data."""
         seed_everything(recipe["seed"], train["deterministic"])
         if self.device.type == "cpu" and train["deterministic"]:
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -124,7 +152,12 @@ class Trainer:
                                    recipe["eval"]["ssim_range"],
                                    self.run_dir / "previews" if train["previews"] else None)
         self.epoch = 0  # epochs completed
+        self.saved_epoch = 0  # the epoch in checkpoints/last.pt
         self.best: dict[str, Any] = {"epoch": -1, "value": None}
+        self.elapsed = 0.0  # training seconds, over every resume (train.max_minutes)
+        self.stage_elapsed = 0.0  # the part of them in the current stage (its max_minutes)
+        self._stage_clock = 0.0  # time.monotonic() when the current stage started (less earlier attempts)
+        self._metrics_line = ""  # the loaded checkpoint's metrics.jsonl line
 
     # ------------------------------------------------------------------ schedules
     def _make_schedulers(self) -> dict[str, Any]:
@@ -167,7 +200,8 @@ class Trainer:
             self.schedulers = self._make_schedulers()
 
     # ------------------------------------------------------------------ checkpoints
-    def checkpoint_state(self, rng: list[dict[str, Any]]) -> Checkpoint:
+    def checkpoint_state(self, rng: list[dict[str, Any]], metrics: str = "") -> Checkpoint:
+        """The training state after the current epoch; ``metrics`` is its metrics.jsonl line."""
         method = self.recipe["data"]["normalization"]
         return Checkpoint(
             recipe=self.recipe, epoch=self.epoch, drfs=self.drfs, model=self.model.state_dict(),
@@ -178,6 +212,7 @@ class Trainer:
             scheme_modules={n: m.state_dict() for n, m in self.scheme.extra_modules.items()},
             schedulers={n: s.state_dict() for n, s in self.schedulers.items()},
             rng=rng, best=self.best, split=self.split.summary(), world_size=self.dist.world,
+            elapsed=self.elapsed, stage_elapsed=self.stage_elapsed, metrics=metrics,
         )
 
     def _load(self, path: Path) -> None:
@@ -187,8 +222,9 @@ class Trainer:
         self.model.load_state_dict(ckpt.model)
         if self.discriminator is not None:
             self.discriminator.load_state_dict(ckpt.discriminator)
-        self.epoch = ckpt.epoch
+        self.epoch = self.saved_epoch = ckpt.epoch
         self.best = dict(ckpt.best)
+        self.elapsed, self.stage_elapsed, self._metrics_line = ckpt.elapsed, ckpt.stage_elapsed, ckpt.metrics
         for name, module in self.scheme.extra_modules.items():
             module.load_state_dict(ckpt.scheme_modules[name])
         self.scheme.load_state_dict(ckpt.scheme)
@@ -197,13 +233,39 @@ class Trainer:
         set_rng_state(ckpt.rng[self.dist.rank])
 
     # ------------------------------------------------------------------ run directory
+    def _claim_run_dir(self, run_dir: Path | None) -> Path:
+        """Create, lock and start the run directory (``recipe.yaml`` first); rank 0 writes, every rank agrees."""
+        if run_dir is None:
+            made = default_run_dir(self.recipe) if self.dist.is_main else None
+            run_dir = Path(broadcast_object(self.dist, None if made is None else str(made)))
+        run_dir = Path(run_dir)
+        self.lock = RunLock(run_dir)
+        if not self.dist.is_main:
+            return run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.lock.acquire()
+        try:
+            if not self.resume and (run_dir / "checkpoints" / "last.pt").exists():
+                raise UserError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
+            recorded = run_dir / "recipe.yaml"
+            if not recorded.is_file() or recorded.read_text() != dump_recipe(self.recipe):
+                write_recipe(run_dir, self.recipe)
+            remove_stale_temp_files(run_dir)
+        except BaseException:
+            self.lock.release()
+            raise
+        self._say(f"run directory: {run_dir}")
+        return run_dir
+
+    def close(self) -> None:
+        """Release the run directory's lock (done by :meth:`fit`; for a trainer that is not fitted)."""
+        self.lock.release()
+
     def _prepare_run_dir(self) -> None:
         if not self.dist.is_main:
             return
         (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         (self.run_dir / "previews").mkdir(exist_ok=True)
-        with atomic_path(self.run_dir / "recipe.yaml") as tmp:
-            tmp.write_text(dump_recipe(self.recipe))
         record = {
             "name": self.recipe["name"],
             "lowdose_toolkit": __version__,
@@ -224,35 +286,71 @@ class Trainer:
         with atomic_path(self.run_dir / "run.json") as tmp:
             tmp.write_text(json.dumps(record, indent=2, default=str))
 
-    def _trim_metrics(self) -> None:
-        """Drop metrics lines of epochs after the checkpoint (a run killed between the two writes)."""
-        path = self.run_dir / "metrics.jsonl"
-        if not self.dist.is_main or not path.is_file():
+    def _repair_run_dir(self) -> None:
+        """Make metrics.jsonl and best.pt agree with the checkpoint (a run killed between the epoch's writes).
+
+        ``metrics.jsonl`` keeps the epochs up to the checkpoint's (a partial last line is dropped) and
+        gets the checkpoint's own line back when it was lost; ``best.pt`` is copied from ``last.pt`` when
+        the checkpoint's epoch is the best one, and removed when no epoch was validated yet.
+        """
+        if not self.dist.is_main:
             return
-        kept = [line for line in path.read_text().splitlines() if line.strip()
-                and json.loads(line).get("epoch", 0) <= self.epoch]
-        with atomic_path(path) as tmp:
-            tmp.write_text("".join(line + "\n" for line in kept))
+        path = self.run_dir / "metrics.jsonl"
+        records = [r for r in read_metrics(path) if r.get("epoch", 0) <= self.epoch]
+        if self._metrics_line and not any(r.get("epoch") == self.epoch for r in records):
+            records.append(json.loads(self._metrics_line))
+        if records or path.exists():
+            write_metrics(path, records)
+        checkpoints = self.run_dir / "checkpoints"
+        if self.epoch > 0 and self.best["epoch"] == self.epoch:
+            with atomic_path(checkpoints / "best.pt") as tmp:
+                shutil.copyfile(checkpoints / "last.pt", tmp)
+        elif self.best["epoch"] < 1:
+            (checkpoints / "best.pt").unlink(missing_ok=True)
+
+    def _start_afresh(self) -> None:
+        """Remove what an attempt killed before its first checkpoint left (metrics, best.pt)."""
+        if self.dist.is_main:
+            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            (self.run_dir / "checkpoints" / "best.pt").unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ training
     def fit(self) -> dict[str, Any]:
-        """Train until the last epoch, the lr floor or the time budget; returns the last metrics."""
+        """Train until the last epoch, the lr floor or the time budget; returns the last metrics.
+
+        Ctrl-C or SIGTERM (a KeyboardInterrupt) leaves a consistent run directory and a message on how
+        to resume; the lock is released however it ends.
+        """
+        if self.dist.is_main:
+            self.lock.acquire()
+        try:
+            return self._fit()
+        except KeyboardInterrupt:
+            done = (f"its checkpoint holds epoch {self.saved_epoch} of {self.total_epochs}" if self.saved_epoch
+                    else "no epoch was finished")
+            self._say(f"{self.run_dir}: interrupted; {done}; `ldt run --resume {self.run_dir}` continues it")
+            raise
+        finally:
+            self.lock.release()
+
+    def _fit(self) -> dict[str, Any]:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         train = self.recipe["train"]
         last_ckpt = self.run_dir / "checkpoints" / "last.pt"
-        if self.resume:
-            if not last_ckpt.is_file():
-                raise UserError(f"{self.run_dir}: nothing to resume (no checkpoints/last.pt)")
+        if self.resume and last_ckpt.is_file():
             self._load(last_ckpt)
-            self._trim_metrics()
+            self._repair_run_dir()
             self._say(f"resuming {self.run_dir} after epoch {self.epoch}")
+        else:
+            if self.resume:
+                self._say(f"{self.run_dir}: stopped before its first checkpoint; starting it from the beginning")
+            self._start_afresh()
         self._prepare_run_dir()
-        started = time.monotonic()
+        clock = time.monotonic() - self.elapsed  # the budget counts the time of earlier attempts
         floor = train["stop_when_lr_below"]
         record: dict[str, Any] = {}
         entered: int | None = None
-        stage_started = time.monotonic()
         progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[losses]}"), TimeElapsedColumn(),
@@ -260,36 +358,47 @@ class Trainer:
         )
         with progress:
             while self.epoch < self.total_epochs:
+                budget = train["max_minutes"]
+                if budget is not None and self.epoch > 0 and (time.monotonic() - clock) / 60 > budget:
+                    self._say(f"time budget of {budget} min spent after epoch {self.epoch}")
+                    break
                 index, start = self.stages.at(self.epoch)
                 stage = self.stages.stages[index]
                 stage_end = start + stage.epochs
                 if entered != index:
-                    # A stage entered at its first epoch starts fresh; a resumed one keeps its lr and schedule.
-                    self._enter_stage(index, fresh=self.epoch == start)
+                    # A stage entered at its first epoch starts fresh; a resumed one keeps its lr, schedule
+                    # and the time already spent in it.
+                    fresh = self.epoch == start
+                    self._enter_stage(index, fresh=fresh)
                     entered = index
-                    stage_started = time.monotonic()
+                    self._stage_clock = time.monotonic() - (0.0 if fresh else self.stage_elapsed)
+                stage_budget = stage.max_minutes
+                if stage_budget is not None and self.epoch > start \
+                        and (time.monotonic() - self._stage_clock) / 60 > stage_budget:
+                    self._say(f"stage {stage.name!r}: its {stage_budget} min spent after epoch {self.epoch}")
+                    self.epoch = stage_end
+                    continue
                 if floor is not None and self.lr() < floor:
                     self._say(f"lr {self.lr():.2e} is below {floor:.0e}: stage {stage.name!r} stops")
                     self.epoch = stage_end
                     continue
                 t0 = time.monotonic()
                 losses = self._train_epoch(progress)
+                self.elapsed = time.monotonic() - clock
+                self.stage_elapsed = time.monotonic() - self._stage_clock
                 record = self._after_epoch(losses, stage.name, t0)
-                budget = train["max_minutes"]
-                if budget is not None and (time.monotonic() - started) / 60 > budget:
-                    self._say(f"time budget of {budget} min spent after epoch {self.epoch}")
-                    break
-                stage_budget = stage.max_minutes
-                if stage_budget is not None and self.epoch < stage_end \
-                        and (time.monotonic() - stage_started) / 60 > stage_budget:
-                    self._say(f"stage {stage.name!r}: its {stage_budget} min spent after epoch "
-                              f"{self.epoch}")
-                    self.epoch = stage_end
         cleanup(self.dist)
         return record
 
+    def _non_finite(self, step: int, what: str) -> UserError:
+        kept = (f"checkpoints/last.pt keeps epoch {self.saved_epoch}" if self.saved_epoch
+                else "no checkpoint was written")
+        return UserError(f"epoch {self.epoch + 1}, step {step + 1}/{self.steps_per_epoch}: {what}; training "
+                         f"stopped ({self.run_dir}: {kept}, nothing non-finite saved); start a new run with a "
+                         "lower train.optimizer.lr or check the data")
+
     def _train_epoch(self, progress: Any) -> dict[str, float]:
-        """The optimisation steps of one epoch; returns the mean loss terms."""
+        """The optimisation steps of one epoch; returns the mean loss terms (a non-finite one stops training)."""
         self.model.train()
         self.stages.set_modes(self.stage_modules())
         self.stream.reset()
@@ -298,7 +407,13 @@ class Trainer:
                                  losses="")
         for step in range(self.steps_per_epoch):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in self.stream.next_batch().items()}
-            values = self.scheme.train_step(batch)
+            try:
+                values = self.scheme.train_step(batch)
+            except NonFiniteLoss as exc:
+                raise self._non_finite(step, exc.what) from None
+            if not all(math.isfinite(v) for v in values.values()):
+                terms = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+                raise self._non_finite(step, f"non-finite loss ({terms})")
             for key, value in values.items():
                 sums[key] = sums.get(key, 0.0) + value
             shown = " ".join(f"{k}={v / (step + 1):.4g}" for k, v in sums.items() if k != "total")
@@ -311,8 +426,20 @@ class Trainer:
         self.epoch += 1
         return losses
 
+    def _check_finite_weights(self) -> None:
+        """A non-finite weight or buffer after an epoch stops training before it is validated or saved."""
+        for part, module in self.stage_modules():
+            for name, tensor in module.state_dict().items():
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    kept = (f"checkpoints/last.pt keeps epoch {self.saved_epoch}" if self.saved_epoch
+                            else "no checkpoint was written")
+                    raise UserError(f"epoch {self.epoch}: non-finite values in {part or 'scheme'} weight {name} "
+                                    f"after training; training stopped ({self.run_dir}: {kept}, nothing "
+                                    "non-finite saved); start a new run with a lower train.optimizer.lr")
+
     def _after_epoch(self, losses: dict[str, float], stage: str, t0: float) -> dict[str, Any]:
         """The end of an epoch, always in this order: validate, schedule, best, save, log."""
+        self._check_finite_weights()
         val = self._validate_step()
         if val:
             value = monitor_value(self.spec.schedule.monitor, val)
@@ -320,7 +447,7 @@ class Trainer:
             self._best_step(value)
         record = {"epoch": self.epoch, "stage": stage, "lr": self.lr(), "losses": losses, "val": val,
                   "best_epoch": self.best["epoch"], "epoch_seconds": round(time.monotonic() - t0, 3)}
-        self._save_step()
+        self._save_step(record)
         if self.dist.is_main:
             self._write_epoch(record)
         return record
@@ -341,17 +468,20 @@ class Trainer:
         if best is None or (value > best if higher else value < best):
             self.best = {"epoch": self.epoch, "value": value, "monitor": self.spec.schedule.monitor}
 
-    def _save_step(self) -> None:
+    def _save_step(self, record: dict[str, Any] | None = None) -> None:
+        """``last.pt`` (the commit point: it holds the best epoch and the metrics line), then ``best.pt``."""
         rng = gather_objects(self.dist, rng_state())
         if self.dist.is_main:
-            self.checkpoint_state(rng).save(self.run_dir / "checkpoints" / "last.pt")
+            checkpoints = self.run_dir / "checkpoints"
+            self.checkpoint_state(rng, "" if record is None else json.dumps(record)).save(checkpoints / "last.pt")
+            self.saved_epoch = self.epoch
             if self.best["epoch"] == self.epoch:
-                with atomic_path(self.run_dir / "checkpoints" / "best.pt") as tmp:
-                    shutil.copyfile(self.run_dir / "checkpoints" / "last.pt", tmp)
+                with atomic_path(checkpoints / "best.pt") as tmp:
+                    shutil.copyfile(checkpoints / "last.pt", tmp)
 
     def _write_epoch(self, record: dict[str, Any]) -> None:
-        with (self.run_dir / "metrics.jsonl").open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        path = self.run_dir / "metrics.jsonl"
+        write_metrics(path, [*(r for r in read_metrics(path) if r.get("epoch", 0) < record["epoch"]), record])
         val = record["val"]
         text = f"epoch {record['epoch']}/{self.total_epochs} lr {record['lr']:.1e}"
         if val:
@@ -370,9 +500,3 @@ class Trainer:
     def predict_volume(self, low: torch.Tensor, coarse_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Whole-volume prediction through the run's :class:`Predictor` (the current stage's refiner switch)."""
         return self.predictor.predict(low, use_refiner=self.stages.use_refiner and not coarse_only)
-
-
-def default_run_dir(recipe: Mapping[str, Any], root: Path = Path("runs")) -> Path:
-    """``runs/<name>-<YYYYmmdd-HHMMSS>``."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return root / f"{recipe['name']}-{stamp}"

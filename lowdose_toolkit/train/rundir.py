@@ -1,0 +1,147 @@
+"""The run directory's life: a unique name, one process at a time, its recipe first, its metrics log.
+
+A run directory is resumable from the moment it exists: its ``recipe.yaml`` is the first file written
+(atomically, before any data is read), so ``ldt run --resume DIR`` restarts a run killed at any point,
+from its last checkpoint or, when it has none, from the beginning. A process that trains in a run
+directory holds an exclusive ``flock`` on ``DIR/.lock`` (which records its pid); a second one is refused.
+``metrics.jsonl`` is rewritten atomically, one line per epoch, and ``checkpoints/last.pt`` is the source
+of truth: lines after its epoch are dropped on resume, and its own line is restored from it when missing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from lowdose_toolkit.core.atomic import atomic_path
+from lowdose_toolkit.core.lock import folder_lock
+from lowdose_toolkit.errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no advisory locks, runs are not protected
+    fcntl = None  # type: ignore[assignment]
+
+LOCK_NAME = ".lock"
+
+
+def default_run_dir(recipe: Mapping[str, Any], root: Path = Path("runs")) -> Path:
+    """Create and return a new ``root/<name>-<YYYYmmdd-HHMMSS>`` (``-2``, ``-3``, ... when taken).
+
+    The folder is claimed with one ``mkdir`` (atomic), so two runs started in the same second get two.
+    """
+    base = f"{recipe['name']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    root.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        path = root / (base if n == 1 else f"{base}-{n}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise UserError(f"{root}: 10000 run directories named {base}-*; pass --out DIR")
+
+
+class RunLock:
+    """The run directory's lock (:func:`lowdose_toolkit.core.lock.folder_lock` on ``run_dir/.lock``), held
+    from :meth:`acquire` to :meth:`release` while this process trains there."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+        self._stack: ExitStack | None = None
+
+    def acquire(self) -> RunLock:
+        """Take the lock, or raise a UserError naming the process that holds it."""
+        if self._stack is None:
+            stack = ExitStack()
+            stack.enter_context(folder_lock(self.run_dir, "`ldt run` or `ldt study` (training there)",
+                                            "wait for it to end or stop it, or use another run directory", LOCK_NAME))
+            self._stack = stack
+        return self
+
+    def release(self) -> None:
+        """Drop the lock."""
+        if self._stack is not None:
+            self._stack.close()
+            self._stack = None
+
+    @property
+    def held(self) -> bool:
+        return self._stack is not None
+
+
+def remove_stale_temp_files(run_dir: Path) -> list[Path]:
+    """Remove the hidden ``.<name>.<random>.tmp*`` files a killed writer left (call with the lock held)."""
+    run_dir = Path(run_dir)
+    stale = [p for folder in (run_dir, run_dir / "checkpoints", run_dir / "previews") if folder.is_dir()
+             for p in folder.glob(".*.tmp*") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def first_difference(recorded: Any, given: Any, where: str = "") -> tuple[str, Any, Any] | None:
+    """The first dotted key where two recipes differ, with both values; None when they are equal."""
+    if isinstance(recorded, Mapping) and isinstance(given, Mapping):
+        for key in [*recorded, *(k for k in given if k not in recorded)]:
+            path = f"{where}.{key}" if where else str(key)
+            if key not in recorded or key not in given:
+                return path, recorded.get(key, "<absent>"), given.get(key, "<absent>")
+            found = first_difference(recorded[key], given[key], path)
+            if found is not None:
+                return found
+        return None
+    if isinstance(recorded, list | tuple) and isinstance(given, list | tuple) and len(recorded) == len(given):
+        for i, (a, b) in enumerate(zip(recorded, given, strict=True)):
+            found = first_difference(a, b, f"{where}.{i}" if where else str(i))
+            if found is not None:
+                return found
+        return None
+    return None if recorded == given else (where or "<recipe>", recorded, given)
+
+
+def recorded_recipe(run_dir: Path, registry: Any) -> dict[str, Any] | None:
+    """The resolved recipe in ``run_dir/recipe.yaml``, or None when there is none."""
+    from lowdose_toolkit.core.recipe import resolve_recipe, safe_load
+
+    path = Path(run_dir) / "recipe.yaml"
+    if not path.is_file():
+        return None
+    return resolve_recipe(safe_load(path.read_text()), registry, str(path))
+
+
+def write_recipe(run_dir: Path, recipe: Mapping[str, Any]) -> None:
+    """Write ``run_dir/recipe.yaml`` atomically (the first file of a run)."""
+    from lowdose_toolkit.core.recipe import dump_recipe
+
+    with atomic_path(Path(run_dir) / "recipe.yaml") as tmp:
+        tmp.write_text(dump_recipe(recipe))
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The epoch records of ``metrics.jsonl``; a partial last line (a killed append) is dropped."""
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    records: list[dict[str, Any]] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise UserError(f"{path}:{number}: not a JSON line; remove the broken line (the epochs after it "
+                            "are still in the file) and resume again") from None
+    return records
+
+
+def write_metrics(path: Path, records: list[Mapping[str, Any]]) -> None:
+    """Rewrite ``metrics.jsonl`` atomically (never a partial line)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
