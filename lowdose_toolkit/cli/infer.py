@@ -1,7 +1,9 @@
-"""``ldt infer``: batch denoising of whole volumes with a trained checkpoint.
+"""``ldt infer``: batch denoising of whole volumes with a trained checkpoint or an exported model.
 
 The checkpoint alone is enough: its recipe names the parts (their plugins must be installed), its
-weights fill them, and its normalisation method is applied to each input and inverted on output.
+weights fill them, and its normalisation method is applied to each input and inverted on output. A file
+written by ``ldt export`` (ONNX, TorchScript) carries the same in its metadata and runs through the same
+Predictor (window, normalisation, summary).
 """
 
 from __future__ import annotations
@@ -106,17 +108,23 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
 
     from lowdose_toolkit.core.checkpoint import load_checkpoint
     from lowdose_toolkit.core.device import resolve_device
+    from lowdose_toolkit.infer.export import is_exported
     from lowdose_toolkit.infer.pipeline import denoise_all, write_summary
     from lowdose_toolkit.infer.predictor import Predictor
 
     console = Console(stderr=True)
-    ckpt = load_checkpoint(checkpoint)
+    exported = is_exported(checkpoint)
+    ckpt = None if exported else load_checkpoint(checkpoint)
     jobs = plan_jobs(expand_inputs(inputs), out, overwrite)
     dev = resolve_device(device)
     window = {"patch_size": patch_size, "overlap": None if overlap is None else (int(overlap) if overlap >= 1
                                                                                  else overlap),
               "batch_size": batch_size, "blending": blending}
-    predictor, _ = Predictor.from_checkpoint(ckpt, dev, precision.replace("none", "fp32"), **window)
+    if ckpt is None:
+        predictor = Predictor.from_exported(checkpoint, dev, precision.replace("none", "fp32"), **window)
+    else:
+        predictor, _ = Predictor.from_checkpoint(ckpt, dev, precision.replace("none", "fp32"), **window)
+    runs_on = predictor.exported.runs_on if predictor.exported is not None else str(dev)
     drf_class = predictor.drf_class(drf)
     conditioned = None
     if predictor.guided and predictor.dose_head is not None:
@@ -124,16 +132,19 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
     out.mkdir(parents=True, exist_ok=True)
     rows = denoise_all(predictor, jobs, out, console, previews=previews, prefetch=prefetch, drf_class=drf_class,
                        conditioned_on=conditioned)
-    write_summary(rows, out, {"checkpoint": str(checkpoint), "normalization": ckpt.normalization.method,
-                              "precision": predictor.precision, "device": str(dev)})
+    assert predictor.normalization is not None
+    write_summary(rows, out, {"checkpoint": str(checkpoint), "model_format": predictor.exported.format
+                              if predictor.exported is not None else "checkpoint",
+                              "normalization": predictor.normalization.method, "precision": predictor.precision,
+                              "device": runs_on})
     failed = sum(row["status"] == "failed" for row in rows)
     console.print(f"{len(rows) - failed}/{len(rows)} volumes written to {out} (summary.csv; {predictor.precision} on "
-                  f"{dev})")
+                  f"{runs_on})")
     return 1 if failed else 0
 
 
 def infer_cmd(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint (.pt) or run directory."),
+    checkpoint: Path = typer.Argument(..., help="Checkpoint (.pt), run directory, or a file from ldt export."),
     inputs: list[str] = typer.Argument(..., help="NIfTI files, folders, globs, DICOM folders or a manifest CSV."),
     out: Path = typer.Option(..., "--out", help="Output folder (never an input folder)."),
     patch_size: int | None = typer.Option(None, "--patch-size", help="Sliding-window patch (default: recipe)."),
