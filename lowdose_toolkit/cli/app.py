@@ -43,6 +43,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("check", "check:check_cmd"),
     ("run", "run:run_cmd"),
     ("infer", "infer:infer_cmd"),
+    ("export", "export:export_cmd"),
     ("study", "study:study"),
     ("evaluate", "evaluate:evaluate"),
     ("table", "evaluate:table"),

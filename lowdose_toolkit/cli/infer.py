@@ -1,7 +1,9 @@
-"""``ldt infer``: batch denoising of whole volumes with a trained checkpoint.
+"""``ldt infer``: batch denoising of whole volumes with a trained checkpoint or an exported model.
 
 The checkpoint alone is enough: its recipe names the parts (their plugins must be installed), its
-weights fill them, and its normalisation method is applied to each input and inverted on output.
+weights fill them, and its normalisation method is applied to each input and inverted on output. A file
+written by ``ldt export`` (ONNX, TorchScript) carries the same in its metadata and runs through the same
+Predictor (window, normalisation, summary).
 """
 
 from __future__ import annotations
@@ -242,6 +244,7 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
     from lowdose_toolkit.core.lock import folder_lock
     from lowdose_toolkit.data.normalize import check_suv_factor
     from lowdose_toolkit.errors import DataError
+    from lowdose_toolkit.infer.export import is_exported
     from lowdose_toolkit.infer.pipeline import (
         FAILED,
         OK,
@@ -254,7 +257,8 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
     from lowdose_toolkit.infer.predictor import Predictor
 
     console = Console(stderr=True)
-    ckpt = load_checkpoint(checkpoint)
+    exported = is_exported(checkpoint)
+    ckpt = None if exported else load_checkpoint(checkpoint)
     if suv_factor is not None:
         try:
             suv_factor = check_suv_factor(suv_factor, "--suv-factor")
@@ -266,12 +270,17 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
     window = {"patch_size": patch_size, "overlap": None if overlap is None else (int(overlap) if overlap >= 1
                                                                                  else overlap),
               "batch_size": batch_size, "blending": blending}
-    predictor, _ = Predictor.from_checkpoint(ckpt, dev, precision.replace("none", "fp32"), **window)
+    if ckpt is None:
+        predictor = Predictor.from_exported(checkpoint, dev, precision.replace("none", "fp32"), **window)
+    else:
+        predictor, _ = Predictor.from_checkpoint(ckpt, dev, precision.replace("none", "fp32"), **window)
+    runs_on = predictor.exported.runs_on if predictor.exported is not None else str(dev)
     drf_class = predictor.drf_class(drf)
     conditioned = None
     if predictor.guided and predictor.dose_head is not None:
         conditioned = f"DRF {drf} (--drf)" if drf is not None else "dose head"
-    method = ckpt.normalization.method
+    assert predictor.normalization is not None
+    method = predictor.normalization.method
     if suv_factor is not None and method != "suv":
         console.print(f"[yellow]warning[/] --suv-factor is not used: this checkpoint normalises with {method!r}, "
                       "not SUV", soft_wrap=True)
@@ -287,8 +296,9 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
                                                  "suv_factor") if k in kept})
                 row.update(status=SKIPPED, error="output exists (--skip-existing)")
         todo = [(job, row) for job, row in zip(jobs, rows, strict=True) if not job.skip]
-        meta = {"checkpoint": str(checkpoint), "normalization": method, "precision": predictor.precision,
-                "device": str(dev)}
+        meta = {"checkpoint": str(checkpoint), "model_format": predictor.exported.format
+                if predictor.exported is not None else "checkpoint", "normalization": method,
+                "precision": predictor.precision, "device": runs_on}
         try:
             denoise_all(predictor, [job for job, _ in todo], out, console, previews=previews, prefetch=prefetch,
                         drf_class=drf_class, conditioned_on=conditioned, rows=[row for _, row in todo],
@@ -302,12 +312,12 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
     counts = {status: sum(row["status"] == status for row in rows) for status in (OK, SKIPPED, FAILED)}
     extra = "".join(f", {counts[s]} {s}" for s in (SKIPPED, FAILED) if counts[s])
     console.print(f"{counts[OK]}/{len(rows)} volumes written to {escape(str(out))}{extra} (summary.csv; "
-                  f"{predictor.precision} on {dev})", soft_wrap=True)
+                  f"{predictor.precision} on {runs_on})", soft_wrap=True)
     return 1 if counts[FAILED] else 0
 
 
 def infer_cmd(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint (.pt) or run directory."),
+    checkpoint: Path = typer.Argument(..., help="Checkpoint (.pt), run directory, or a file from ldt export."),
     inputs: list[str] = typer.Argument(..., help="NIfTI files, folders, globs, DICOM folders or a manifest CSV."),
     out: Path = typer.Option(..., "--out", help="Output folder (never an input folder); locked while in use."),
     patch_size: int | None = typer.Option(None, "--patch-size", help="Sliding-window patch (default: recipe)."),

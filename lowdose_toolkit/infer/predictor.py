@@ -5,6 +5,10 @@ through it: the sliding window (``eval`` of the recipe, or overrides), one preci
 (:mod:`lowdose_toolkit.infer.precision`), the normalisation the model was trained under, the DRFs and the
 dose head. ``predict`` works in normalised units and returns the dose head's class probabilities
 averaged over the windows; ``denoise`` takes a volume in its own units and returns one in the same.
+
+The network behind it is a checkpoint's PyTorch model or a file written by ``ldt export``
+(:mod:`lowdose_toolkit.infer.export`): both compute :func:`forward_window` per window, and the sliding
+window, the normalisation and the vote over windows are this module's in both cases.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,6 +24,9 @@ from lowdose_toolkit.core.checkpoint import Checkpoint, Normalization, load_chec
 from lowdose_toolkit.errors import RecipeError, UserError
 from lowdose_toolkit.infer.precision import resolve_precision
 from lowdose_toolkit.models.lowdose_model import LowDoseModel
+
+if TYPE_CHECKING:
+    from lowdose_toolkit.infer.export import ExportedModel
 
 WINDOW_KEYS = ("patch_size", "overlap", "batch_size", "blending")
 #: Whether inference copies use channels_last_3d, per device type (benchmarks/conv3d.py, docs/BENCHMARKS.md).
@@ -43,27 +50,44 @@ def model_from_checkpoint(ckpt: Checkpoint, device: torch.device) -> tuple[LowDo
     return model.to(device).eval(), recipe
 
 
+def forward_window(model: LowDoseModel, x: torch.Tensor, use_refiner: bool = True,
+                   drf_class: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One batch of windows ``[B, 1, d, h, w]`` -> ``(prediction, dose head softmax [B, K] or None)``.
+
+    What the Predictor runs per window, and what ``ldt export`` traces (with ``drf_class=None``): a
+    guided model's head drives its conditioning inside this call.
+    """
+    head = model.dose_head
+    if head is None:
+        return model.predict(x, use_refiner), None
+    cls = None if drf_class is None else torch.full((x.shape[0],), drf_class, device=x.device)
+    out = model(x, use_refiner=use_refiner, drf_class=cls)
+    return out["pred"], out[head].float().softmax(dim=1)
+
+
 @dataclass
 class Predictor:
     """A model ready to predict whole volumes.
 
     Args:
         model: The synthesis model (put in eval mode by :meth:`predict`'s callers' models; training
-            code switches modes itself).
+            code switches modes itself); None for an exported one.
         window: ``patch_size``, ``overlap``, ``batch_size`` and ``blending`` of the sliding window.
         device: Where the model runs.
         precision: ``fp32``, ``bf16`` or ``fp16`` (resolved; see :func:`resolve_precision`).
         drfs: The DRFs the model was trained on (its dose classes, in order).
         normalization: How inputs are normalised for :meth:`denoise`.
+        exported: A model file written by ``ldt export``, run instead of ``model``.
     """
 
-    model: LowDoseModel
+    model: LowDoseModel | None
     window: Mapping[str, Any]
     device: torch.device
     precision: str = "fp32"
     drfs: tuple[int, ...] = ()
     normalization: Normalization | None = None
     channels_last: bool = False
+    exported: ExportedModel | None = None
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Path | Checkpoint, device: torch.device, precision: str = "auto",
@@ -89,12 +113,44 @@ class Predictor:
         return cls(model, merged, device, resolve_precision(precision, device), tuple(ckpt.drfs),
                    ckpt.normalization, channels_last), recipe
 
+    @classmethod
+    def from_exported(cls, path: Path, device: torch.device, precision: str = "auto", **window: Any) -> Predictor:
+        """A predictor for a file written by ``ldt export``: its metadata gives the window, DRFs, normalisation."""
+        from lowdose_toolkit.infer.export import load_exported
+
+        exported = load_exported(path, device)
+        meta = exported.meta
+        if precision not in ("auto", meta["precision"]):
+            raise UserError(f"{path}: this exported model runs in {meta['precision']}, the precision it was "
+                            f"exported in; leave --precision at auto (or use the checkpoint for {precision})")
+        unknown = set(window) - set(WINDOW_KEYS)
+        if unknown:
+            raise TypeError(f"unknown window keys {sorted(unknown)}; use {WINDOW_KEYS}")
+        merged = {k: meta["window"][k] if window.get(k) is None else window[k] for k in WINDOW_KEYS}
+        norm = Normalization(meta["normalization"]["method"], float(meta["normalization"]["quantile"]))
+        return cls(None, merged, exported.device, meta["precision"], tuple(meta["drfs"]), norm, exported=exported)
+
+    @classmethod
+    def from_file(cls, path: Path, device: torch.device, precision: str = "auto", **window: Any) -> Predictor:
+        """A predictor for a checkpoint, a run directory or an exported model (``.onnx``, TorchScript)."""
+        from lowdose_toolkit.infer.export import is_exported
+
+        if is_exported(path):
+            return cls.from_exported(path, device, precision, **window)
+        return cls.from_checkpoint(path, device, precision, **window)[0]
+
     @property
     def dose_head(self) -> str | None:
+        if self.exported is not None:
+            return self.exported.meta["dose_head"]
+        assert self.model is not None
         return self.model.dose_head
 
     @property
     def guided(self) -> bool:
+        if self.exported is not None:
+            return bool(self.exported.meta["guided"])
+        assert self.model is not None
         return self.model.guidance is not None
 
     def drf_class(self, drf: int | None) -> int | None:
@@ -106,6 +162,9 @@ class Predictor:
                             "in its recipe), so a stated DRF cannot change its output; leave --drf out")
         if drf not in self.drfs:
             raise UserError(f"--drf {drf}: the model was trained on DRFs {list(self.drfs)}; give one of them")
+        if self.exported is not None:
+            raise UserError(f"--drf {drf}: {self.exported.path} is an exported model, whose dose head conditions it "
+                            "inside the graph; leave --drf out, or use the checkpoint it was exported from")
         return self.drfs.index(drf)
 
     def predict(self, low: torch.Tensor, drf_class: int | None = None,
@@ -119,18 +178,23 @@ class Predictor:
         """
         from lowdose_toolkit.infer.sliding import infer_volume
 
-        model, head = self.model, self.dose_head
         votes: list[torch.Tensor] = []
+        exported, model = self.exported, self.model
+        if exported is not None and (drf_class is not None or not use_refiner):
+            raise UserError(f"{exported.path}: an exported model runs its whole forward (head-driven conditioning, "
+                            "refiner); predict with the checkpoint for a stated DRF or the coarse output")
 
         def run(x: torch.Tensor) -> torch.Tensor:
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last_3d)
-            if head is None:
-                return model.predict(x, use_refiner)
-            cls = None if drf_class is None else torch.full((x.shape[0],), drf_class, device=x.device)
-            out = model(x, use_refiner=use_refiner, drf_class=cls)
-            votes.append(out[head].float().softmax(dim=1).cpu())
-            return out["pred"]
+            if exported is not None:
+                pred, probs = exported(x)
+            else:
+                assert model is not None
+                pred, probs = forward_window(model, x, use_refiner, drf_class)
+            if probs is not None:
+                votes.append(probs.float().cpu())
+            return pred
 
         w = self.window
         with torch.no_grad():

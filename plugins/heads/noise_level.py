@@ -57,6 +57,19 @@ def filter_bank() -> torch.Tensor:
     return bank
 
 
+def masked_median(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[..., N] -> [...]``: the lower median of ``values`` where ``mask`` (NaNs left out), 0 where none.
+
+    The value ``values.masked_fill(~mask, nan).nanmedian(-1).values.nan_to_num(0)`` gives, with the sort
+    and gather every exporter knows (ONNX TopK, GatherElements); traced graphs use it.
+    """
+    valid = mask & ~values.isnan()
+    count = valid.long().sum(dim=-1, keepdim=True)
+    ordered = values.masked_fill(~valid, float("inf")).sort(dim=-1).values
+    median = ordered.gather(-1, torch.div(count - 1, 2, rounding_mode="floor").clamp(min=0)).squeeze(-1)
+    return torch.where(count.squeeze(-1) > 0, median, torch.zeros_like(median))
+
+
 class NoiseLevelHead(nn.Module):
     """Noise-energy statistics of fixed zero-sum filters → DRF class logits (see the module docstring).
 
@@ -116,6 +129,8 @@ class NoiseLevelHead(nn.Module):
         local = local[:, :, 1:-1, 1:-1, 1:-1]
         body = local > self.body_threshold
         ratio = torch.log(response.square() + EPS) - torch.log(local + EPS)
+        if torch.jit.is_tracing() or torch.compiler.is_exporting():  # ldt export: no exporter knows nanmedian
+            return masked_median(ratio.flatten(2), body.flatten(2))
         ratio = ratio.masked_fill(~body, float("nan")).flatten(2)
         return ratio.nanmedian(dim=2).values.nan_to_num(0.0)  # a window without body says nothing: 0
 
@@ -149,6 +164,8 @@ class NoiseLevelHead(nn.Module):
             return (z @ self.volume_weight.T + self.volume_bias).to(image.dtype)
         if self.training and stats.shape[0] == 1:  # BatchNorm cannot train on one sample: use its running stats
             stats = F.batch_norm(stats, self.norm.running_mean, self.norm.running_var, training=False)
+        elif not self.training and torch.jit.is_tracing():  # ldt export: the ONNX BatchNorm wants a known width
+            stats = (stats - self.norm.running_mean) / torch.sqrt(self.norm.running_var + self.norm.eps)
         else:
             stats = self.norm(stats)
         return self.mlp(stats).to(image.dtype)
