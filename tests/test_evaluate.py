@@ -378,3 +378,32 @@ def test_table_reads_a_run_directory(tmp_path: Path) -> None:
     # The same Low-Dose case from another evaluation with equal metrics is kept once.
     other = write_results([{**rows[0], "pred": "elsewhere", "rmse": 0.0, "ssim_data_range": 1.0}], tmp_path / "o")
     assert len(load_results([run, other["json"]])) == 2
+
+
+def test_one_bad_pair_is_reported_and_the_rest_scored(app: typer.Typer, study: dict[str, Path], tmp_path: Path) -> None:
+    """A truncated prediction, one on another grid and a killed writer's hidden temp file: the first two are
+    one line and one failures entry each (exit 1), the temp file is ignored, every other pair is scored."""
+    import gzip
+
+    good = (study["pred"] / "sub01_DRF-4.nii.gz").read_bytes()
+    (study["pred"] / "sub01_DRF-100.nii.gz").write_bytes(gzip.compress(gzip.decompress(good)[:500]))  # truncated
+    shifted = nib.load(str(study["pred"] / "sub02_DRF-4.nii.gz"))
+    moved = AFFINE.copy()
+    moved[:3, 3] += 5.0  # same shape, another place in space
+    nib.save(nib.Nifti1Image(np.asarray(shifted.dataobj), moved), str(study["pred"] / "sub02_DRF-4.nii.gz"))
+    (study["pred"] / ".sub02_DRF-100.nii.gz.x1y2.tmp.nii.gz").write_bytes(b"partial")  # left by a kill
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(app, ["evaluate", "--pred", str(study["pred"]), "--ref", str(study["ref"]),
+                                      "--out", str(out)])
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.split())
+    assert "sub01_DRF-100.nii.gz" in text and "cannot read" in text
+    assert "sub02_DRF-4.nii.gz and its reference" in text and "--allow-misaligned" in text
+    doc = json.loads((out / "results.json").read_text())
+    assert [(c["subject"], c["drf"]) for c in doc["cases"]] == [("sub01", 4), ("sub02", 100)]
+    assert len(doc["failures"]) == 2 and all(f["error"] for f in doc["failures"])
+    assert load_results([out])  # the results file reads back with its failures
+    result = CliRunner().invoke(app, ["evaluate", "--pred", str(study["pred"]), "--ref", str(study["ref"]),
+                                      "--out", str(tmp_path / "eval2"), "--allow-misaligned"])
+    doc = json.loads((tmp_path / "eval2" / "results.json").read_text())
+    assert len(doc["cases"]) == 3 and len(doc["failures"]) == 1  # only the truncated file is left out

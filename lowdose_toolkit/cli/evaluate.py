@@ -45,6 +45,9 @@ def evaluate(
     save_predictions: bool = typer.Option(
         False, "--save-predictions", help="RUN_DIR: also write the predictions as NIfTI under <out>/predictions."
     ),
+    allow_misaligned: bool = typer.Option(
+        False, "--allow-misaligned", help="Score a prediction whose affine differs from its reference's (as arrays)."
+    ),
 ) -> None:
     """Score predictions against full-dose references: PSNR, SSIM, NRMSE per subject and DRF."""
     if ssim_range is not None and ssim_range not in SSIM_RANGES:
@@ -67,8 +70,11 @@ def evaluate(
                                  ("--save-predictions", save_predictions, False)):  # fmt: skip
         if value != default:
             raise UserError(f"{flag} is for RUN_DIR (it runs inference); with --pred/--ref the predictions exist")
-    run_pairs(pred, ref, low=low, out=out or _default_out(pred), method=method, ssim_range=ssim_range or "challenge",
-              mask=mask, mask_threshold=mask_threshold)  # fmt: skip
+    _, failures = run_pairs(pred, ref, low=low, out=out or _default_out(pred), method=method,
+                            ssim_range=ssim_range or "challenge", mask=mask, mask_threshold=mask_threshold,
+                            allow_misaligned=allow_misaligned)
+    if failures:
+        raise typer.Exit(1)
 
 
 def run_directory(run_dir: Path, console: Any = None, **options: Any) -> list[dict[str, Any]]:
@@ -100,11 +106,15 @@ def run_pairs(
     mask: bool = False,
     console: Any = None,
     mask_threshold: float = 0.01,
-) -> list[dict[str, Any]]:
+    allow_misaligned: bool = False,
+) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """Pair, evaluate, write ``results.json``/``cases.csv``/``summary.csv``/``summary.md`` and print a summary.
 
+    A pair that fails (unreadable file, another grid) is one printed line and one entry of
+    ``results.json``'s ``failures``; the others are scored and written.
+
     Returns:
-        The per-case rows (predictions first, then the Low-Dose rows when ``low`` is given).
+        The per-case rows (predictions first, then the Low-Dose rows when ``low`` is given) and the failures.
     """
     from rich.console import Console
 
@@ -117,14 +127,19 @@ def run_pairs(
     pairs = pair_by_filename(pred, ref, method=method)
     if low is not None:
         pairs += pair_by_filename(low, ref, method=LOW_DOSE)
-    rows = evaluate_pairs(pairs, ssim_range=ssim_range, mask=mask, mask_threshold=mask_threshold)
+    failures: list[dict[str, str]] = []
+    rows = evaluate_pairs(pairs, ssim_range=ssim_range, mask=mask, mask_threshold=mask_threshold, failures=failures,
+                          allow_misaligned=allow_misaligned)
+    for failure in failures:
+        console.print(f"[red]failed[/] {failure['error']}", soft_wrap=True)
     settings = {"ssim_range": ssim_range, "mask": mask, "pred": str(pred), "ref": str(ref), "low": str(low or "")}
     if mask:
         settings["mask_threshold"] = mask_threshold
-    paths = write_results(rows, out, settings)
+    paths = write_results(rows, out, settings, failures=failures)
     print_summary(aggregate(rows), console, title=f"{method}: {len(rows)} case(s)")
-    console.print(f"wrote {paths['json']}, {paths['cases'].name}, {paths['summary'].name}, {paths['md'].name}")
-    return rows
+    console.print(f"wrote {paths['json']}, {paths['cases'].name}, {paths['summary'].name}, {paths['md'].name}"
+                  + (f"; {len(failures)} pair(s) failed (listed in results.json)" if failures else ""))
+    return rows, failures
 
 
 def table(

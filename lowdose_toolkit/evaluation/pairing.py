@@ -77,7 +77,10 @@ def _subject_of(name: str) -> str:
 
 
 def _scan_folder(folder: Path) -> list[_Entry]:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and is_nifti(p))
+    # Hidden files and folders are skipped: a killed writer's temporary files (.name.xxxx.tmp.nii.gz) are
+    # not predictions.
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and is_nifti(p)
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
     if not files:
         raise DataError(f"{folder}: no NIfTI files (*.nii, *.nii.gz) found, searched recursively")
     entries = []

@@ -55,10 +55,15 @@ def evaluate_pairs(
     mask: bool = False,
     mask_threshold: float = 0.01,
     progress: bool = True,
+    failures: list[dict[str, str]] | None = None,
+    allow_misaligned: bool = False,
 ) -> list[dict[str, Any]]:
     """Compute PSNR, SSIM and NRMSE for every pair, on the whole volume as the challenge does.
 
-    References are loaded once for all the pairs that share them.
+    References are loaded once for all the pairs that share them. A pair whose files cannot be read,
+    or whose prediction is not on its reference's grid (shape, or affine unless ``allow_misaligned``),
+    raises a DataError, or, when a ``failures`` list is given, is appended to it
+    (``{pred, ref, error}``) and left out while the other pairs are scored.
 
     Args:
         pairs: Prediction/reference pairs.
@@ -73,7 +78,7 @@ def evaluate_pairs(
         ``rmse, ssim_range, ssim_data_range, masked, pred, ref``.
 
     Raises:
-        DataError: If a file is unreadable or a prediction's shape differs from its reference's.
+        DataError: If a pair fails and no ``failures`` list is given.
     """
     import torch
     from rich.progress import Progress
@@ -81,21 +86,41 @@ def evaluate_pairs(
     from lowdose_toolkit.evaluation.metrics import body_mask, check_ssim_range, compute_all
 
     check_ssim_range(ssim_range)
-    shapes: dict[Path, tuple[tuple[int, ...], np.ndarray]] = {}
-    for pair in pairs:
+
+    def fail(pair: Pair, error: str) -> None:
+        if failures is None:
+            raise DataError(error)
+        failures.append({"pred": str(pair.pred), "ref": str(pair.ref), "error": error})
+
+    shapes: dict[Path, tuple[tuple[int, ...], np.ndarray] | DataError] = {}
+    good: list[int] = []
+    for i, pair in enumerate(pairs):
         for p in (pair.pred, pair.ref):
             if p not in shapes:
-                shapes[p] = _nifti_shape(p)
-        (ps, pa), (rs, ra) = shapes[pair.pred], shapes[pair.ref]
+                try:
+                    shapes[p] = _nifti_shape(p)
+                except DataError as exc:
+                    shapes[p] = exc
+        bad = next((shapes[p] for p in (pair.pred, pair.ref) if isinstance(shapes[p], DataError)), None)
+        if bad is not None:
+            fail(pair, str(bad))
+            continue
+        (ps, pa), (rs, ra) = shapes[pair.pred], shapes[pair.ref]  # type: ignore[misc]
         if ps != rs:
-            raise DataError(
-                f"shape mismatch: prediction {pair.pred} is {ps} but reference {pair.ref} is {rs}; "
-                "predictions must be on the reference's grid"
-            )
+            fail(pair, f"shape mismatch: prediction {pair.pred} is {ps} but reference {pair.ref} is {rs}; "
+                       "predictions must be on the reference's grid")
+            continue
         if not np.allclose(pa, ra, atol=1e-3):
-            warnings.warn(f"{pair.pred} and {pair.ref} have different affines; are they aligned?", stacklevel=2)
+            if not allow_misaligned:
+                fail(pair, f"{pair.pred} and its reference {pair.ref} have different affines (voxel grids or "
+                           "orientations), so their voxels are not the same places; resample the prediction onto "
+                           "the reference, or pass --allow-misaligned to score the arrays as they are")
+                continue
+            warnings.warn(f"{pair.pred} and {pair.ref} have different affines; scored as arrays "
+                          "(--allow-misaligned)", stacklevel=2)
+        good.append(i)
 
-    order = sorted(range(len(pairs)), key=lambda i: str(pairs[i].ref))
+    order = sorted(good, key=lambda i: str(pairs[i].ref))
     rows: list[dict[str, Any] | None] = [None] * len(pairs)
     cached_ref: tuple[Path, torch.Tensor, torch.Tensor | None] | None = None
     with Progress(disable=not progress, transient=True) as bar:
@@ -103,14 +128,17 @@ def evaluate_pairs(
         for i in order:
             pair = pairs[i]
             bar.update(task, description=f"{pair.method} {pair.subject} DRF {pair.drf}")
-            if cached_ref is None or cached_ref[0] != pair.ref:
-                ref = torch.from_numpy(_load(pair.ref))
-                cached_ref = (pair.ref, ref, body_mask(ref, mask_threshold) if mask else None)
-            _, ref, ref_mask = cached_ref
             try:
+                if cached_ref is None or cached_ref[0] != pair.ref:
+                    ref = torch.from_numpy(_load(pair.ref))
+                    cached_ref = (pair.ref, ref, body_mask(ref, mask_threshold) if mask else None)
+                _, ref, ref_mask = cached_ref
                 m = compute_all(ref, torch.from_numpy(_load(pair.pred)), ssim_range=ssim_range, mask=ref_mask)
-            except DataError as exc:
-                raise DataError(f"{pair.pred} vs {pair.ref}: {exc}") from None
+            except Exception as exc:  # noqa: BLE001 - a truncated or corrupt file fails its pair, not the rest
+                detail = str(exc) if isinstance(exc, DataError) else f"cannot read: {type(exc).__name__}: {exc}"
+                fail(pair, f"{pair.pred} vs {pair.ref}: {detail}")
+                bar.advance(task)
+                continue
             rows[i] = {
                 "method": pair.method,
                 "subject": pair.subject,

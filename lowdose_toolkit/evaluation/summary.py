@@ -88,7 +88,8 @@ def _settings_note(settings: Mapping[str, Any]) -> str:
 
 
 def write_results(
-    rows: Sequence[Mapping[str, Any]], out_dir: str | Path, settings: Mapping[str, Any] | None = None
+    rows: Sequence[Mapping[str, Any]], out_dir: str | Path, settings: Mapping[str, Any] | None = None,
+    failures: Sequence[Mapping[str, str]] = (),
 ) -> dict[str, Path]:
     """Write ``results.json`` (:mod:`lowdose_toolkit.evaluation.results`, kind ``pairs``), ``cases.csv``,
     ``summary.csv`` and ``summary.md``.
@@ -102,7 +103,7 @@ def write_results(
         settings.setdefault("mask", bool(rows[0]["masked"]))
     summary = aggregate(rows)
     paths = {
-        "json": write_results_json(out_dir, "pairs", rows, summary, settings),
+        "json": write_results_json(out_dir, "pairs", rows, summary, settings, failures=list(failures)),
         "cases": out_dir / CASES_CSV["pairs"],
         "summary": out_dir / "summary.csv",
         "md": out_dir / "summary.md",
