@@ -114,3 +114,16 @@ def test_manifest_is_written_atomically(tmp_path: Path, umask: None) -> None:
     ]
     assert mode(tmp_path / "manifest.csv") == 0o644
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.csv", "s"]
+
+
+def test_stale_temporary_files_are_removed_and_nothing_else(tmp_path: Path) -> None:
+    from lowdose_toolkit.core.atomic import remove_stale_temps
+
+    (tmp_path / "previews").mkdir()
+    stale = [tmp_path / ".scan.nii.gz.0a1b2c3d.tmp.nii.gz", tmp_path / "previews" / ".scan.png.deadbeef.tmp.png",
+             tmp_path / ".summary.csv.01234567.tmp.csv"]
+    kept = [tmp_path / "scan.nii.gz", tmp_path / ".hidden_user_file", tmp_path / ".scan.tmp.nii.gz"]
+    for p in stale + kept:
+        p.write_text("x")
+    assert sorted(remove_stale_temps(tmp_path, tmp_path / "previews", tmp_path / "missing")) == sorted(stale)
+    assert all(p.exists() for p in kept) and not any(p.exists() for p in stale)

@@ -239,6 +239,7 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
     from rich.console import Console
     from rich.markup import escape
 
+    from lowdose_toolkit.core.atomic import remove_stale_temps
     from lowdose_toolkit.core.checkpoint import load_checkpoint
     from lowdose_toolkit.core.device import resolve_device
     from lowdose_toolkit.core.lock import folder_lock
@@ -286,6 +287,7 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
                       "not SUV", soft_wrap=True)
     out.mkdir(parents=True, exist_ok=True)
     with folder_lock(out, "ldt infer", "wait for it or choose another --out", LOCK_NAME):
+        remove_stale_temps(out, out / "previews")  # left by a killed earlier run
         jobs = plan_jobs(found.volumes, out, overwrite, skip_existing, found.folders)  # what exists now
         rows = [summary_row(job) for job in jobs]
         earlier = previous_rows(out) if skip_existing else {}

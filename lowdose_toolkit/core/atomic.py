@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -88,3 +89,16 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if tmp is not None and not renamed:
             tmp.unlink(missing_ok=True)
+
+
+_TEMP = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp(\..*)?$")
+
+
+def remove_stale_temps(*folders: Path) -> list[Path]:
+    """Remove the hidden temporary files (``.<name>.<8 hex>.tmp<suffixes>``) that :func:`atomic_path` writers
+    killed mid-write left in ``folders``; call it while holding the folder's lock. Returns what was removed."""
+    stale = [p for folder in map(Path, folders) if folder.is_dir() for p in folder.iterdir()
+             if p.is_file() and _TEMP.match(p.name)]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale

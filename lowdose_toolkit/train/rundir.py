@@ -17,7 +17,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from lowdose_toolkit.core.atomic import atomic_path
+from lowdose_toolkit.core.atomic import atomic_path, remove_stale_temps
 from lowdose_toolkit.core.lock import folder_lock
 from lowdose_toolkit.errors import UserError
 
@@ -75,13 +75,9 @@ class RunLock:
 
 
 def remove_stale_temp_files(run_dir: Path) -> list[Path]:
-    """Remove the hidden ``.<name>.<random>.tmp*`` files a killed writer left (call with the lock held)."""
+    """Remove the temporary files a killed writer left in the run directory (call with the lock held)."""
     run_dir = Path(run_dir)
-    stale = [p for folder in (run_dir, run_dir / "checkpoints", run_dir / "previews") if folder.is_dir()
-             for p in folder.glob(".*.tmp*") if p.is_file()]
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return stale
+    return remove_stale_temps(run_dir, run_dir / "checkpoints", run_dir / "previews")
 
 
 def first_difference(recorded: Any, given: Any, where: str = "") -> tuple[str, Any, Any] | None:
