@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lowdose_toolkit.core.atomic import atomic_path
+from lowdose_toolkit.core.atomic import atomic_dir, atomic_path
 from lowdose_toolkit.records import SubjectRecord, write_manifest
 
 
@@ -127,3 +127,62 @@ def test_stale_temporary_files_are_removed_and_nothing_else(tmp_path: Path) -> N
         p.write_text("x")
     assert sorted(remove_stale_temps(tmp_path, tmp_path / "previews", tmp_path / "missing")) == sorted(stale)
     assert all(p.exists() for p in kept) and not any(p.exists() for p in stale)
+
+
+# ------------------------------------------------------------------------------------------ folders
+
+
+def test_folder_appears_whole_and_fsynced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every file, then the folder, reach the disk before the rename; the parent after it."""
+    events: list[str] = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd: int) -> None:
+        events.append("fsync dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        real_fsync(fd)
+
+    def rename(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        events.append("rename")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    target = tmp_path / "out" / "PET"
+    with atomic_dir(target) as tmp:
+        assert tmp.parent == target.parent and tmp.name.startswith(".PET.") and not target.exists()
+        for name in ("IM1.dcm", "IM2.dcm"):
+            (tmp / name).write_bytes(b"slice")
+    assert events == ["fsync file", "fsync file", "fsync dir", "rename", "fsync dir"]
+    assert sorted(p.name for p in target.iterdir()) == ["IM1.dcm", "IM2.dcm"]
+    assert [p.name for p in target.parent.iterdir()] == ["PET"]  # no temporary left
+
+
+@pytest.mark.parametrize("error", [RuntimeError("writer failed"), KeyboardInterrupt()])
+def test_a_failed_folder_leaves_the_old_one(tmp_path: Path, error: BaseException) -> None:
+    target = tmp_path / "PET"
+    target.mkdir()
+    (target / "IM1.dcm").write_text("old")
+    with pytest.raises(type(error)):
+        with atomic_dir(target) as tmp:
+            (tmp / "IM1.dcm").write_text("half of the new")
+            raise error
+    assert [p.name for p in tmp_path.iterdir()] == ["PET"] and (target / "IM1.dcm").read_text() == "old"
+
+
+def test_a_folder_replaces_the_old_one_and_a_link_not_its_target(tmp_path: Path) -> None:
+    target = tmp_path / "PET"
+    target.mkdir()
+    (target / "IM9.dcm").write_text("old")
+    with atomic_dir(target) as tmp:
+        (tmp / "IM1.dcm").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["IM1.dcm"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("keep")
+    link = tmp_path / "linked"
+    link.symlink_to(elsewhere)
+    with atomic_dir(link) as tmp:
+        (tmp / "IM1.dcm").write_text("new")
+    assert not link.is_symlink() and [p.name for p in link.iterdir()] == ["IM1.dcm"]
+    assert (elsewhere / "keep.txt").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["PET", "elsewhere", "linked"]

@@ -184,6 +184,22 @@ def test_ldt_infer_on_the_exported_file_writes_the_checkpoints_prediction(export
     assert meta["precision"] == "fp32" and meta["normalization"] == "robust"
 
 
+def test_an_exported_model_writes_dicom_naming_itself(exported, tmp_path: Path) -> None:
+    """DICOM in, DICOM out through an exported model: its DerivationDescription names the file and its source."""
+    import pydicom
+    from badinputs import good_series
+
+    _, files = exported
+    series = good_series(tmp_path / "PET")
+    out = tmp_path / "out"
+    assert main(["infer", str(files["torchscript"]), str(series), "--out", str(out), "--no-previews"]) == 0
+    ds = pydicom.dcmread(sorted((out / "PET").iterdir())[0], stop_before_pixels=True)
+    assert ds.DerivationDescription.startswith(
+        f"Denoised by lowdose-toolkit {__version__} (ldt infer): model mlnet, recipe tiny-guided, from model.pt "
+        "(torchscript export of guided.pt, epoch 2); source series ")
+    assert ", conditioned on: dose head" in ds.DerivationDescription
+
+
 @pytest.mark.parametrize(("name", "edit"), [
     ("unguided_bottleneck_head", lambda r: r["model"].update(
         heads=[{"name": "dose_classifier", "input": "bottleneck", "target": "drf_class", "hidden": [8]}],

@@ -101,7 +101,8 @@ def test_dicom_series_input(trained: tuple[Path, Path], tmp_path: Path) -> None:
     series = tmp_path / "scan" / "PET_DRF_100"
     write_series(series, activity(3))
     out = tmp_path / "out"
-    assert main(["infer", str(run), str(series), "--out", str(out)]) == 0
+    assert main(["infer", str(run), str(series), "--out", str(out), "--output-format", "nifti"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["PET_DRF_100.nii.gz", "previews", "summary.csv", "summary.json"]
     pred = nib.load(out / "PET_DRF_100.nii.gz")
     from lowdose_toolkit.data.io import load_array
 
@@ -126,7 +127,86 @@ def test_bad_dicom_series_fail_alone(trained: tuple[Path, Path], tmp_path: Path)
     assert [rows[n]["status"] for n in ("a_good", "b_duplicate", "c_ct")] == ["ok", "failed", "failed"]
     assert "duplicate slices:" in rows["b_duplicate"]["error"] and "\n" not in rows["b_duplicate"]["error"]
     assert "Modality 'CT' where PET ('PT') is expected" in rows["c_ct"]["error"]
-    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["a_good.nii.gz"]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["a_good", "previews"]  # DICOM in, DICOM out
+
+
+def test_dicom_in_dicom_out(trained: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A DICOM series in, a new series out (the default): the input's grid, identity and PET tags, the model and
+    recipe named, the NIfTI output's values within each slice's quantisation step; the input untouched."""
+    from test_dicom_out import IDENTITY, PER_SLICE, by_position, digest, pet_series
+
+    from lowdose_toolkit import __version__
+    from lowdose_toolkit.data.io import load_array
+
+    run, data = trained
+    scans = tmp_path / "scans"
+    series = pet_series(scans / "PET_DRF_100")
+    before = digest(scans)
+    out = tmp_path / "out"
+    assert main(["infer", str(run), str(series), "--out", str(out)]) == 0
+    assert digest(scans) == before
+    assert sorted(p.name for p in out.iterdir()) == ["PET_DRF_100", "previews", "summary.csv", "summary.json"]
+    [row] = summary(out).values()
+    assert row["status"] == "ok" and row["output"] == str(out / "PET_DRF_100") and row["shape"] == "6x5x4"
+    src, written = by_position(series), by_position(out / "PET_DRF_100")
+    assert len({ds.SOPInstanceUID for ds in written}) == len(src) == 4
+    assert {ds.SeriesInstanceUID for ds in written}.isdisjoint({ds.SeriesInstanceUID for ds in src})
+    for a, b in zip(src, written, strict=True):
+        assert all(b.get(k) == a.get(k) for k in (*IDENTITY, *PER_SLICE))
+        assert list(b.ImageType) == ["DERIVED", "SECONDARY"]
+    text = written[0].DerivationDescription
+    assert text.startswith(f"Denoised by lowdose-toolkit {__version__} (ldt infer): model mlnet, recipe tiny, from "
+                           "best.pt (epoch ") and f"; predicted DRF {row['predicted_drf']} (" in text
+    assert written[0].SeriesDescription == f"PET WB 1-4 dose denoised (ldt {__version__}, tiny, mlnet)"
+    _, affine_in, _ = load_array(series)
+    pred, affine_out, _ = load_array(out / "PET_DRF_100")
+    np.testing.assert_allclose(affine_out, affine_in, rtol=0, atol=1e-4)
+    nifti = tmp_path / "nifti"  # the same prediction, written as NIfTI
+    assert main(["infer", str(run), str(series), "--out", str(nifti), "--output-format", "nifti", "--no-previews"]) == 0
+    exact = nib.load(nifti / "PET_DRF_100.nii.gz").get_fdata(dtype=np.float32)
+    slopes = np.array([float(ds.RescaleSlope) for ds in written])
+    assert (np.abs(pred[0].numpy() - exact) <= slopes / 2 * (1 + 1e-6) + 1e-3).all()
+    # --skip-existing keeps the series, --overwrite replaces it with a new one, but not a folder holding more.
+    assert main(["infer", str(run), str(series), "--out", str(out), "--skip-existing"]) == 0
+    assert summary(out)["PET_DRF_100"]["status"] == "skipped"
+    assert main(["infer", str(run), str(series), "--out", str(out), "--overwrite"]) == 0
+    again = by_position(out / "PET_DRF_100")
+    assert again[0].SeriesInstanceUID != written[0].SeriesInstanceUID and len(again) == 4
+    (out / "PET_DRF_100" / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert main(["infer", str(run), str(series), "--out", str(out), "--overwrite"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert (f"{out / 'PET_DRF_100'} exists and holds 'notes.txt', not only the .dcm files of a series ldt wrote, so "
+            "--overwrite does not replace it; remove it or choose another --out") in err
+    assert (out / "PET_DRF_100" / "notes.txt").is_file() and digest(scans) == before
+
+
+def test_dicom_output_needs_a_dicom_input(trained: tuple[Path, Path], tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """NIfTI in, DICOM out is refused before anything is written (a new series needs a DICOM template)."""
+    run, data = trained
+    volume = data / "sub00" / "drf_004.nii.gz"
+    out = tmp_path / "out"
+    assert main(["infer", str(run), str(volume), "--out", str(out), "--output-format", "dicom"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert (f"{volume}: --output-format dicom needs a DICOM series input (its headers are the new series' template); "
+            "pass --output-format nifti or leave the option out for NIfTI inputs") in err
+    assert main(["infer", str(run), str(volume), "--out", str(out), "--output-format", "png"]) == 2
+    assert "--output-format png: not a format ldt writes; choose dicom or nifti" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["infer", str(run), str(volume), "--out", str(out), "--output-format", "NIfTI"]) == 0
+    # A series' output folder is never an input, nor holds one.
+    from badinputs import good_series
+
+    series = good_series(tmp_path / "scans" / "PET")
+    assert main(["infer", str(run), str(series), "--out", str(tmp_path / "scans")]) == 2
+    assert (f"{series} would be the output series, but it is the input series {series}; choose another --out"
+            in " ".join(capsys.readouterr().err.split()))
+    (out / "PET").mkdir()
+    inner = Path(shutil.copy(volume, out / "PET" / "x.nii.gz"))
+    assert main(["infer", str(run), str(series), str(inner), "--out", str(out), "--overwrite"]) == 2
+    assert (f"{out / 'PET'} would be the output series, but it holds the input {inner}; choose another --out"
+            in " ".join(capsys.readouterr().err.split()))
 
 
 def test_checkpoint_naming_a_missing_plugin(trained: tuple[Path, Path], tmp_path: Path,

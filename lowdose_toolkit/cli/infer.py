@@ -4,6 +4,9 @@ The checkpoint alone is enough: its recipe names the parts (their plugins must b
 weights fill them, and its normalisation method is applied to each input and inverted on output. A file
 written by ``ldt export`` (ONNX, TorchScript) carries the same in its metadata and runs through the same
 Predictor (window, normalisation, summary).
+
+Outputs take the input's format unless ``--output-format`` says otherwise: a NIfTI file per input, or for
+a DICOM series a new series in its own subfolder of ``OUT`` (:mod:`lowdose_toolkit.data.dicom_out`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from lowdose_toolkit.errors import UserError
 
 LOCK_NAME = ".ldt-infer.lock"
 SUMMARY_FILES = ("summary.csv", "summary.json")
+OUTPUT_FORMATS = ("dicom", "nifti")
+RESERVED = ("previews", LOCK_NAME, *SUMMARY_FILES)  # names in OUT a series folder cannot take
 
 
 @dataclass(frozen=True)
@@ -44,7 +49,10 @@ class Inputs:
 
 @dataclass(frozen=True)
 class Job:
-    """One input volume and where its prediction goes (``skip``: it exists and ``--skip-existing`` was given)."""
+    """One input volume and where its prediction goes (``skip``: it exists and ``--skip-existing`` was given).
+
+    ``format``: ``nifti`` (``output`` is a file) or ``dicom`` (``output`` is a new series' folder).
+    """
 
     source: Path
     output: Path
@@ -52,6 +60,7 @@ class Job:
     suv_factor: float | None = None
     suv_source: str = ""
     skip: bool = False
+    format: str = "nifti"
 
 
 def _absolute(path: Path) -> Path:
@@ -160,17 +169,46 @@ def _never_written(volumes: Sequence[Volume], folders: Sequence[Path]) -> tuple[
     return protected_folders, protected_files
 
 
+def check_output_format(output_format: str | None) -> str | None:
+    """``--output-format``: ``dicom``, ``nifti`` or None (each input's own format), any case."""
+    if output_format is None:
+        return None
+    fmt = output_format.strip().lower()
+    if fmt not in OUTPUT_FORMATS:
+        raise UserError(f"--output-format {output_format}: not a format ldt writes; choose dicom or nifti")
+    return fmt
+
+
+def _output_name(v: Volume, output_format: str | None) -> tuple[str, str]:
+    """The output's format and name in OUT: ``<stem>.nii.gz``, or ``<series folder>`` for a DICOM series."""
+    fmt = output_format or ("dicom" if v.path.is_dir() else "nifti")
+    if fmt == "nifti":
+        return fmt, f"{nifti_stem(v.given)}.nii.gz"
+    if not v.path.is_dir():
+        raise UserError(f"{v.given}: --output-format dicom needs a DICOM series input (its headers are the new "
+                        "series' template); pass --output-format nifti or leave the option out for NIfTI inputs")
+    name = v.given.name
+    if not name or name in RESERVED:
+        raise UserError(f"{v.given}: its DICOM output would be the folder {name!r}, a name ldt infer uses in --out "
+                        "for itself; rename the input folder (or link to it under another name)")
+    return fmt, name
+
+
 def plan_jobs(sources: Sequence[Path | Volume], out: Path, overwrite: bool = False, skip_existing: bool = False,
-              folders: Sequence[Path] = ()) -> list[Job]:
+              folders: Sequence[Path] = (), output_format: str | None = None) -> list[Job]:
     """Output path per input; refuses input folders as output, name clashes and writing over any input.
 
     An output that exists is refused, replaced (``overwrite``) or left and its job marked ``skip``
     (``skip_existing``); an output that is an input, or a link to one, is always refused. Inputs are
     compared with the output folder and each output by their given and their resolved paths, and
     existing outputs by identity (device and inode), so symbolic and hard links cannot get around it.
+    ``output_format`` (``dicom``, ``nifti``; None: each input's own) makes a DICOM series' output a
+    folder ``OUT/<series folder>``; one that exists is replaced only if it holds nothing but ``.dcm``
+    files (a series ldt wrote), and never if an input is in it.
     """
     if overwrite and skip_existing:
         raise UserError("--overwrite and --skip-existing contradict each other; pass one of them")
+    output_format = check_output_format(output_format)
     volumes = [s if isinstance(s, Volume) else Volume(s.resolve(), _absolute(s)) for s in sources]
     protected_folders, protected_files = _never_written(volumes, folders)
     for path in [*_both(out), *_both(out / "previews")]:
@@ -199,18 +237,30 @@ def plan_jobs(sources: Sequence[Path | Volume], out: Path, overwrite: bool = Fal
                 raise UserError(f"{target} would be written over {protected_files[path]}; choose another --out "
                                 "(inputs are never written to)")
 
+    def refuse_folder(target: Path) -> None:
+        """Refuse a series folder that is, or holds, an input (replacing it would remove the input)."""
+        for path in _both(target):
+            for inside, why in [*protected_folders.items(), *protected_files.items()]:
+                if inside == path or path in inside.parents:
+                    subject = "it" if inside == path else f"{inside} in it"
+                    verb = why[3:] if why.startswith("it ") else f"is {why}"
+                    raise UserError(f"{target} would be the output series, but {subject} {verb}; choose another "
+                                    "--out (inputs are never written to)")
+
     for name in SUMMARY_FILES:
         refuse_input(root / name)
     jobs: list[Job] = []
     names: dict[str, Path] = {}
     for v in volumes:
-        name = f"{nifti_stem(v.given)}.nii.gz"
+        fmt, name = _output_name(v, output_format)
         if name in names:
             raise UserError(f"{v.given} and {names[name]} would both be written as {root / name}; "
                             "run them separately or rename one")
         names[name] = v.given
         target = root / name
         refuse_input(target)
+        if fmt == "dicom":
+            refuse_folder(target)
         skip = False
         if target.exists():
             if skip_existing:
@@ -218,14 +268,19 @@ def plan_jobs(sources: Sequence[Path | Volume], out: Path, overwrite: bool = Fal
             elif not overwrite:
                 raise UserError(f"{target} exists; pass --overwrite to replace it or --skip-existing to keep it "
                                 "(and resume the batch)")
-        jobs.append(Job(v.path, target, v.given, v.suv_factor, v.suv_source, skip))
+            elif fmt == "dicom" and target.is_dir() and not target.is_symlink():
+                others = sorted(p.name for p in target.iterdir() if not (p.is_file() and p.suffix.lower() == ".dcm"))
+                if others:
+                    raise UserError(f"{target} exists and holds {others[0]!r}, not only the .dcm files of a series "
+                                    "ldt wrote, so --overwrite does not replace it; remove it or choose another --out")
+        jobs.append(Job(v.path, target, v.given, v.suv_factor, v.suv_source, skip, fmt))
     return jobs
 
 
 def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None, overlap: float | None,
           batch_size: int | None, blending: str | None, device: str, precision: str, overwrite: bool,
           previews: bool = True, prefetch: bool = True, drf: int | None = None, skip_existing: bool = False,
-          suv_factor: float | None = None) -> int:
+          suv_factor: float | None = None, output_format: str | None = None) -> int:
     """Run the checkpoint's model over every input; returns the exit code (1 if any input failed).
 
     With ``previews``, ``OUT/previews/<name>.png`` shows coronal MIPs of each input and its output.
@@ -234,15 +289,18 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
     ``precision``: auto (bf16 where the device runs it natively, else fp32), fp32, bf16 or fp16.
     With ``skip_existing``, inputs whose output exists are left (``skipped`` in the summary): a batch
     resumes where it stopped. ``suv_factor`` is every input's SUV factor, for a model trained on SUV.
+    ``output_format`` (``dicom``, ``nifti``; None: each input's own) says what is written: a DICOM series
+    input gives a new series in ``OUT/<series folder>`` (:func:`lowdose_toolkit.data.dicom_out.save_dicom_like`).
     ``OUT`` is locked for the run; ``OUT/summary.csv`` is written whatever happens, Ctrl-C included.
     """
     from rich.console import Console
     from rich.markup import escape
 
     from lowdose_toolkit.core.atomic import remove_stale_temps
-    from lowdose_toolkit.core.checkpoint import load_checkpoint
+    from lowdose_toolkit.core.checkpoint import find_checkpoint, load_checkpoint
     from lowdose_toolkit.core.device import resolve_device
     from lowdose_toolkit.core.lock import folder_lock
+    from lowdose_toolkit.data.dicom_out import Derivation
     from lowdose_toolkit.data.normalize import check_suv_factor
     from lowdose_toolkit.errors import DataError
     from lowdose_toolkit.infer.export import is_exported
@@ -265,16 +323,24 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
             suv_factor = check_suv_factor(suv_factor, "--suv-factor")
         except DataError as exc:
             raise UserError(str(exc)) from None
+    output_format = check_output_format(output_format)
     found = find_inputs(inputs)
-    plan_jobs(found.volumes, out, overwrite, skip_existing, found.folders)  # refused before anything is made
+    plan_jobs(found.volumes, out, overwrite, skip_existing, found.folders, output_format)  # refused before anything
     dev = resolve_device(device)
     window = {"patch_size": patch_size, "overlap": None if overlap is None else (int(overlap) if overlap >= 1
                                                                                  else overlap),
               "batch_size": batch_size, "blending": blending}
     if ckpt is None:
         predictor = Predictor.from_exported(checkpoint, dev, precision.replace("none", "fp32"), **window)
+        assert predictor.exported is not None
+        meta = predictor.exported.meta
+        derivation = Derivation(meta["recipe_name"], meta["recipe"]["model"]["generator"]["name"],
+                                f"{checkpoint.name} ({meta['exported_as']} export of {meta['checkpoint']['file']}, "
+                                f"epoch {meta['checkpoint']['epoch']})")
     else:
-        predictor, _ = Predictor.from_checkpoint(ckpt, dev, precision.replace("none", "fp32"), **window)
+        predictor, recipe = Predictor.from_checkpoint(ckpt, dev, precision.replace("none", "fp32"), **window)
+        derivation = Derivation(recipe["name"], recipe["model"]["generator"]["name"],
+                                f"{find_checkpoint(checkpoint).name} (epoch {ckpt.epoch})")
     runs_on = predictor.exported.runs_on if predictor.exported is not None else str(dev)
     drf_class = predictor.drf_class(drf)
     conditioned = None
@@ -288,7 +354,7 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
     out.mkdir(parents=True, exist_ok=True)
     with folder_lock(out, "ldt infer", "wait for it or choose another --out", LOCK_NAME):
         remove_stale_temps(out, out / "previews")  # left by a killed earlier run
-        jobs = plan_jobs(found.volumes, out, overwrite, skip_existing, found.folders)  # what exists now
+        jobs = plan_jobs(found.volumes, out, overwrite, skip_existing, found.folders, output_format)  # as it is now
         rows = [summary_row(job) for job in jobs]
         earlier = previous_rows(out) if skip_existing else {}
         for job, row in zip(jobs, rows, strict=True):
@@ -300,11 +366,11 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
         todo = [(job, row) for job, row in zip(jobs, rows, strict=True) if not job.skip]
         meta = {"checkpoint": str(checkpoint), "model_format": predictor.exported.format
                 if predictor.exported is not None else "checkpoint", "normalization": method,
-                "precision": predictor.precision, "device": runs_on}
+                "precision": predictor.precision, "device": runs_on, "output_format": output_format or "input's"}
         try:
             denoise_all(predictor, [job for job, _ in todo], out, console, previews=previews, prefetch=prefetch,
                         drf_class=drf_class, conditioned_on=conditioned, rows=[row for _, row in todo],
-                        suv_factor=suv_factor)
+                        suv_factor=suv_factor, derivation=derivation)
         except KeyboardInterrupt:
             console.print(f"{escape(str(out / 'summary.csv'))} lists what was done; the same command with "
                           "--skip-existing finishes the batch", soft_wrap=True)
@@ -347,7 +413,11 @@ def infer_cmd(
         None, "--suv-factor", help="SUV factor (body weight g / injected activity Bq) of every input, for a model "
                                    "trained on SUV; otherwise each input's manifest row, JSON sidecar or DICOM header."
     ),
+    output_format: str | None = typer.Option(
+        None, "--output-format", help="dicom | nifti (default: the input's format). dicom: a new series per DICOM "
+                                      "input series, in OUT/<series folder>, with its geometry, patient and study."
+    ),
 ) -> None:
-    """Denoise whole volumes with a trained model (sliding window, affine and header kept)."""
+    """Denoise whole volumes with a trained model (sliding window, affine and header kept; NIfTI or DICOM out)."""
     raise typer.Exit(infer(checkpoint, inputs, out, patch_size, overlap, batch_size, blending, device, precision,
-                           overwrite, previews, prefetch, drf, skip_existing, suv_factor))
+                           overwrite, previews, prefetch, drf, skip_existing, suv_factor, output_format))

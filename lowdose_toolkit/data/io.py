@@ -17,6 +17,7 @@ header's own (sform when ``sform_code > 0``, else qform) without ITK's orthonorm
 ``read -> save_like -> read`` keeps data and affine bit-exactly. DICOM series are read with
 SimpleITK's ``ImageSeriesReader`` with float32 output: left to itself GDCM picks the pixel type
 of the first slice, which truncates (or overflows) PET slices that carry their own RescaleSlope.
+A prediction goes back to DICOM through :mod:`lowdose_toolkit.data.dicom_out` (a new series).
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -95,13 +96,16 @@ def suv_factor_for(job: Any, override: float | None) -> tuple[float, str]:
 
 def denoise_all(predictor: Predictor, jobs: Sequence[Any], out: Path, console: Any, previews: bool = True,
                 prefetch: bool = True, drf_class: int | None = None, conditioned_on: str | None = None,
-                rows: Sequence[dict[str, Any]] | None = None, suv_factor: float | None = None
-                ) -> list[dict[str, Any]]:
+                rows: Sequence[dict[str, Any]] | None = None, suv_factor: float | None = None,
+                derivation: Any = None) -> list[dict[str, Any]]:
     """Denoise every job (``source`` -> ``output``); returns one summary row per job, in order.
 
     ``rows`` (one per job, from :func:`summary_row`) are updated in place as the volumes go through.
-    ``suv_factor`` overrides every input's (for a model trained on SUV). Before a volume is read, the
-    memory it needs is checked against what is available (:mod:`lowdose_toolkit.infer.memory`).
+    ``suv_factor`` overrides every input's (for a model trained on SUV). A job whose ``format`` is
+    ``dicom`` is written as a new DICOM series described by ``derivation`` (a
+    :class:`~lowdose_toolkit.data.dicom_out.Derivation`: model, recipe, version), the rest as NIfTI.
+    Before a volume is read, the memory it needs is checked against what is available
+    (:mod:`lowdose_toolkit.infer.memory`).
     KeyboardInterrupt and SystemExit stop the batch (the write under way finishes, atomically) and are
     re-raised with the unwritten rows ``not done``.
     """
@@ -110,6 +114,7 @@ def denoise_all(predictor: Predictor, jobs: Sequence[Any], out: Path, console: A
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from lowdose_toolkit.data import dicom_out
     from lowdose_toolkit.data.io import load_array, save_like
     from lowdose_toolkit.data.normalize import fit_normalization
     from lowdose_toolkit.infer.memory import check_memory
@@ -153,11 +158,15 @@ def denoise_all(predictor: Predictor, jobs: Sequence[Any], out: Path, console: A
         say("[yellow]warning[/]", job, row["error"])
 
     def write(volume: torch.Tensor, job: Any, row: dict[str, Any], mips: list[tuple[str, Any]], title: str,
-              seconds: float) -> None:
-        """Writer thread: save atomically (temp file + rename), then the preview; the row says how it went."""
+              seconds: float, note: str = "") -> None:
+        """Writer thread: save atomically (temp file or folder + rename), then the preview; the row says how it went."""
         t0 = time.monotonic()
         try:
-            save_like(volume, job.source, job.output)
+            if getattr(job, "format", "nifti") == "dicom":
+                made_by = derivation or dicom_out.Derivation()
+                dicom_out.save_dicom_like(volume, job.source, job.output, replace(made_by, note=note))
+            else:
+                save_like(volume, job.source, job.output)
         except Exception as exc:  # noqa: BLE001 - any failure is this volume's, reported in its row
             fail(row, job, exc)
             return
@@ -214,13 +223,15 @@ def denoise_all(predictor: Predictor, jobs: Sequence[Any], out: Path, console: A
                         pred, mips, dose = denoise(job, row, volume, affine, norm)
                         del volume
                         row.update(shape="x".join(map(str, info.shape)), **dose)
-                        title = nifti_stem(job.output)
+                        title, note = nifti_stem(job.output), ""
                         if dose:
-                            title += f" - predicted DRF {dose['predicted_drf']} ({dose['drf_probability']:.0%})"
+                            verdict = f"predicted DRF {dose['predicted_drf']} ({dose['drf_probability']:.0%})"
+                            title += f" - {verdict}"
+                            note = verdict + (f", conditioned on: {conditioned_on}" if conditioned_on else "")
                         if last_write is not None:
                             wait([last_write])  # one write behind at most
                         last_write = writer.submit(write, pred, job, row, mips, title,
-                                                   seconds + time.monotonic() - t0)
+                                                   seconds + time.monotonic() - t0, note)
                         del pred
                         last_write.add_done_callback(lambda _: progress.advance(task))
                     except Exception as exc:  # noqa: BLE001 - any failure is this volume's; the batch goes on
