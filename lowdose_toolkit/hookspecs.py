@@ -65,3 +65,8 @@ def ldt_register_schemes(register: Register) -> None:
 @hookspec
 def ldt_register_sources(register: Register) -> None:
     """Register data sources that list subjects (full-dose + low-dose files)."""
+
+
+@hookspec
+def ldt_register_loggers(register: Register) -> None:
+    """Register loggers: where a training run reports each epoch (metrics.jsonl, TensorBoard, MLflow, ...)."""

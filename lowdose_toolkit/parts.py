@@ -16,6 +16,7 @@ loss            none
 source          ``drfs`` (the recipe's DRF list)
 scheme          ``model``, ``discriminator``, ``losses``, ``optimizer``, ``wrap``, ``precision``,
                 ``device``, ``registry`` (see :class:`lowdose_toolkit.schemes.Scheme`)
+logger          ``run_dir`` (the run directory), ``recipe`` (the resolved recipe)
 ==============  ===========================================================================
 
 Context names may not be set in a recipe. Engine-level keys that are read by the engine and not
@@ -58,6 +59,12 @@ Module contracts (all tensors are ``[B, C, D, H, W]``):
   ``record: dict`` (e.g. which weights the perceptual network used); the engine writes it into the
   run record.
 * source: ``records() -> list[SubjectRecord]`` (see ``lowdose_toolkit.records``).
+* logger (``train.loggers``, rank 0 only; :class:`lowdose_toolkit.loggers.Logger`): ``start(epoch,
+  history)`` before the first epoch this process trains (the last committed epoch, 0 for a new run, and
+  the committed epoch records), ``log_epoch(record, pictures)`` after each epoch's checkpoint is written
+  (its ``metrics.jsonl`` record and ``{name: PNG path}``: ``preview``, ``curves``), ``close()`` when
+  training ends however it ends. Building one must not touch the disk or the network (``ldt check``
+  builds it): ``start`` does.
 
 Conformance (:mod:`lowdose_toolkit.testing`): a factory may declare ``example_args`` (small keyword
 arguments for fast checks), a head that reads the image ``reads_image = True``, and a loss on class
@@ -78,5 +85,6 @@ CONTEXT_ARGS: dict[str, tuple[str, ...]] = {
     "loss": (),
     "source": ("drfs",),
     "scheme": ("model", "discriminator", "losses", "optimizer", "wrap", "precision", "device", "registry"),
+    "logger": ("run_dir", "recipe"),
 }
 KINDS: tuple[str, ...] = tuple(CONTEXT_ARGS)

@@ -60,8 +60,9 @@ def check_part(kind: str, name: str, args: Mapping[str, Any] | None = None,
     """Build the part and check its contract on odd-sized inputs (forward, backward, shapes); returns it.
 
     Kinds checked: generator, head (reading a 16-channel feature, or the image for ``input: image``
-    heads with ``reads_image = True``), refiner, discriminator, loss, source. An AssertionError names
-    the part and what it got wrong.
+    heads with ``reads_image = True``), refiner, discriminator, loss, source, logger (a run of two epochs
+    with a picture, then a resume, in a temporary run directory). An AssertionError names the part and
+    what it got wrong.
     """
     registry = _registry(registry)
     spec = {"name": name, **(example_args(kind, name, registry) if args is None else dict(args))}
@@ -79,6 +80,8 @@ def check_part(kind: str, name: str, args: Mapping[str, Any] | None = None,
         if feature.grad is None:
             raise _fail(kind, name, "no gradient reaches the feature it reads")
         return part
+    if kind == "logger":
+        return _check_logger(registry, spec, name)
     if kind == "source":
         part = registry.build(kind, spec, name, context=CONTEXT[kind])
         if not callable(getattr(part, "records", None)):
@@ -118,6 +121,38 @@ def check_part(kind: str, name: str, args: Mapping[str, Any] | None = None,
         if value.ndim != 0 or not torch.isfinite(value):
             raise _fail(kind, name, f"a loss returns a finite scalar, got {value}")
         value.backward()
+    return part
+
+
+def _check_logger(registry: Registry, spec: Mapping[str, Any], name: str) -> Any:
+    """Build the logger in a temporary run directory; start, log two epochs (with a picture), close; resume."""
+    import tempfile
+    from pathlib import Path
+
+    from lowdose_toolkit.core.figures import new_figure, save_png
+    from lowdose_toolkit.loggers import example_record
+
+    with tempfile.TemporaryDirectory(prefix="ldt-logger-") as folder:
+        run_dir = Path(folder)
+        context = {"run_dir": run_dir, "recipe": copy.deepcopy(BASE_RECIPE)}
+        figure = new_figure(2.0, 1.5)
+        figure.add_subplot().plot([1, 2], [2, 1])
+        picture = save_png(figure, run_dir / "previews" / "epoch_002.png")
+        part = registry.build("logger", spec, name, context=context)
+        for method in ("start", "log_epoch", "close"):
+            if not callable(getattr(part, method, None)):
+                raise _fail("logger", name, f"a logger needs {method}() (lowdose_toolkit.loggers.Logger)")
+        if list(run_dir.iterdir()) != [run_dir / "previews"]:
+            raise _fail("logger", name, "building a logger must not write (ldt check builds it); start() may")
+        history = [example_record(1), example_record(2)]
+        part.start(0, [])
+        part.log_epoch(history[0], {})
+        part.log_epoch(history[1], {"preview": picture})
+        part.close()
+        resumed = registry.build("logger", spec, name, context=context)
+        resumed.start(2, history)
+        resumed.log_epoch(example_record(3), {})
+        resumed.close()
     return part
 
 

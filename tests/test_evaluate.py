@@ -342,6 +342,7 @@ def test_cli_evaluate_then_table(app: typer.Typer, study: dict[str, Path], tmp_p
     t1 = (tmp_path / "tables" / "table1.md").read_text()
     assert "| 4 | Low-Dose | 2 |" in t1 and "**" in t1 and "58.621" in t1
     assert (tmp_path / "tables" / "table2.csv").is_file()
+    assert all((tmp_path / "tables" / f"table{n}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in (1, 2))
     result = runner.invoke(app, ["table", str(out / "cases.csv"), "--out", str(tmp_path / "t")])
     assert result.exit_code == 0 and (tmp_path / "t" / "table1.csv").is_file()
 

@@ -16,7 +16,7 @@ def build_parts(recipe_path: Path, overrides: list[str]) -> dict[str, Any]:
     """Load, resolve and build everything a run needs except the data itself.
 
     Returns a mapping with ``recipe`` (resolved), ``registry``, ``model``, ``discriminator``,
-    ``losses``, ``source`` and ``scheme_entry``.
+    ``losses``, ``source``, ``scheme_entry`` and ``loggers`` (built, not started: nothing is written).
     """
     from lowdose_toolkit.core.plugin_manager import get_registry
     from lowdose_toolkit.core.recipe import load_recipe, resolve_recipe
@@ -27,6 +27,9 @@ def build_parts(recipe_path: Path, overrides: list[str]) -> dict[str, Any]:
     try:
         model, discriminator = build_model(recipe, registry)
         losses = build_losses(recipe, registry, model, discriminator)
+        loggers = [registry.build("logger", spec, f"train.loggers.{i}",
+                                  context={"run_dir": Path("runs") / recipe["name"], "recipe": recipe})
+                   for i, spec in enumerate(recipe["train"]["loggers"])]
     except RecipeError as exc:
         raise RecipeError(f"{recipe_path}: {exc}") from None
     source = registry.build("source", recipe["data"]["source"], "data.source", context={"drfs": recipe["data"]["drfs"]})
@@ -39,6 +42,7 @@ def build_parts(recipe_path: Path, overrides: list[str]) -> dict[str, Any]:
         "losses": losses,
         "source": source,
         "scheme_entry": scheme_entry,
+        "loggers": loggers,
     }
 
 
@@ -89,6 +93,8 @@ def check(recipe_path: Path, overrides: list[str]) -> None:
     for name, module in scheme.extra_modules.items():  # e.g. CycleGAN's full->low generator
         table.add_row(f"scheme: {name}", type(module).__name__, scheme_plugin, f"{count_parameters(module):,}")
     row("source", "source", recipe["data"]["source"])
+    for spec in recipe["train"]["loggers"]:
+        row("logger", "logger", spec)
     total = count_parameters(model) + count_parameters(parts["discriminator"])
     total += sum(count_parameters(m) for m in scheme.extra_modules.values())
     table.add_row("total", "", "", f"{total:,}", style="bold")

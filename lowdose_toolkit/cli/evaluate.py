@@ -146,10 +146,17 @@ def table(
     inputs: list[Path] = typer.Argument(..., help="results.json / cases.csv files or run directories."),
     out: Path | None = typer.Option(None, "--out", help="Output folder (default: ./tables)."),
 ) -> None:
-    """Print and write the paper's Table I (methods x DRF) and Table II (ablations at DRF 100)."""
+    """Print and write the paper's Table I (methods x DRF) and Table II (ablations at DRF 100): Markdown, CSV
+    and a PNG chart each."""
     from rich.console import Console
 
-    from lowdose_toolkit.evaluation.paper_tables import build_table_i, build_table_ii, print_table, write_table
+    from lowdose_toolkit.evaluation.paper_tables import (
+        build_table_i,
+        build_table_ii,
+        print_table,
+        write_table,
+        write_table_chart,
+    )
     from lowdose_toolkit.evaluation.results import load_results
 
     console = Console()
@@ -158,5 +165,5 @@ def table(
     written = []
     for stem, tbl in (("table1", build_table_i(rows)), ("table2", build_table_ii(rows))):
         print_table(tbl, console)
-        written += write_table(tbl, out / stem)
+        written += [*write_table(tbl, out / stem), write_table_chart(tbl, out / stem)]
     console.print("wrote " + ", ".join(str(p) for p in written))

@@ -133,6 +133,7 @@ SCHEMA: Schema = {
         "max_minutes": Field(float | None, None, "wall-clock budget; training stops after the epoch", POSITIVE),
         "deterministic": Field(bool, True),
         "previews": Field(bool, True),
+        "loggers": Part("logger", ["jsonl"], many=True),
     },
     "eval": {
         "patch_size": Field(int | list[int], 64, "", AT_LEAST_1),

@@ -6,7 +6,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lowdose_toolkit.core.atomic import atomic_path
 from lowdose_toolkit.errors import UserError
@@ -31,13 +31,18 @@ from lowdose_toolkit.evaluation.summary import (
     aggregate,
 )
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 __all__ = [
     "PaperTable",
     "build_table_i",
     "build_table_ii",
     "print_table",
+    "table_figure",
     "table_markdown",
     "write_table",
+    "write_table_chart",
 ]
 
 
@@ -250,3 +255,56 @@ def print_table(table: PaperTable, console: Any = None) -> None:
         cells = [c.replace("\x00", "[bold green]").replace("\x01", "[/]") for c in cells]
         rt.add_row(*lead, escape(row.method), *cells)
     console.print(rt)
+
+
+def table_figure(table: PaperTable) -> Figure:
+    """The table as a chart: one panel per metric; per method (colour) our mean ± std (filled circle; a black
+    edge where it is the best, the table's bold) beside the paper's figure (hollow diamond), at each DRF."""
+    import numpy as np
+    from matplotlib.lines import Line2D
+
+    from lowdose_toolkit.core.figures import new_figure, plain, styled
+
+    methods = list(dict.fromkeys(r.method for r in table.rows))
+    colours = {m: "0.45" if m == LOW_DOSE else f"C{i % 10}" for i, m in enumerate(x for x in methods if x != LOW_DOSE)}
+    colours[LOW_DOSE] = "0.45"
+    groups = list(dict.fromkeys(r.drf for r in table.rows)) if table.show_drf else [None]
+    slot = 0.8 / max(1, len(methods))
+    with styled():
+        figure = new_figure(4.3 * len(METRICS), 4.4)
+        axes = figure.subplots(1, len(METRICS))
+        for ax, metric in zip(axes, METRICS, strict=True):
+            for row in table.rows:
+                m = methods.index(row.method)
+                x = (groups.index(row.drf) - 0.4 + slot * (m + 0.5)) if table.show_drf else float(m)
+                colour = colours[row.method]
+                if row.mean and not math.isnan(row.mean[metric]):
+                    ax.errorbar(x, row.mean[metric], yerr=row.std[metric] if row.n > 1 else None, fmt="o", ms=6,
+                                color=colour, ecolor=colour, capsize=2, zorder=3,
+                                mec="black" if metric in row.best else colour, mew=1.6 if metric in row.best else 1)
+                paper = row.paper_value(metric)
+                if paper is not None:
+                    ax.plot(x, paper, "D", ms=7, mfc="none", mec=colour, mew=1.3, zorder=2)
+            ax.set_title(_HEADERS[metric])
+            ax.grid(axis="y", alpha=0.3)
+            if table.show_drf:
+                ax.set_xticks(range(len(groups)), [f"DRF {_drf_label(g)}" for g in groups])
+                for edge in np.arange(len(groups) - 1) + 0.5:
+                    ax.axvline(edge, color="0.85", lw=0.8)
+            else:
+                ax.set_xticks(range(len(methods)), [plain(m) for m in methods], rotation=25, ha="right")
+            ax.set_xlim(-0.5, (len(groups) if table.show_drf else len(methods)) - 0.5)
+        handles = [Line2D([], [], ls="", marker="s", ms=8, color=colours[m], label=plain(m)) for m in methods]
+        handles += [Line2D([], [], ls="", marker="o", color="0.3", label="ours: mean ± std (black edge: best)"),
+                    Line2D([], [], ls="", marker="D", mfc="none", mec="0.3", label="paper")]
+        figure.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6), frameon=False)
+        figure.suptitle(plain(table.title), fontsize=10, fontweight="bold")
+    return figure
+
+
+def write_table_chart(table: PaperTable, path_stem: str | Path) -> Path:
+    """Write :func:`table_figure` as ``<stem>.png`` atomically; returns its path."""
+    from lowdose_toolkit.core.figures import save_png
+
+    stem = Path(path_stem)
+    return save_png(table_figure(table), stem.with_name(stem.name + ".png"))

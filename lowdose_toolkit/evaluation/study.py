@@ -9,8 +9,8 @@ directory is the one the study file gives it now), evaluates, adds the classical
 
     OUT/<method>/...            one run directory per method (checkpoints, metrics, results.csv)
     OUT/classical/results.*     the classical references' per-case rows (lowdose_toolkit.evaluation.results)
-    OUT/table_i.{md,csv}        Table I: methods x DRF, the paper's figures beside ours
-    OUT/table_ii.{md,csv}       Table II: ablations at DRF 100
+    OUT/table_i.{md,csv,png}    Table I: methods x DRF, the paper's figures beside ours (png: as a chart)
+    OUT/table_ii.{md,csv,png}   Table II: ablations at DRF 100
     OUT/results.csv             method, drf, psnr, ssim, nrmse (means over test subjects)
     OUT/figure2.png             MIPs of one test subject at DRF 100 for every method (paper Fig. 2)
 
@@ -106,7 +106,13 @@ def run_study(path: Path, out: Path, docs: Path | None = None, only: Sequence[st
     from rich.console import Console
 
     from lowdose_toolkit.core.plugin_manager import get_registry
-    from lowdose_toolkit.evaluation.paper_tables import build_table_i, build_table_ii, print_table, write_table
+    from lowdose_toolkit.evaluation.paper_tables import (
+        build_table_i,
+        build_table_ii,
+        print_table,
+        write_table,
+        write_table_chart,
+    )
     from lowdose_toolkit.evaluation.results import load_results
     from lowdose_toolkit.evaluation.runeval import evaluate_run
     from lowdose_toolkit.evaluation.summary import aggregate
@@ -148,8 +154,9 @@ def run_study(path: Path, out: Path, docs: Path | None = None, only: Sequence[st
     rows = load_results(inputs)
     summary = aggregate(rows)
     table_i, table_ii = build_table_i(rows), build_table_ii(rows)
-    write_table(table_i, out / "table_i")
-    write_table(table_ii, out / "table_ii")
+    for table, stem in ((table_i, "table_i"), (table_ii, "table_ii")):
+        write_table(table, out / stem)
+        write_table_chart(table, out / stem)
     print_table(table_i)
     print_table(table_ii)
     _write_summary_csv(summary, out / "results.csv")
@@ -240,9 +247,10 @@ def evaluate_classical(recipe: Mapping[str, Any], run_dir: Path, study: Mapping[
 
 def make_figure(study: Mapping[str, Any], recipes: Mapping[str, Any], run_dirs: Mapping[str, Path], path: Path,
                 console: Any) -> None:
-    """Coronal MIPs of the first test subject at ``figure_drf`` for every trained method (paper Fig. 2)."""
+    """Coronal MIPs of the first test subject at ``figure_drf`` for every trained method (paper Fig. 2): each
+    method's PSNR/SSIM against the full dose, a difference row and a zoomed inset."""
     from lowdose_toolkit.infer.predictor import Predictor
-    from lowdose_toolkit.infer.preview import save_mip_png
+    from lowdose_toolkit.infer.preview import save_mips_png, subject_units, volume_panels
 
     drf = study["figure_drf"]
     name = f"{study['checkpoint']}.pt"
@@ -264,7 +272,11 @@ def make_figure(study: Mapping[str, Any], recipes: Mapping[str, Any], run_dirs: 
         pred, _ = predictor.predict(low)
         panels.append((m["method"], pred[0]))
     panels.append(("full-dose", full[0]))
-    save_mip_png(panels, path, title=f"{subject['subject_id']} DRF {drf}")
+    factor, units = subject_units(subject)
+    figure_panels = volume_panels(panels, reference=len(panels) - 1, factor=factor,
+                                  ssim_range=recipes[first]["eval"]["ssim_range"])
+    save_mips_png(figure_panels, path, units=units, reference=len(panels) - 1, difference_label="method − full dose",
+                  title=f"{subject['subject_id']} · DRF {drf} · each method's {name}")
 
 
 def write_docs(study: Mapping[str, Any], record: Mapping[str, Any], table_i: Any, table_ii: Any,

@@ -119,7 +119,7 @@ def denoise_all(predictor: Predictor, jobs: Sequence[Any], out: Path, console: A
     from lowdose_toolkit.data.normalize import fit_normalization
     from lowdose_toolkit.infer.memory import check_memory
     from lowdose_toolkit.infer.predictor import check_finite
-    from lowdose_toolkit.infer.preview import ras_mip, save_mips_png
+    from lowdose_toolkit.infer.preview import SUV, Panel, input_units, ras_mip, save_mips_png
 
     norm_cfg = predictor.normalization
     assert norm_cfg is not None, "a batch predictor is built from a checkpoint"
@@ -157,7 +157,7 @@ def denoise_all(predictor: Predictor, jobs: Sequence[Any], out: Path, console: A
         row["error"] = f"no preview: {describe(exc)}"
         say("[yellow]warning[/]", job, row["error"])
 
-    def write(volume: torch.Tensor, job: Any, row: dict[str, Any], mips: list[tuple[str, Any]], title: str,
+    def write(volume: torch.Tensor, job: Any, row: dict[str, Any], mips: tuple[list[Panel], str], title: str,
               seconds: float, note: str = "") -> None:
         """Writer thread: save atomically (temp file or folder + rename), then the preview; the row says how it went."""
         t0 = time.monotonic()
@@ -171,22 +171,26 @@ def denoise_all(predictor: Predictor, jobs: Sequence[Any], out: Path, console: A
             fail(row, job, exc)
             return
         row.update(status=OK, seconds=round(seconds + time.monotonic() - t0, 2))
-        if mips:
+        if mips[0]:
             try:
-                save_mips_png(mips, out / "previews" / f"{nifti_stem(job.output)}.png", title=title)
+                save_mips_png(mips[0], out / "previews" / f"{nifti_stem(job.output)}.png", title=title, units=mips[1],
+                              difference_to=0, difference_label="denoised − input")
             except Exception as exc:  # noqa: BLE001
                 no_preview(row, job, exc)
 
     def denoise(job: Any, row: dict[str, Any], volume: torch.Tensor, affine: Any, norm: Any
-                ) -> tuple[torch.Tensor, list[tuple[str, Any]], dict]:
-        """The prediction in the input's units, the preview MIPs (if wanted), the dose head's verdict."""
+                ) -> tuple[torch.Tensor, tuple[list[Panel], str], dict]:
+        """The prediction in the input's units, the preview MIPs (if wanted) with their units, the dose head's
+        verdict. The previews of a model trained on SUV are in SUV (the input's factor), else in the input's units."""
         pred, probs = predictor.predict(norm.apply(volume), drf_class)
         pred = norm.invert(pred)
         check_finite(pred, label(job), predictor.precision)
-        mips = []
+        mips: tuple[list[Panel], str] = ([], "")
         if previews:
             try:
-                mips = [("input", ras_mip(volume, affine)), ("denoised", ras_mip(pred, affine))]
+                factor, units = (row["suv_factor"], SUV) if row.get("suv_factor") else (1.0, input_units(job.source))
+                mips = ([Panel("input", ras_mip(volume, affine) * factor),
+                         Panel("denoised", ras_mip(pred, affine) * factor)], units)
             except Exception as exc:  # noqa: BLE001
                 no_preview(row, job, exc)
         dose = predictor.verdict(probs)

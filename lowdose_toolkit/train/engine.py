@@ -3,22 +3,27 @@
     run_dir/
       recipe.yaml          the resolved recipe (the first file written: the folder is resumable from then on)
       run.json             what ran: versions, device, split, plugins, loss records
-      metrics.jsonl        one line per epoch: loss terms, lr, val PSNR/SSIM/NRMSE per DRF, time
+      metrics.jsonl        one line per epoch: loss terms, lr, val PSNR/SSIM/NRMSE per DRF, time (the jsonl logger)
+      curves.png           loss terms, validation PSNR per DRF against the input's, lr; redrawn each epoch
       checkpoints/last.pt  written atomically at each epoch's end (resume from here)
       checkpoints/best.pt  the epoch with the best validation metric
-      previews/epoch_NNN.png  MIPs of low-dose / coarse / refined / full-dose (one val subject)
+      previews/epoch_NNN.png  MIPs of low-dose / coarse / refined / full-dose (one val subject), with
+                           PSNR/SSIM, a difference row and a zoomed inset
+      tensorboard/         event files, when train.loggers lists tensorboard
       .lock                held (flock) by the process training here
 
 The parts around the loop live in their own modules: the composition root (:mod:`lowdose_toolkit.train.build`),
 the stage controller (:mod:`lowdose_toolkit.train.stages`), validation (:mod:`lowdose_toolkit.train.validation`), the
 checkpoint file (:mod:`lowdose_toolkit.core.checkpoint`) and prediction (:mod:`lowdose_toolkit.infer.predictor`).
-After each epoch the same steps run in one fixed order: validate, schedule, track the best, save.
+After each epoch the same steps run in one fixed order: validate, schedule, track the best, save, then
+``curves.png`` and the loggers (``train.loggers``, :mod:`lowdose_toolkit.loggers`).
 
 A kill at any moment leaves a resumable directory (:mod:`lowdose_toolkit.train.rundir`). The end of an
 epoch writes ``last.pt`` (with the epoch's metrics line and the best epoch in it), then ``best.pt`` (a
-copy of it, when it is the best), then ``metrics.jsonl`` (rewritten atomically); a resume takes
-``last.pt`` as the truth and repairs the other two from it. A non-finite loss or weight stops training
-before anything non-finite is saved.
+copy of it, when it is the best), then ``curves.png`` and hands the epoch to the loggers, the ``jsonl``
+logger rewriting ``metrics.jsonl`` atomically; a resume takes ``last.pt`` as the truth, gives the loggers
+the epoch records up to it (the jsonl logger repairs ``metrics.jsonl`` from them) and repairs ``best.pt``.
+A non-finite loss or weight stops training before anything non-finite is saved.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from lowdose_toolkit.data.normalize import QUANTILE
 from lowdose_toolkit.errors import RecipeError, UserError
 from lowdose_toolkit.infer.precision import resolve_precision
 from lowdose_toolkit.infer.predictor import Predictor
+from lowdose_toolkit.loggers import Logger
 from lowdose_toolkit.models.lowdose_model import dry_run
 from lowdose_toolkit.records import SubjectRecord
 from lowdose_toolkit.schemes import NonFiniteLoss
@@ -63,10 +69,9 @@ from lowdose_toolkit.train.distributed import (
 from lowdose_toolkit.train.rng import rng_state, seed_everything, set_rng_state
 from lowdose_toolkit.train.rundir import (
     RunLock,
+    committed_metrics,
     default_run_dir,
-    read_metrics,
     remove_stale_temp_files,
-    write_metrics,
     write_recipe,
 )
 from lowdose_toolkit.train.stages import StageController
@@ -151,6 +156,11 @@ class Trainer:
         self.validator = Validator(self.model, self.predictor, self.val_set, self.train_set, self.drfs,
                                    recipe["eval"]["ssim_range"],
                                    self.run_dir / "previews" if train["previews"] else None)
+        self.loggers: list[Logger] = [  # rank 0 only; built before any epoch, started by fit()
+            registry.build("logger", spec, f"train.loggers.{i}", context={"run_dir": self.run_dir, "recipe": recipe})
+            for i, spec in enumerate(train["loggers"])] if self.dist.is_main else []
+        self._started: list[Logger] = []
+        self.history: list[dict[str, Any]] = []  # the committed epoch records (curves.png)
         self.epoch = 0  # epochs completed
         self.saved_epoch = 0  # the epoch in checkpoints/last.pt
         self.best: dict[str, Any] = {"epoch": -1, "value": None}
@@ -289,18 +299,15 @@ class Trainer:
     def _repair_run_dir(self) -> None:
         """Make metrics.jsonl and best.pt agree with the checkpoint (a run killed between the epoch's writes).
 
-        ``metrics.jsonl`` keeps the epochs up to the checkpoint's (a partial last line is dropped) and
-        gets the checkpoint's own line back when it was lost; ``best.pt`` is copied from ``last.pt`` when
-        the checkpoint's epoch is the best one, and removed when no epoch was validated yet.
+        The loggers start from the epoch records up to the checkpoint's (``metrics.jsonl``'s, a partial last
+        line dropped, with the checkpoint's own line put back when it was lost): the jsonl logger rewrites
+        ``metrics.jsonl`` with them. ``best.pt`` is copied from ``last.pt`` when the checkpoint's epoch is
+        the best one, and removed when no epoch was validated yet.
         """
         if not self.dist.is_main:
             return
-        path = self.run_dir / "metrics.jsonl"
-        records = [r for r in read_metrics(path) if r.get("epoch", 0) <= self.epoch]
-        if self._metrics_line and not any(r.get("epoch") == self.epoch for r in records):
-            records.append(json.loads(self._metrics_line))
-        if records or path.exists():
-            write_metrics(path, records)
+        self.history = committed_metrics(self.run_dir / "metrics.jsonl", self.epoch, self._metrics_line)
+        self._start_loggers()
         checkpoints = self.run_dir / "checkpoints"
         if self.epoch > 0 and self.best["epoch"] == self.epoch:
             with atomic_path(checkpoints / "best.pt") as tmp:
@@ -309,10 +316,27 @@ class Trainer:
             (checkpoints / "best.pt").unlink(missing_ok=True)
 
     def _start_afresh(self) -> None:
-        """Remove what an attempt killed before its first checkpoint left (metrics, best.pt)."""
+        """Remove what an attempt killed before its first checkpoint left (the jsonl logger: metrics; best.pt)."""
         if self.dist.is_main:
-            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            self.history = []
+            self._start_loggers()
             (self.run_dir / "checkpoints" / "best.pt").unlink(missing_ok=True)
+
+    def _start_loggers(self) -> None:
+        for logger in self.loggers:
+            logger.start(self.epoch, list(self.history))
+            self._started.append(logger)
+
+    def _close_loggers(self, raising: bool = True) -> None:
+        """Close every started logger, each whatever the others raise; the first error is raised if ``raising``."""
+        error: Exception | None = None
+        while self._started:
+            try:
+                self._started.pop(0).close()
+            except Exception as exc:  # noqa: BLE001 - the others still close
+                error = error or exc
+        if error is not None and raising:
+            raise error
 
     # ------------------------------------------------------------------ training
     def fit(self) -> dict[str, Any]:
@@ -324,7 +348,13 @@ class Trainer:
         if self.dist.is_main:
             self.lock.acquire()
         try:
-            return self._fit()
+            try:
+                record = self._fit()
+            except BaseException:
+                self._close_loggers(raising=False)  # the error under way is the one to report
+                raise
+            self._close_loggers()
+            return record
         except KeyboardInterrupt:
             done = (f"its checkpoint holds epoch {self.saved_epoch} of {self.total_epochs}" if self.saved_epoch
                     else "no epoch was finished")
@@ -445,7 +475,8 @@ class Trainer:
             value = monitor_value(self.spec.schedule.monitor, val)
             self._schedule_step(value)
             self._best_step(value)
-        record = {"epoch": self.epoch, "stage": stage, "lr": self.lr(), "losses": losses, "val": val,
+        lrs = {name: float(opt.param_groups[0]["lr"]) for name, opt in self.scheme.optimizers.items()}
+        record = {"epoch": self.epoch, "stage": stage, "lr": self.lr(), "lrs": lrs, "losses": losses, "val": val,
                   "best_epoch": self.best["epoch"], "epoch_seconds": round(time.monotonic() - t0, 3)}
         self._save_step(record)
         if self.dist.is_main:
@@ -480,8 +511,17 @@ class Trainer:
                     shutil.copyfile(checkpoints / "last.pt", tmp)
 
     def _write_epoch(self, record: dict[str, Any]) -> None:
-        path = self.run_dir / "metrics.jsonl"
-        write_metrics(path, [*(r for r in read_metrics(path) if r.get("epoch", 0) < record["epoch"]), record])
+        """After the epoch is committed: ``curves.png`` (atomically), the loggers, the console line."""
+        from lowdose_toolkit.train.curves import write_curves
+
+        self.history = [*(r for r in self.history if r["epoch"] < record["epoch"]), record]
+        pictures = {"curves": write_curves(self.run_dir / "curves.png", self.history,
+                                           f"{self.recipe['name']} · {self.run_dir.name}")}
+        preview = self.run_dir / "previews" / f"epoch_{record['epoch']:03d}.png"
+        if record["val"] and self.validator.previews is not None and preview.is_file():
+            pictures = {"preview": preview, **pictures}
+        for logger in self.loggers:
+            logger.log_epoch(record, pictures)
         val = record["val"]
         text = f"epoch {record['epoch']}/{self.total_epochs} lr {record['lr']:.1e}"
         if val:

@@ -137,6 +137,15 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def committed_metrics(path: Path, epoch: int, line: str) -> list[dict[str, Any]]:
+    """The epoch records of a run resumed at ``epoch`` (its ``last.pt``, whose own line is ``line``): those
+    of ``metrics.jsonl`` up to ``epoch`` (a partial last line dropped), with ``line`` put back if it was lost."""
+    records = [r for r in read_metrics(path) if r.get("epoch", 0) <= epoch]
+    if line and not any(r.get("epoch") == epoch for r in records):
+        records.append(json.loads(line))
+    return records
+
+
 def write_metrics(path: Path, records: list[Mapping[str, Any]]) -> None:
     """Rewrite ``metrics.jsonl`` atomically (never a partial line)."""
     with atomic_path(path) as tmp:

@@ -97,7 +97,7 @@ class Validator:
                     compute_all(full[0], low[0], ssim_range=self.ssim_range))
             l1.append(float((pred - full).abs().mean()))
             if self.previews is not None and i == preview_index:
-                self._preview(epoch, use_refiner, low, full, pred, int(subject["drf"]), subject["subject_id"])
+                self._preview(epoch, use_refiner, low, full, pred, subject, m)
         self.model.train()
         out: dict[str, Any] = {"per_drf": {}}
         for drf, rows in sorted(per_drf.items()):
@@ -136,16 +136,24 @@ class Validator:
         return float(head.calibrate(*self._calibration))
 
     def _preview(self, epoch: int, use_refiner: bool, low: torch.Tensor, full: torch.Tensor, pred: torch.Tensor,
-                 drf: int, subject: str) -> None:
-        from lowdose_toolkit.infer.preview import save_mip_png
+                 subject: Any, metrics: Mapping[str, float]) -> None:
+        """``previews/epoch_NNN.png``: MIPs of the input, the prediction (coarse and refined) and the full dose,
+        with each one's PSNR/SSIM against the full dose, the difference row and the zoomed inset."""
+        from lowdose_toolkit.infer.preview import save_mips_png, subject_units, volume_panels
 
         assert self.previews is not None
-        panels = [("low-dose", low)]
+        volumes = [("low-dose input", low)]
         if self.model.refiner is not None and use_refiner:
-            panels.append(("coarse", self.predictor.predict(low, use_refiner=False)[0]))
-            panels.append(("refined", pred))
+            volumes.append(("coarse", self.predictor.predict(low, use_refiner=False)[0]))
+            volumes.append(("refined", pred))
+            known = {"refined": metrics}
         else:
-            panels.append(("prediction", pred))
-        panels.append(("full-dose", full))
-        save_mip_png([(name, t[0]) for name, t in panels], self.previews / f"epoch_{epoch:03d}.png",
-                     title=f"{subject} DRF {drf}")
+            volumes.append(("prediction", pred))
+            known = {"prediction": metrics}
+        volumes.append(("full-dose", full))
+        factor, units = subject_units(subject)
+        panels = volume_panels([(name, t[0]) for name, t in volumes], reference=len(volumes) - 1, factor=factor,
+                               ssim_range=self.ssim_range, known=known)
+        save_mips_png(panels, self.previews / f"epoch_{epoch:03d}.png", units=units, reference=len(panels) - 1,
+                      difference_label="prediction − full dose",
+                      title=f"{subject['subject_id']} · DRF {int(subject['drf'])} · epoch {epoch}")

@@ -1,0 +1,1 @@
+"""Built-in loggers: where a training run reports its epochs."""
