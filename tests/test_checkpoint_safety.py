@@ -46,6 +46,16 @@ def unsafe_loads(path: Path) -> list[str]:
     return found
 
 
+def test_the_one_program_load_sits_behind_its_trust_flag() -> None:
+    """``torch.jit.load`` runs a program: it appears once, in the TorchScript loader, after the
+    ``trust_torchscript`` check (ldt infer --trust-torchscript)."""
+    hits = [f"{p.relative_to(REPO)}" for folder in ("lowdose_toolkit", "plugins")
+            for p in (REPO / folder).rglob("*.py") if "torch.jit.load(" in p.read_text()]
+    assert hits == ["lowdose_toolkit/infer/export.py"]
+    text = (REPO / hits[0]).read_text()
+    assert text.index("if not trust_torchscript:") < text.index("torch.jit.load(")
+
+
 def test_every_load_is_weights_only() -> None:
     """The shipped code and scripts (tests load only files they wrote; this one means to run a payload)."""
     files = [p for folder in ("lowdose_toolkit", "plugins", "benchmarks", "experiments")

@@ -41,7 +41,7 @@ GUIDED = {
     "losses": [{"name": "l1", "on": "pred"}],
     "eval": {"patch_size": 16, "overlap": 4, "batch_size": 2},
 }
-FILES = {"onnx": "model.onnx", "torchscript": "model.pt"}
+FILES = {"onnx": "model.onnx", "torchscript": "model.ts"}
 
 
 def volume(shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -83,7 +83,7 @@ def test_exported_model_equals_the_pytorch_model_at_two_window_sizes(exported, f
     low = volume((1, 30, 26, 34), 5)
     for patch in (16, 21):
         reference = Predictor.from_checkpoint(ckpt, CPU, "fp32", patch_size=patch)[0]
-        predictor = Predictor.from_file(files[fmt], CPU, patch_size=patch)
+        predictor = Predictor.from_file(files[fmt], CPU, trust_torchscript=True, patch_size=patch)
         assert predictor.exported is not None and predictor.exported.format == fmt and predictor.model is None
         assert predictor.window == {**reference.window} and predictor.drfs == (4, 100) and predictor.guided
         want, want_probs = reference.predict(low)
@@ -103,7 +103,7 @@ def test_the_heads_prediction_conditions_the_exported_forward(exported, fmt: str
     v = volume((1, 1, 18, 17, 20), 7)
     x = torch.cat([v, 2 * v])  # the calibration's class 1 is twice as noisy as class 0
     with torch.no_grad():
-        pred, probs = load_exported(files[fmt], CPU)(x)
+        pred, probs = load_exported(files[fmt], CPU, trust_torchscript=True)(x)
         want, want_probs = forward_window(model, x)
         torch.testing.assert_close(pred, want, atol=1e-4, rtol=0)
         torch.testing.assert_close(probs, want_probs, atol=1e-4, rtol=0)
@@ -169,7 +169,8 @@ def test_ldt_infer_on_the_exported_file_writes_the_checkpoints_prediction(export
     counts = np.random.default_rng(3).poisson(40, size=(27, 30, 23)).astype(np.float32)
     nib.save(nib.Nifti1Image(counts, np.diag([2.0, 2.0, 3.0, 1.0])), tmp_path / "scan.nii.gz")
     outputs = {}
-    for name, model, extra in (("ckpt", ckpt, ["--precision", "fp32"]), ("exported", files[fmt], [])):
+    trust = ["--trust-torchscript"]
+    for name, model, extra in (("ckpt", ckpt, ["--precision", "fp32"]), ("exported", files[fmt], trust)):
         out = tmp_path / name
         assert main(["infer", str(model), str(tmp_path / "scan.nii.gz"), "--out", str(out), "--no-previews",
                      *extra]) == 0
@@ -192,10 +193,11 @@ def test_an_exported_model_writes_dicom_naming_itself(exported, tmp_path: Path) 
     _, files = exported
     series = good_series(tmp_path / "PET")
     out = tmp_path / "out"
-    assert main(["infer", str(files["torchscript"]), str(series), "--out", str(out), "--no-previews"]) == 0
+    assert main(["infer", str(files["torchscript"]), str(series), "--out", str(out), "--no-previews",
+                 "--trust-torchscript"]) == 0
     ds = pydicom.dcmread(sorted((out / "PET").iterdir())[0], stop_before_pixels=True)
     assert ds.DerivationDescription.startswith(
-        f"Denoised by lowdose-toolkit {__version__} (ldt infer): model mlnet, recipe tiny-guided, from model.pt "
+        f"Denoised by lowdose-toolkit {__version__} (ldt infer): model mlnet, recipe tiny-guided, from model.ts "
         "(torchscript export of guided.pt, epoch 2); source series ")
     assert ", conditioned on: dose head" in ds.DerivationDescription
 
@@ -238,16 +240,22 @@ def test_errors_are_one_line_naming_the_file_and_the_fix(exported, tmp_path: Pat
         capsys, "export", str(ckpt), "--format", "tflite", "--out", out)
     assert "m.bin: cannot tell the format from the name; pass --format onnx or --format torchscript" in \
         one_line_error(capsys, "export", str(ckpt), "--out", str(tmp_path / "m.bin"))
-    assert "needs a matching name; use .pt or .ts" in one_line_error(
+    assert "needs a matching name; end it in .ts" in one_line_error(
         capsys, "export", str(ckpt), "--format", "torchscript", "--out", out)
+    assert "needs a matching name; end it in .ts (.pt names checkpoints" in one_line_error(
+        capsys, "export", str(ckpt), "--format", "torchscript", "--out", str(tmp_path / "m.pt"))
     assert f"{files['onnx']} exists; pass --overwrite to replace it" in one_line_error(
         capsys, "export", str(ckpt), "--out", str(files["onnx"]))
-    assert "is the checkpoint itself" in one_line_error(
-        capsys, "export", str(ckpt), "--format", "torchscript", "--out", str(ckpt), "--overwrite")
+    odd = tmp_path / "weights.onnx"  # a checkpoint under an exported model's name
+    odd.write_bytes(ckpt.read_bytes())
+    assert "is the checkpoint itself" in one_line_error(capsys, "export", str(odd), "--out", str(odd), "--overwrite")
     scan = tmp_path / "scan.nii.gz"
     nib.save(nib.Nifti1Image(np.full((12, 12, 12), 5.0, np.float32), np.eye(4)), scan)
     assert "leave --drf out, or use the checkpoint" in one_line_error(
-        capsys, "infer", str(files["torchscript"]), str(scan), "--out", str(tmp_path / "o1"), "--drf", "4")
+        capsys, "infer", str(files["torchscript"]), str(scan), "--out", str(tmp_path / "o1"), "--drf", "4",
+        "--trust-torchscript")
+    assert "is TorchScript, which is a program: ldt runs it only with --trust-torchscript" in one_line_error(
+        capsys, "infer", str(files["torchscript"]), str(scan), "--out", str(tmp_path / "o4"))
     assert "runs in fp32, the precision it was exported in; leave --precision at auto" in one_line_error(
         capsys, "infer", str(files["onnx"]), str(scan), "--out", str(tmp_path / "o2"), "--precision", "bf16")
     foreign = tmp_path / "foreign.onnx"
@@ -272,3 +280,18 @@ def test_masked_median_is_nanmedians_value() -> None:
     mask[2, 3, :2] = True  # two values: the lower one
     want = values.masked_fill(~mask, float("nan")).nanmedian(dim=-1).values.nan_to_num(0.0)
     assert torch.equal(masked_median(values, mask), want)
+
+
+def test_a_checkpoint_shaped_torchscript_file_is_never_run(exported, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """A TorchScript archive named like a checkpoint goes through torch.load(weights_only=True), never
+    torch.jit.load: ldt infer refuses it as data, and nothing it holds runs (issue 12, item 4)."""
+    import shutil
+
+    _, files = exported
+    disguised = tmp_path / "best.pt"
+    shutil.copy(files["torchscript"], disguised)
+    scan = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((12, 12, 12), 5.0, np.float32), np.eye(4)), scan)
+    assert main(["infer", str(disguised), str(scan), "--out", str(tmp_path / "o")]) == 2
+    assert "not a lowdose-toolkit checkpoint" in " ".join(capsys.readouterr().err.split())

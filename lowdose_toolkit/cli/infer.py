@@ -280,7 +280,7 @@ def plan_jobs(sources: Sequence[Path | Volume], out: Path, overwrite: bool = Fal
 def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None, overlap: float | None,
           batch_size: int | None, blending: str | None, device: str, precision: str, overwrite: bool,
           previews: bool = True, prefetch: bool = True, drf: int | None = None, skip_existing: bool = False,
-          suv_factor: float | None = None, output_format: str | None = None) -> int:
+          suv_factor: float | None = None, output_format: str | None = None, trust_torchscript: bool = False) -> int:
     """Run the checkpoint's model over every input; returns the exit code (1 if any input failed).
 
     With ``previews``, ``OUT/previews/<name>.png`` shows coronal MIPs of each input and its output.
@@ -331,7 +331,8 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
                                                                                  else overlap),
               "batch_size": batch_size, "blending": blending}
     if ckpt is None:
-        predictor = Predictor.from_exported(checkpoint, dev, precision.replace("none", "fp32"), **window)
+        predictor = Predictor.from_exported(checkpoint, dev, precision.replace("none", "fp32"), trust_torchscript,
+                                            **window)
         assert predictor.exported is not None
         meta = predictor.exported.meta
         derivation = Derivation(meta["recipe_name"], meta["recipe"]["model"]["generator"]["name"],
@@ -409,6 +410,10 @@ def infer_cmd(
         None, "--drf", help="Known dose reduction factor of every input: a guided model is conditioned on it "
                             "instead of its dose head's prediction (which is still reported)."
     ),
+    trust_torchscript: bool = typer.Option(
+        False, "--trust-torchscript", help="Run a TorchScript export (.ts): it is a program, so only from a source you "
+                                           "trust (checkpoints and .onnx files are data)."
+    ),
     suv_factor: float | None = typer.Option(
         None, "--suv-factor", help="SUV factor (body weight g / injected activity Bq) of every input, for a model "
                                    "trained on SUV; otherwise each input's manifest row, JSON sidecar or DICOM header."
@@ -420,4 +425,5 @@ def infer_cmd(
 ) -> None:
     """Denoise whole volumes with a trained model (sliding window, affine and header kept; NIfTI or DICOM out)."""
     raise typer.Exit(infer(checkpoint, inputs, out, patch_size, overlap, batch_size, blending, device, precision,
-                           overwrite, previews, prefetch, drf, skip_existing, suv_factor, output_format))
+                           overwrite, previews, prefetch, drf, skip_existing, suv_factor, output_format,
+                           trust_torchscript))

@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,33 +83,30 @@ class ExportedModel:
 
 
 def resolve_format(fmt: str | None, out: Path) -> str:
-    """The export format: ``fmt``, or from ``out``'s suffix (``.onnx``: ONNX; ``.pt``/``.ts``: TorchScript)."""
+    """The export format: ``fmt``, or from ``out``'s suffix (``.onnx``: ONNX; ``.ts``: TorchScript).
+
+    TorchScript files must end in ``.ts``, never ``.pt``: a ``.pt`` is a checkpoint (data, read with
+    ``weights_only``), and nothing that looks like one may be run as a program."""
     onnx_name = out.suffix.lower() == ".onnx"
     if fmt is None:
         if onnx_name:
             return "onnx"
-        if out.suffix.lower() in (".pt", ".ts", ".torchscript"):
+        if out.suffix.lower() == ".ts":
             return "torchscript"
         raise UserError(f"{out}: cannot tell the format from the name; pass --format onnx or --format torchscript")
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r} is unknown; use onnx or torchscript")
-    if (fmt == "onnx") != onnx_name:
-        want = "end it in .onnx" if fmt == "onnx" else "use .pt or .ts (.onnx names ONNX files)"
+    if (fmt == "onnx") != onnx_name or (fmt == "torchscript" and out.suffix.lower() != ".ts"):
+        want = "end it in .onnx" if fmt == "onnx" else "end it in .ts (.pt names checkpoints, .onnx ONNX files)"
         raise UserError(f"{out}: --format {fmt} needs a matching name; {want}")
     return fmt
 
 
 def is_exported(path: Path) -> bool:
-    """Whether ``path`` is a file written by ``ldt export`` (an ``.onnx`` file or TorchScript with ldt.json)."""
+    """Whether ``path`` names a file written by ``ldt export``: by its name alone (``.onnx`` or ``.ts``), so a
+    checkpoint (``.pt``, a run directory) is never opened as a program, whatever it holds."""
     path = Path(path)
-    if not path.is_file():
-        return False
-    if path.suffix.lower() == ".onnx":
-        return True
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any(name.endswith(f"/extra/{META_FILE}") for name in archive.namelist())
+    return path.is_file() and path.suffix.lower() in (".onnx", ".ts")
 
 
 def _import_onnxruntime(path: Path) -> Any:
@@ -132,8 +128,11 @@ def _check_meta(meta: dict[str, Any], path: Path) -> dict[str, Any]:
     return meta
 
 
-def load_exported(path: Path, device: torch.device) -> ExportedModel:
-    """Load a file written by ``ldt export`` for running windows on ``device`` (ONNX: onnxruntime's provider)."""
+def load_exported(path: Path, device: torch.device, trust_torchscript: bool = False) -> ExportedModel:
+    """Load a file written by ``ldt export`` for running windows on ``device`` (ONNX: onnxruntime's provider).
+
+    A TorchScript file is a program (``torch.jit.load`` runs its code), so it is loaded only with
+    ``trust_torchscript``; an ONNX file is a graph of operators, data only."""
     path = Path(path)
     if path.suffix.lower() == ".onnx":
         ort = _import_onnxruntime(path)
@@ -158,6 +157,9 @@ def load_exported(path: Path, device: torch.device) -> ExportedModel:
         provider = session.get_providers()[0]
         return ExportedModel(path, "onnx", meta, torch.device("cpu"),
                              f"{'cuda' if provider.startswith('CUDA') else 'cpu'} (onnxruntime {provider})", run_onnx)
+    if not trust_torchscript:
+        raise UserError(f"{path} is TorchScript, which is a program: ldt runs it only with --trust-torchscript "
+                        "(when you trust where the file comes from); an .onnx export or the checkpoint needs no trust")
     extra = {META_FILE: ""}
     try:
         with warnings.catch_warnings():
@@ -293,7 +295,7 @@ def export_model(checkpoint: Path, out: Path, fmt: str | None = None, overwrite:
         else:
             script = torch.jit.trace(module, example, check_trace=False)
             torch.jit.save(script, str(tmp), _extra_files={META_FILE: json.dumps(meta, default=str)})
-        exported = load_exported(tmp, cpu)
+        exported = load_exported(tmp, cpu, trust_torchscript=True)  # the file this process just wrote
         worst = 0.0
         for i, shape in enumerate(checked):
             x = _example(shape, i + 1)

@@ -114,11 +114,12 @@ class Predictor:
                    ckpt.normalization, channels_last), recipe
 
     @classmethod
-    def from_exported(cls, path: Path, device: torch.device, precision: str = "auto", **window: Any) -> Predictor:
+    def from_exported(cls, path: Path, device: torch.device, precision: str = "auto", trust_torchscript: bool = False,
+                      **window: Any) -> Predictor:
         """A predictor for a file written by ``ldt export``: its metadata gives the window, DRFs, normalisation."""
         from lowdose_toolkit.infer.export import load_exported
 
-        exported = load_exported(path, device)
+        exported = load_exported(path, device, trust_torchscript)
         meta = exported.meta
         if precision not in ("auto", meta["precision"]):
             raise UserError(f"{path}: this exported model runs in {meta['precision']}, the precision it was "
@@ -131,12 +132,13 @@ class Predictor:
         return cls(None, merged, exported.device, meta["precision"], tuple(meta["drfs"]), norm, exported=exported)
 
     @classmethod
-    def from_file(cls, path: Path, device: torch.device, precision: str = "auto", **window: Any) -> Predictor:
+    def from_file(cls, path: Path, device: torch.device, precision: str = "auto", trust_torchscript: bool = False,
+                  **window: Any) -> Predictor:
         """A predictor for a checkpoint, a run directory or an exported model (``.onnx``, TorchScript)."""
         from lowdose_toolkit.infer.export import is_exported
 
         if is_exported(path):
-            return cls.from_exported(path, device, precision, **window)
+            return cls.from_exported(path, device, precision, trust_torchscript, **window)
         return cls.from_checkpoint(path, device, precision, **window)[0]
 
     @property
