@@ -18,7 +18,9 @@ import torch
 from lowdose_toolkit.core.device import resolve_device
 from lowdose_toolkit.core.plugin_manager import get_registry
 from lowdose_toolkit.core.recipe import load_recipe, resolve_recipe
+from lowdose_toolkit.core.spec import run_spec
 from lowdose_toolkit.data.datasets import PatchStream, pairs_dataset
+from lowdose_toolkit.infer.precision import training_precision
 from lowdose_toolkit.train.build import build_training
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,7 +50,8 @@ def main() -> None:
     load_rate = args.batches * data["batch_size"] / (time.perf_counter() - t0)
 
     device = resolve_device(args.device)
-    precision = recipe["train"]["amp"] if device.type == "cuda" else "none"
+    spec = run_spec(recipe)
+    precision = training_precision(spec.precision, device, spec.precision_cuda_only)
     _, _, _, scheme = build_training(recipe, registry, device, precision)
     batch = {k: v.to(device) for k, v in batch.items()}
     scheme.train_step(batch)

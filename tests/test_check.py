@@ -117,6 +117,30 @@ def test_precision_setting_and_its_older_name(tmp_path: Path, capsys: pytest.Cap
     assert resolve().precision == "fp32"  # the default: CPU runs stay as they were
     assert resolve("train.precision=auto").precision == "auto"
     assert resolve("train.amp=none").precision == "fp32"  # recipes and checkpoints of earlier versions
-    assert resolve("train.amp=bf16").precision == "bf16"
+    assert resolve("train.amp=bf16").precision == "bf16" and resolve("train.amp=bf16").precision_cuda_only
     assert main(["check", str(path), "--set", "train.precision=fp16", "--set", "train.amp=bf16"]) == 2
     assert "train.amp: 'bf16' contradicts train.precision 'fp16'" in capsys.readouterr().err
+
+
+def test_training_precision_keeps_cpu_runs_as_they_were() -> None:
+    """auto trains in fp32 on a CPU (bf16 measured worse there); the older train.amp autocasts on CUDA only."""
+    import torch
+
+    from lowdose_toolkit.infer.precision import training_precision
+
+    cpu = torch.device("cpu")
+    assert training_precision("auto", cpu) == "fp32"
+    assert training_precision("bf16", cpu, cuda_only=True) == "fp32"
+    assert training_precision("bf16", cpu) == "bf16"  # asked for explicitly: honoured on the CPU
+
+
+def test_a_run_recorded_with_the_older_amp_key_matches_the_same_recipe_now(tmp_path: Path) -> None:
+    from lowdose_toolkit.train.rundir import first_difference
+
+    path = write(tmp_path / "r.yaml", BASE)
+    new = resolve_recipe(load_recipe(path), get_registry(), str(path))
+    old = resolve_recipe(load_recipe(path, ["train.amp=none"]), get_registry(), str(path))
+    old["train"].pop("precision")  # as recorded by an earlier version
+    assert first_difference(old, new) is None
+    assert first_difference(old, resolve_recipe(load_recipe(path, ["train.precision=bf16"]), get_registry()))[0] \
+        == "train.precision"

@@ -72,6 +72,7 @@ class RunSpec:
     max_minutes: float | None
     device: str
     precision: str  # auto, fp32, bf16 or fp16 (resolved per device by lowdose_toolkit.infer.precision)
+    precision_cuda_only: bool = False  # from the older train.amp, which autocast on CUDA only
 
     @property
     def total_epochs(self) -> int:
@@ -174,6 +175,33 @@ def _window(cfg: Mapping[str, Any]) -> WindowSpec:
     return WindowSpec(patch, voxels, cfg["batch_size"], cfg["blending"], cfg["ssim_range"], cfg["val_subjects"])
 
 
+def canonical_precision(train: Mapping[str, Any]) -> tuple[str, bool]:
+    """``(precision, cuda_only)`` of a recipe's ``train`` section: ``train.precision``, or the older
+    ``train.amp`` (``none`` is fp32; ``bf16``/``fp16`` autocast on CUDA only, as it did)."""
+    precision = train.get("precision", "fp32")
+    if train.get("amp") is None:
+        return precision, False
+    legacy = "fp32" if train["amp"] == "none" else train["amp"]
+    if precision not in ("fp32", legacy):
+        raise RecipeError(f"train.amp: {train['amp']!r} contradicts train.precision {precision!r}; "
+                          f"drop train.amp (the older name)")
+    return legacy, legacy != "fp32"
+
+
+def canonical_recipe(recipe: Mapping[str, Any]) -> dict[str, Any]:
+    """A resolved recipe with the older ``train.amp`` folded into ``train.precision``, so a run recorded by
+    an earlier version compares equal to the same recipe now (``ldt study``, ``ldt run --resume DIR RECIPE``)."""
+    import copy
+
+    out = copy.deepcopy(dict(recipe))
+    train = dict(out.get("train", {}))
+    if train.get("amp") is not None:
+        train["precision"], _ = canonical_precision(train)
+    train.pop("amp", None)
+    out["train"] = train
+    return out
+
+
 def run_spec(recipe: Mapping[str, Any]) -> RunSpec:
     """Check the keys of a resolved recipe against each other and return the typed spec."""
     data, train = recipe["data"], recipe["train"]
@@ -196,13 +224,7 @@ def run_spec(recipe: Mapping[str, Any]) -> RunSpec:
     device = train["device"]
     if not _DEVICE.fullmatch(device):
         raise RecipeError(f"train.device: {device!r} is not a device; use auto, cpu, cuda or cuda:N")
-    precision = train["precision"]
-    if train.get("amp") is not None:  # the key of earlier versions (and of their checkpoints' recipes)
-        legacy = "fp32" if train["amp"] == "none" else train["amp"]
-        if precision not in ("fp32", legacy):
-            raise RecipeError(f"train.amp: {train['amp']!r} contradicts train.precision {precision!r}; "
-                              f"drop train.amp (the older name)")
-        precision = legacy
+    precision, cuda_only = canonical_precision(train)
     sched = train["scheduler"]
     schedule = ScheduleSpec(sched["name"], sched["factor"], sched["patience"], sched["monitor"],
                             monitor_mode(sched["monitor"], drfs), train["stop_when_lr_below"])
@@ -217,4 +239,5 @@ def run_spec(recipe: Mapping[str, Any]) -> RunSpec:
         max_minutes=train["max_minutes"],
         device=device,
         precision=precision,
+        precision_cuda_only=cuda_only,
     )

@@ -108,7 +108,7 @@ def evaluate_run(
     from lowdose_toolkit.evaluation.metrics import body_mask, check_ssim_range, compute_all
     from lowdose_toolkit.evaluation.results import write_results
     from lowdose_toolkit.evaluation.summary import aggregate, summary_markdown
-    from lowdose_toolkit.infer.precision import resolve_precision
+    from lowdose_toolkit.infer.precision import training_precision
     from lowdose_toolkit.infer.predictor import Predictor, confusion_matrix
 
     run_dir = Path(run_dir)
@@ -125,7 +125,8 @@ def evaluate_run(
     from lowdose_toolkit.core.spec import run_spec
 
     predictor, recipe = Predictor.from_checkpoint(ckpt, dev, "fp32")
-    predictor.precision = resolve_precision(run_spec(recipe).precision, dev)
+    spec = run_spec(recipe)
+    predictor.precision = training_precision(spec.precision, dev, spec.precision_cuda_only)
     model = predictor.model
     method = method or recipe["name"]
     cfg = recipe["eval"]

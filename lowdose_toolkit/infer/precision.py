@@ -54,3 +54,13 @@ def autocast(device: torch.device, precision: str) -> AbstractContextManager[obj
     if precision == "fp32" or precision == "none":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
+
+
+def training_precision(name: str, device: torch.device, cuda_only: bool = False) -> str:
+    """The precision a run trains and validates in: as :func:`resolve_precision`, except that ``auto`` stays
+    fp32 on a CPU (bf16 training there was measured 0.02-0.27 dB worse after the same steps,
+    docs/BENCHMARKS.md; ask for bf16 explicitly) and that the older ``train.amp`` (``cuda_only``) autocasts
+    on CUDA only, as it did."""
+    if device.type != "cuda" and (cuda_only or name == "auto"):
+        return "fp32"
+    return resolve_precision(name, device, "train.precision")

@@ -50,7 +50,7 @@ from lowdose_toolkit.core.spec import run_spec
 from lowdose_toolkit.data.datasets import PatchStream, Split, pairs_dataset, shard, split_records
 from lowdose_toolkit.data.normalize import QUANTILE
 from lowdose_toolkit.errors import RecipeError, UserError
-from lowdose_toolkit.infer.precision import resolve_precision
+from lowdose_toolkit.infer.precision import training_precision
 from lowdose_toolkit.infer.predictor import Predictor
 from lowdose_toolkit.loggers import Logger
 from lowdose_toolkit.models.lowdose_model import dry_run
@@ -109,7 +109,7 @@ class Trainer:
             self.device = torch.device("cuda", self.dist.local_rank)
         self.console = console or Console(stderr=True)
         self.spec = run_spec(recipe)
-        self.precision = resolve_precision(self.spec.precision, self.device, "train.precision")
+        self.precision = training_precision(self.spec.precision, self.device, self.spec.precision_cuda_only)
         self.drfs: list[int] = list(self.spec.drfs)
         self.run_dir = self._claim_run_dir(run_dir)  # before any data is read: resumable from here on
         try:

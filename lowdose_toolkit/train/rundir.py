@@ -81,7 +81,12 @@ def remove_stale_temp_files(run_dir: Path) -> list[Path]:
 
 
 def first_difference(recorded: Any, given: Any, where: str = "") -> tuple[str, Any, Any] | None:
-    """The first dotted key where two recipes differ, with both values; None when they are equal."""
+    """The first dotted key where two recipes differ, with both values; None when they are equal (the
+    older ``train.amp`` folded into ``train.precision`` first, :func:`lowdose_toolkit.core.spec.canonical_recipe`)."""
+    if not where and isinstance(recorded, Mapping) and isinstance(given, Mapping) and "train" in recorded:
+        from lowdose_toolkit.core.spec import canonical_recipe
+
+        recorded, given = canonical_recipe(recorded), canonical_recipe(given)
     if isinstance(recorded, Mapping) and isinstance(given, Mapping):
         for key in [*recorded, *(k for k in given if k not in recorded)]:
             path = f"{where}.{key}" if where else str(key)
