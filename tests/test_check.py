@@ -58,6 +58,8 @@ BAD = [  # (--set override, the key the message must name, a word of the fix or 
     ("data.queue_length=4", "data.queue_length", "samples_per_volume"),
     ("data.split.val=-1", "data.split.val", ">= 0"),
     ("data.split.test=1.5", "data.split.test", "whole number"),
+    ("data.split.val=0", "data.split.val", "no validation subject"),
+    ("data.split.val=0.8", "data.split", "leave no training subjects"),
     ("losses.0.weight=-300", "losses.0.weight", ">= 0"),
     ("seed=-1", "seed", ">= 0"),
 ]

@@ -373,3 +373,17 @@ def test_sigkill_anywhere_then_resume_reaches_the_uninterrupted_weights(tmp_path
     assert all(torch.equal(v, best.model[k]) for k, v in ref_best.model.items())
     assert not [p for p in run.rglob(".*.tmp*")]  # temporary files of killed writers were removed
     assert (run / "results.csv").is_file()
+
+
+def test_a_trained_best_checkpoint_is_never_deleted_by_starting_again(tmp_path: Path, data_root: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """last.pt removed (to save space) from a finished run: --resume refuses instead of retraining over best.pt."""
+    text = tiny_recipe(data_root).replace("epochs: 3", "epochs: 1").replace("steps_per_epoch: 6",
+                                                                             "steps_per_epoch: 2")
+    make_trainer(tmp_path, text).fit()
+    run = tmp_path / "run"
+    (run / "checkpoints" / "last.pt").unlink()
+    before = (run / "checkpoints" / "best.pt").read_bytes()
+    assert main(["run", "--resume", str(run)]) == 2
+    assert "has a trained checkpoints/best.pt but no last.pt" in " ".join(capsys.readouterr().err.split())
+    assert (run / "checkpoints" / "best.pt").read_bytes() == before

@@ -213,6 +213,13 @@ def run_spec(recipe: Mapping[str, Any]) -> RunSpec:
         value = data["split"][key]
         if isinstance(value, float) and value >= 1 and not value.is_integer():
             raise RecipeError(f"data.split.{key}: expected a fraction < 1 or a whole number of subjects, got {value!r}")
+    val, test = data["split"]["val"], data["split"]["test"]
+    if val == 0:
+        raise RecipeError("data.split.val: 0 leaves no validation subject, but validation selects the best epoch and "
+                          "drives the schedule; give a fraction such as 0.2 or a number of subjects >= 1")
+    if isinstance(val, float) and isinstance(test, float) and val < 1 and test < 1 and val + test >= 1:
+        raise RecipeError(f"data.split: val {val} + test {test} leave no training subjects; make the fractions sum "
+                          "to less than 1")
     if data["queue_length"] < data["samples_per_volume"]:
         raise RecipeError(f"data.queue_length: {data['queue_length']} is shorter than data.samples_per_volume "
                           f"{data['samples_per_volume']}; the queue must hold one volume's patches at least")

@@ -317,10 +317,15 @@ class Trainer:
 
     def _start_afresh(self) -> None:
         """Remove what an attempt killed before its first checkpoint left (the jsonl logger: metrics; best.pt)."""
+        best = self.run_dir / "checkpoints" / "best.pt"
+        if best.is_file():  # best.pt is written after last.pt, so it never exists alone unless last.pt was removed
+            raise UserError(f"{self.run_dir}: has a trained checkpoints/best.pt but no last.pt to resume from; "
+                            "starting again would replace it: move best.pt away (or evaluate it) and rerun, or "
+                            "choose another run directory")
         if self.dist.is_main:
             self.history = []
             self._start_loggers()
-            (self.run_dir / "checkpoints" / "best.pt").unlink(missing_ok=True)
+            best.unlink(missing_ok=True)
 
     def _start_loggers(self) -> None:
         for logger in self.loggers:
