@@ -199,6 +199,24 @@ class Scheme:
             for p, flag in zip(params, flags, strict=True):
                 p.requires_grad_(flag)
 
+    def set_trainable(self, module: nn.Module | None, flag: bool) -> None:
+        """Switch ``requires_grad`` of ``module``'s parameters; a part the current stage froze stays frozen.
+
+        Kept for schemes written against earlier versions; new code uses :meth:`frozen`.
+        """
+        if module is None:
+            return
+        if flag and any(module is m for m in self._frozen_modules()):
+            flag = False
+        for p in module.parameters():
+            p.requires_grad_(flag)
+
+    def _frozen_modules(self) -> list[nn.Module]:
+        parts = {"discriminator": [self.discriminator], "refiner": [self.model.refiner],
+                 "generator": [self.model.generator], "heads": [self.model.heads]}
+        parts_extra = [m for n, m in self.extra_modules.items() if self.extra_module_parts.get(n) in self.frozen_parts]
+        return [m for part in self.frozen_parts for m in parts.get(part, []) if m is not None] + parts_extra
+
     # ------------------------------------------------------------------ interface
     def train_step(self, batch: Mapping[str, torch.Tensor]) -> dict[str, float]:
         """One optimisation step; returns the loss values (floats) by name."""

@@ -101,15 +101,16 @@ def test_predictor_runs_the_network_in_its_precision(tmp_path: Path, name: str, 
     torch.testing.assert_close(pred, reference, atol=tol, rtol=tol)
 
 
-def test_predictor_window_overrides_and_denoise_in_input_units(tmp_path: Path) -> None:
+def test_predictor_window_overrides_checked_before_any_volume(tmp_path: Path) -> None:
     predictor, recipe = Predictor.from_checkpoint(checkpoint(tmp_path), CPU, "fp32", patch_size=12, overlap=None)
     assert predictor.window == {"patch_size": 12, "overlap": 4, "batch_size": 2, "blending": "hann"}
     assert recipe["name"] == "tiny" and predictor.drfs == (4, 100)
-    volume = 1000.0 * torch.rand(1, 20, 18, 22, generator=torch.Generator().manual_seed(2))
-    out, probs, norm = predictor.denoise(volume, "v.nii")
-    assert out.shape == volume.shape and out.dtype == torch.float32
-    assert float(out.mean()) == pytest.approx(float(volume.mean()), rel=0.5)  # input units, not normalised
+    _, probs = predictor.predict(torch.rand(1, 20, 18, 22, generator=torch.Generator().manual_seed(2)))
     assert predictor.verdict(probs)["predicted_drf"] in (4, 100)
+    for bad, message in (({"overlap": 3}, "change --patch-size or --overlap"), ({"batch_size": 0}, "--batch-size"),
+                         ({"blending": "max"}, "--blending 'max' is unknown")):
+        with pytest.raises(UserError, match=message):
+            Predictor.from_checkpoint(checkpoint(tmp_path), CPU, "fp32", **bad)
     with pytest.raises(UserError, match="not guided by a dose head"):
         predictor.drf_class(4)
 

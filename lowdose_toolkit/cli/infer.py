@@ -128,8 +128,10 @@ def find_inputs(inputs: list[str]) -> Inputs:
                 found.append(Volume(path.resolve(), _absolute(path)))
             else:
                 folders.append(_absolute(path))
-                niftis = sorted(p for p in path.iterdir() if p.is_file() and is_nifti(p))
-                dicoms = sorted(p for p in path.iterdir() if p.is_dir() and _has_dicom(p))
+                # hidden entries are skipped: a killed writer's temporary files are not scans
+                visible = [p for p in path.iterdir() if not p.name.startswith(".")]
+                niftis = sorted(p for p in visible if p.is_file() and is_nifti(p))
+                dicoms = sorted(p for p in visible if p.is_dir() and _has_dicom(p))
                 if not niftis and not dicoms:
                     raise UserError(f"{path}: the folder holds no NIfTI files or DICOM series")
                 found.extend(Volume(p.resolve(), _absolute(p)) for p in niftis + dicoms)

@@ -44,6 +44,8 @@ def model_from_checkpoint(ckpt: Checkpoint, device: torch.device) -> tuple[LowDo
         recipe = resolve_recipe(ckpt.recipe, registry, "checkpoint recipe")
         model, _ = build_model(recipe, registry)
     except RecipeError as exc:
+        if "unknown " not in str(exc):  # a recipe this version checks more strictly, not a missing part
+            raise RecipeError(f"{exc} -- in the checkpoint's recorded recipe") from None
         raise RecipeError(f"{exc} -- the checkpoint was trained with a part that is not installed here; "
                           "install the plugin that provides it (see `ldt plugins`)") from None
     model.load_state_dict(ckpt.model)
@@ -63,6 +65,25 @@ def forward_window(model: LowDoseModel, x: torch.Tensor, use_refiner: bool = Tru
     cls = None if drf_class is None else torch.full((x.shape[0],), drf_class, device=x.device)
     out = model(x, use_refiner=use_refiner, drf_class=cls)
     return out["pred"], out[head].float().softmax(dim=1)
+
+
+def checked_window(window: dict[str, Any]) -> dict[str, Any]:
+    """The sliding window checked once, before any volume is read (``ldt infer --patch-size/--overlap/...``)."""
+    from lowdose_toolkit.core.spec import three
+    from lowdose_toolkit.infer.sliding import BLENDINGS, parse_overlap
+
+    try:
+        patch = three(window["patch_size"], "--patch-size")
+        parse_overlap(window["overlap"], patch)
+    except (RecipeError, UserError) as exc:
+        raise UserError(f"sliding window {window['patch_size']} / overlap {window['overlap']}: {exc}; change "
+                        "--patch-size or --overlap (an even number of voxels below the window, or a fraction < 1)") \
+            from None
+    if isinstance(window["batch_size"], bool) or not isinstance(window["batch_size"], int) or window["batch_size"] < 1:
+        raise UserError(f"--batch-size: expected a positive integer, got {window['batch_size']!r}")
+    if window["blending"] not in BLENDINGS:
+        raise UserError(f"--blending {window['blending']!r} is unknown; use one of {', '.join(BLENDINGS)}")
+    return window
 
 
 @dataclass
@@ -109,7 +130,7 @@ class Predictor:
         unknown = set(window) - set(WINDOW_KEYS)
         if unknown:
             raise TypeError(f"unknown window keys {sorted(unknown)}; use {WINDOW_KEYS}")
-        merged = {k: recipe["eval"][k] if window.get(k) is None else window[k] for k in WINDOW_KEYS}
+        merged = checked_window({k: recipe["eval"][k] if window.get(k) is None else window[k] for k in WINDOW_KEYS})
         return cls(model, merged, device, resolve_precision(precision, device), tuple(ckpt.drfs),
                    ckpt.normalization, channels_last), recipe
 
@@ -127,7 +148,7 @@ class Predictor:
         unknown = set(window) - set(WINDOW_KEYS)
         if unknown:
             raise TypeError(f"unknown window keys {sorted(unknown)}; use {WINDOW_KEYS}")
-        merged = {k: meta["window"][k] if window.get(k) is None else window[k] for k in WINDOW_KEYS}
+        merged = checked_window({k: meta["window"][k] if window.get(k) is None else window[k] for k in WINDOW_KEYS})
         norm = Normalization(meta["normalization"]["method"], float(meta["normalization"]["quantile"]))
         return cls(None, merged, exported.device, meta["precision"], tuple(meta["drfs"]), norm, exported=exported)
 
@@ -212,24 +233,6 @@ class Predictor:
             return {}
         k = int(probs.argmax())
         return {"predicted_drf": self.drfs[k], "drf_probability": round(float(probs[k]), 4)}
-
-    def denoise(self, volume: torch.Tensor, where: str, drf_class: int | None = None,
-                suv_factor: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
-        """A volume ``[1, X, Y, Z]`` in its own units -> (prediction in the same units, probabilities, norm).
-
-        ``suv_factor`` is needed by a model trained on SUV (``data.normalization: suv``). A prediction
-        with NaN or Inf voxels is a :class:`NonFiniteError`.
-        """
-        from lowdose_toolkit.data.normalize import fit_normalization
-
-        if self.normalization is None:
-            raise UserError(f"{where}: this predictor has no normalisation (build it from a checkpoint)")
-        norm = fit_normalization(volume, self.normalization.method, suv_factor, where=where,
-                                 quantile=self.normalization.quantile)
-        pred, probs = self.predict(norm.apply(volume), drf_class)
-        pred = norm.invert(pred)
-        check_finite(pred, where, self.precision)
-        return pred, probs, norm
 
 
 class NonFiniteError(UserError):

@@ -129,7 +129,8 @@ class NoiseLevelHead(nn.Module):
         local = local[:, :, 1:-1, 1:-1, 1:-1]
         body = local > self.body_threshold
         ratio = torch.log(response.square() + EPS) - torch.log(local + EPS)
-        if torch.jit.is_tracing() or torch.compiler.is_exporting():  # ldt export: no exporter knows nanmedian
+        exporting = getattr(torch.compiler, "is_exporting", lambda: False)()  # not in every torch >= 2.6
+        if torch.jit.is_tracing() or exporting:  # ldt export: no exporter knows nanmedian
             return masked_median(ratio.flatten(2), body.flatten(2))
         ratio = ratio.masked_fill(~body, float("nan")).flatten(2)
         return ratio.nanmedian(dim=2).values.nan_to_num(0.0)  # a window without body says nothing: 0
