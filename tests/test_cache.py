@@ -184,6 +184,15 @@ def test_stream_is_reproducible_and_independent_of_workers(cached_root: Path) ->
         assert all(torch.equal(a, b) for a, b in zip(first, draw(0, sampler), strict=True))
         assert all(torch.equal(a, b) for a, b in zip(first, draw(2, sampler), strict=True))
         assert first[0].shape == (3, 1, 8, 8, 8)
+    # An epoch start mid-pass (reset) starts a fresh pass; persistent workers serve it the same.
+    def with_reset(workers: int) -> list[torch.Tensor]:
+        torch.manual_seed(5)
+        stream = CachedPatchStream(pairs, cfg(num_workers=workers))
+        first = [stream.next_batch()["full"] for _ in range(2)]
+        stream.reset()
+        return first + [stream.next_batch()["full"] for _ in range(6)]
+
+    assert all(torch.equal(a, b) for a, b in zip(with_reset(0), with_reset(2), strict=True))
     torch.manual_seed(12)
     batch = CachedPatchStream(pairs, cfg()).next_batch()
     assert batch["drf_class"].dtype == torch.long and set(batch) == {"low", "full", "drf", "drf_class"}

@@ -12,10 +12,17 @@ so the stream depends on the RNG state at its start alone (as checkpoints need) 
 Samplers: ``uniform`` (every corner equally likely, as TorchIO's ``UniformSampler``) and ``weighted``
 (a patch centre drawn in proportion to the cached block map, then uniformly within its block: TorchIO's
 ``WeightedSampler`` on the ``sampling_map`` with the map averaged over ``BLOCK``\\ :sup:`3` blocks).
+
+Reading: a patch's voxels lie in one run of rows per slice along the last axis. The maps are opened
+with ``MADV_RANDOM`` (no read-around: the kernel would read ``read_ahead_kb`` around every fault, often
+megabytes) and every run of both images is requested with ``MADV_WILLNEED`` before the copy, so the
+reads of a patch go to the disk together instead of one fault at a time. From the page cache this
+costs little; from the disk it is what makes a data set larger than memory usable (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
+import mmap
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -23,7 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lowdose_toolkit.core.spec import three
 from lowdose_toolkit.data.cache import BLOCK, CachedSubject, CachedVolume
@@ -32,6 +39,7 @@ from lowdose_toolkit.errors import DataError
 
 _OPEN_MAPS = 64  # memory maps kept open per process (each holds a file descriptor)
 _SAMPLING_MAPS = 32  # weighted samplers' distributions kept per process
+_MADVISE = hasattr(mmap.mmap, "madvise") and hasattr(mmap, "MADV_WILLNEED") and hasattr(mmap, "MADV_RANDOM")
 
 __all__ = ["CachedPair", "CachedPatchStream", "CachedPatches", "cached_pairs"]
 
@@ -103,6 +111,34 @@ class _Sampling:
                      for (first, last), b, p in zip(self.ranges, block, patch, strict=True))
 
 
+class _Mapped:
+    """A cached volume's memory map and its ``[I, J, K]`` array view (Fortran order, as NIfTI stores it)."""
+
+    def __init__(self, volume: CachedVolume) -> None:
+        self.volume = volume
+        try:
+            with open(volume.path, "rb") as fh:
+                self.mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            self.array = np.ndarray(volume.shape, dtype="<f4", buffer=self.mm, offset=volume.offset, order="F")
+        except (OSError, ValueError, TypeError) as exc:
+            raise DataError(f"{volume.path}: cannot memory-map the cached image ({exc}); "
+                            "run `ldt cache` again to rewrite it") from None
+        if _MADVISE:
+            self.mm.madvise(mmap.MADV_RANDOM)
+
+    def prefetch(self, corner: Sequence[int], patch: Sequence[int]) -> None:
+        """Ask the kernel for the patch's runs of rows now (one request per slice), without waiting."""
+        if not _MADVISE:
+            return
+        nx, ny, _ = self.volume.shape
+        x0, y0, z0 = corner
+        span = 4 * (nx * (patch[1] - 1) + patch[0])
+        for z in range(z0, z0 + patch[2]):
+            start = self.volume.offset + 4 * (x0 + nx * (y0 + ny * z))
+            aligned = start - start % mmap.PAGESIZE
+            self.mm.madvise(mmap.MADV_WILLNEED, aligned, start - aligned + span)
+
+
 class CachedPatches(Dataset):
     """Patches of cached pairs; the item ``(pair index, seed)`` is one patch, its corner drawn from ``seed``.
 
@@ -118,7 +154,7 @@ class CachedPatches(Dataset):
             if any(n < p for n, p in zip(pair.low.shape, self.patch, strict=True)):
                 raise DataError(f"{pair.low.path}: image of shape {pair.low.shape} is smaller than data.patch_size "
                                 f"{self.patch}; use a smaller patch")
-        self._maps: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._maps: OrderedDict[str, _Mapped] = OrderedDict()
         self._sampling: OrderedDict[str, _Sampling] = OrderedDict()
 
     def __len__(self) -> int:
@@ -127,11 +163,11 @@ class CachedPatches(Dataset):
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_maps": OrderedDict(), "_sampling": OrderedDict()}
 
-    def _map(self, volume: CachedVolume) -> np.ndarray:
+    def _map(self, volume: CachedVolume) -> _Mapped:
         key = str(volume.path)
         mm = self._maps.get(key)
         if mm is None:
-            mm = volume.memmap()
+            mm = _Mapped(volume)
             self._maps[key] = mm
             if len(self._maps) > _OPEN_MAPS:
                 self._maps.popitem(last=False)
@@ -166,7 +202,7 @@ class CachedPatches(Dataset):
         """``[1, *patch]``: the patch at ``corner`` of ``volume``, normalised."""
         window = tuple(slice(c, c + p) for c, p in zip(corner, self.patch, strict=True))
         try:
-            voxels = np.ascontiguousarray(self._map(volume)[window])
+            voxels = np.ascontiguousarray(self._map(volume).array[window])
         except (OSError, ValueError) as exc:
             raise DataError(f"{volume.path}: cannot read a patch ({exc}); run `ldt cache` again") from None
         return norm.apply(torch.from_numpy(voxels))[None]
@@ -175,6 +211,8 @@ class CachedPatches(Dataset):
         index, seed = item
         pair = self.pairs[index]
         corner = self.corner(index, seed)
+        self._map(pair.low).prefetch(corner, self.patch)
+        self._map(pair.full).prefetch(corner, self.patch)
         return {
             "low": self.read(pair.low, corner, pair.norm),
             "full": self.read(pair.full, corner, pair.norm),
@@ -184,11 +222,25 @@ class CachedPatches(Dataset):
         }
 
 
+class _Plan(Sampler):
+    """The current pass's items; swapped at each pass, so that one loader's workers serve every pass."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[int, int]] = []
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
 class CachedPatchStream:
     """An endless, reproducible stream of training batches from :class:`CachedPatches`.
 
     The same interface as :class:`~lowdose_toolkit.data.datasets.PatchStream`; ``data.num_workers``
-    loader workers read patches in parallel (their number does not change the patches).
+    loader workers read patches in parallel (their number does not change the patches) and persist
+    from pass to pass.
     """
 
     def __init__(self, pairs: Sequence[CachedPair], data_cfg: dict[str, Any]) -> None:
@@ -197,6 +249,8 @@ class CachedPatchStream:
         self.batch_size = data_cfg["batch_size"]
         self.samples_per_volume = data_cfg["samples_per_volume"]
         self.num_workers = data_cfg["num_workers"]
+        self._plan = _Plan()
+        self._loader_obj: DataLoader | None = None
         self._iter: Iterator[dict[str, Any]] | None = None
 
     @property
@@ -218,9 +272,13 @@ class CachedPatchStream:
 
     def _loader(self) -> Iterator[dict[str, Any]]:
         seed = int(torch.randint(0, 2**62, (1,)))  # the one draw from the global RNG per pass
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.plan(seed), drop_last=True,
-                            num_workers=self.num_workers, generator=torch.Generator().manual_seed(seed))
-        return iter(loader)
+        self._plan.items = self.plan(seed)
+        if self._loader_obj is None:  # the loader's own seed (unused: items carry theirs) leaves the global RNG alone
+            self._loader_obj = DataLoader(
+                self.dataset, batch_size=self.batch_size, sampler=self._plan, drop_last=True,
+                num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                generator=torch.Generator().manual_seed(0))
+        return iter(self._loader_obj)
 
     def reset(self) -> None:
         """Start a fresh pass at the next batch (called at each epoch start)."""
