@@ -285,3 +285,21 @@ def test_an_empty_low_dose_image_fails_only_where_its_robust_scale_is_used(tmp_p
     assert cached_pairs(subjects, [4], "suv")[0].norm.scale == pytest.approx(1e3)
     with pytest.raises(DataError, match=r"drf_004.nii.gz: cannot normalise an image whose 99.0% quantile is"):
         cached_pairs(subjects, [4], "auto")
+
+
+def test_the_source_does_not_read_voxels_that_ldt_cache_checked(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from lowdose_toolkit.data import io
+
+    root = make_tiny_dataset(tmp_path / "data", subjects=3)
+    assert main(["cache", str(root)]) == 0
+    loaded: list[str] = []
+    real = io.load_array
+    monkeypatch.setattr(io, "load_array", lambda path, **kw: (loaded.append(Path(path).name), real(path, **kw))[1])
+    source = root / "sub02" / "full.nii.gz"
+    data = nib.load(source)
+    nib.save(nib.Nifti1Image(data.get_fdata(dtype=np.float32) + 1, data.affine), source)  # changed since
+    io._CHECKED.clear()
+    assert len(nifti_records(root)) == 3
+    # Only the changed subject's files were read; the others' only by their headers.
+    assert sorted(loaded) == ["drf_004.nii.gz", "drf_100.nii.gz", "full.nii.gz"]

@@ -181,6 +181,25 @@ class CacheIndex:
         return CachedVolume(cached, tuple(entry["shape"]), int(entry["offset"]), entry.get("scale"),
                             self.file_path(weights) if weights else None, entry.get("scale_error"))
 
+    def validated(self, record: SubjectRecord) -> bool:
+        """Whether ``ldt cache`` read and checked (NaN/Inf, empty, one 3D volume) every file of ``record`` as it
+        is now: a source with its cached size and modification time, or an intact cached copy."""
+        for p in (record.full, *record.low.values()):
+            path = Path(p).absolute()
+            rel = self._by_path.get(path) or self._by_path.get(path.resolve())
+            if rel is None:
+                return False
+            entry = self.files[rel]
+            is_source = path in (Path(entry.get("source") or ""), Path(entry.get("source") or "").resolve())
+            try:
+                st = path.stat()
+            except OSError:
+                return False
+            if (is_source and (st.st_size, st.st_mtime_ns) != (entry["source_size"], entry["source_mtime_ns"])) \
+                    or (not is_source and st.st_size != entry["size"]):
+                return False
+        return True
+
     def subject(self, record: SubjectRecord) -> CachedSubject:
         """A record's cached images (every file checked by :meth:`volume`)."""
         where = f"subject {record.subject!r}"
