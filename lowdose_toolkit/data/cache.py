@@ -120,6 +120,16 @@ class CacheIndex:
             self._by_path[self.file_path(rel)] = rel
             if entry.get("source"):
                 self._by_path.setdefault(Path(entry["source"]), rel)
+        self._resolved: dict[Path, str] | None = None
+
+    def _lookup(self, path: Path) -> str | None:
+        """The entry of a file given by any spelling of its path (symbolic links resolved on a miss)."""
+        rel = self._by_path.get(path)
+        if rel is None:
+            if self._resolved is None:
+                self._resolved = {p.resolve(): r for p, r in self._by_path.items()}
+            rel = self._resolved.get(path.resolve())
+        return rel
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> CacheIndex:
@@ -154,7 +164,7 @@ class CacheIndex:
                 source changed after it was cached; one line naming the file and the fix.
         """
         path = Path(path).absolute()
-        rel = self._by_path.get(path) or self._by_path.get(path.resolve())
+        rel = self._lookup(path)
         if rel is None:
             raise DataError(f"{path}: not in the cache {self.root} ({what}); {self._fix()}")
         entry = self.files[rel]
@@ -186,7 +196,7 @@ class CacheIndex:
         is now: a source with its cached size and modification time, or an intact cached copy."""
         for p in (record.full, *record.low.values()):
             path = Path(p).absolute()
-            rel = self._by_path.get(path) or self._by_path.get(path.resolve())
+            rel = self._lookup(path)
             if rel is None:
                 return False
             entry = self.files[rel]
