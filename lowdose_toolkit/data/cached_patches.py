@@ -13,7 +13,7 @@ Samplers: ``uniform`` (every corner equally likely, as TorchIO's ``UniformSample
 (a patch centre drawn in proportion to the cached block map, then uniformly within its block: TorchIO's
 ``WeightedSampler`` on the ``sampling_map`` with the map averaged over ``BLOCK``\\ :sup:`3` blocks).
 
-Reading: a patch's voxels lie in one run of rows per slice along the last axis. The maps are opened
+Reading: in each slice along the last axis a patch's rows lie in one contiguous run of bytes. The maps are opened
 with ``MADV_RANDOM`` (no read-around: the kernel would read ``read_ahead_kb`` around every fault, often
 megabytes) and every run of both images is requested with ``MADV_WILLNEED`` before the copy, so the
 reads of a patch go to the disk together instead of one fault at a time. From the page cache this
