@@ -49,6 +49,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("table", "evaluate:table"),
     ("simulate", "simulate:simulate"),
     ("prepare", "prepare:prepare_app"),
+    ("cache", "cache:cache_cmd"),
 )
 
 

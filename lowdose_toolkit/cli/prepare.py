@@ -31,6 +31,8 @@ def uldp(
     drfs: str = typer.Option("", "--drfs", help="Comma-separated DRFs to convert, e.g. 4,10,20 (default: all)."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave out bad subjects with a warning; don't stop."),
     no_suv: bool = typer.Option(False, "--no-suv", help="Leave SUV factors out (headers with unusable dates/doses)."),
+    cache: bool = typer.Option(False, "--cache", help="Write uncompressed .nii indexed for fast patch sampling "
+                               "(ldt cache's layout, in place; more disk than .nii.gz)."),
 ) -> None:
     """Convert the Ultra-Low-Dose PET challenge's DICOM folders (Quadra or uEXPLORER) to NIfTI.
 
@@ -69,7 +71,8 @@ def uldp(
         def progress(subject: str, index: int, total: int) -> None:
             bar.update(task, completed=index, total=total, description=f"converting {escape(subject)}")
 
-        manifest = prepare_uldp(src, out, drfs=wanted, skip_bad=skip_bad, suv=not no_suv, progress=progress)
+        manifest = prepare_uldp(src, out, drfs=wanted, skip_bad=skip_bad, suv=not no_suv, cache=cache,
+                                progress=progress)
     record = json.loads((manifest.parent / "prepare.json").read_text())
     n, skipped = len(record["subjects"]), len(record["skipped"])
     tail = f", {skipped} skipped" if skipped else ""

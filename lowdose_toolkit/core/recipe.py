@@ -92,6 +92,9 @@ SCHEMA: Schema = {
         "sampler": Field(Literal["uniform", "weighted"], "uniform"),
         "normalization": Field(Literal["auto", "suv", "robust", "none"], "auto"),
         "preload": Field(bool, False, "read and normalise every volume once, keep in memory (small data)"),
+        "layout": Field(Literal["auto", "volumes", "mmap"], "auto",
+                        "mmap: patches sliced from the `ldt cache` layout's memory maps; volumes: whole volumes "
+                        "per draw; auto: mmap when a cache is found (and preload is off)"),
         "split": {
             "val": Field(float | int, 0.2, "fraction (<1) or number of validation subjects", NON_NEGATIVE),
             "test": Field(float | int, 0.2, "fraction (<1) or number of test subjects", NON_NEGATIVE),

@@ -18,6 +18,7 @@ import torchio as tio
 from torch.utils.data import DataLoader
 
 from lowdose_toolkit.core.spec import three
+from lowdose_toolkit.data.cache import SAMPLING_FLOOR
 from lowdose_toolkit.data.io import read_image
 from lowdose_toolkit.data.normalize import fit_normalization
 from lowdose_toolkit.errors import DataError, RecipeError
@@ -87,7 +88,7 @@ class NormalizeByInput(tio.Transform):
         subject["scale"] = norm.scale
         subject["norm_method"] = norm.method
         if self.sampling_map:
-            weights = low.data.clamp(min=0) + 0.05 * low.data.clamp(min=0).mean()
+            weights = low.data.clamp(min=0) + SAMPLING_FLOOR * low.data.clamp(min=0).mean()
             subject.add_image(tio.ScalarImage(tensor=weights, affine=low.affine), "sampling_map")
         return subject
 

@@ -655,11 +655,12 @@ def screen_records(
     """
     errors: dict[str, str] = dict(problems or {})
     todo = [r for r in records if r.subject not in errors]
+    trusted = _validated_by_cache(todo) if validate else set()
 
     def check(rec: SubjectRecord) -> str | None:
         try:
             if validate:
-                validate_record(rec, data=True)
+                validate_record(rec, data=rec.subject not in trusted)
             else:
                 for p in [rec.full, *rec.low.values()]:
                     if not Path(p).exists():
@@ -688,6 +689,17 @@ def screen_records(
     if not good:
         raise DataError(f"{source}: no usable subject left: all {len(bad)} were skipped as bad (see warnings)")
     return good
+
+
+def _validated_by_cache(records: Sequence[SubjectRecord]) -> set[str]:
+    """Subjects whose files ``ldt cache`` read and checked as they are now: their voxels need no second read."""
+    from lowdose_toolkit.data.cache import find_cache
+
+    try:
+        index = find_cache(records)
+    except DataError:  # an unreadable cache index is reported where the cache is used
+        return set()
+    return set() if index is None else {r.subject for r in records if index.validated(r)}
 
 
 # --------------------------------------------------------------------------------------------- writing

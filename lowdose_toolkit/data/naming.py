@@ -50,6 +50,6 @@ def nifti_stem(path: str | os.PathLike[str]) -> str:
     return strip_nifti_suffix(PurePath(path).name)
 
 
-def dose_filename(drf: int | str) -> str:
-    """A subject's file for one dose level: ``full.nii.gz`` or ``drf_004.nii.gz``."""
-    return f"{FULL}.nii.gz" if drf == FULL else f"drf_{int(drf):03d}.nii.gz"
+def dose_filename(drf: int | str, suffix: str = ".nii.gz") -> str:
+    """A subject's file for one dose level: ``full.nii.gz`` or ``drf_004.nii.gz`` (``suffix=".nii"``: uncompressed)."""
+    return f"{FULL}{suffix}" if drf == FULL else f"drf_{int(drf):03d}{suffix}"

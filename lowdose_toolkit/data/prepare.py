@@ -459,6 +459,7 @@ def prepare_uldp(
     drfs: Sequence[int] | None = None,
     skip_bad: bool = False,
     suv: bool = True,
+    cache: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> Path:
     """Convert the challenge's DICOM release to the ``nifti`` source's layout, once.
@@ -478,6 +479,8 @@ def prepare_uldp(
         skip_bad: Leave out a bad subject (any problem with any of its series) with a warning
             instead of stopping.
         suv: Compute SUV factors; ``False`` leaves them empty (and the headers' dates unread).
+        cache: Write uncompressed ``.nii`` files indexed as the cached layout (``OUT/.ldt-cache``,
+            :mod:`lowdose_toolkit.data.cache`): training slices patches from them through memory maps.
         progress: Called as ``progress(subject, index, total)`` before each subject.
 
     Returns:
@@ -497,12 +500,14 @@ def prepare_uldp(
         raise DataError(f"{out}: OUT is inside SRC {src}; nothing is written into source folders, choose another")
     prev = _previous(out, src)
     subjects = find_uldp_subjects(src)
+    suffix = ".nii" if cache else ".nii.gz"
     state: dict[str, Any] = {
         "tool": TOOL,
         "version": __version__,
         "source": str(src),
         "drfs": sorted(drfs) if drfs else None,
         "suv": suv,
+        "cache": cache,
         "status": "incomplete",
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "suv_formula": SUV_FORMULA,
@@ -517,6 +522,12 @@ def prepare_uldp(
 
     out.mkdir(parents=True, exist_ok=True)
     persist()
+    if prev.get("cache") and not cache:  # the index of the earlier run's .nii files (they are replaced)
+        import shutil
+
+        from lowdose_toolkit.data.cache import DEFAULT_DIR
+
+        shutil.rmtree(out / DEFAULT_DIR, ignore_errors=True)
 
     def bad(subject: str, message: str) -> None:
         if not skip_bad:
@@ -542,11 +553,15 @@ def prepare_uldp(
             old
             and old.get("signature") == signature
             and old.get("suv_computed", True) == suv
-            and all((out / f["output"]).is_file() for f in old.get("files", {}).values())
+            and all((out / f["output"]).is_file() and f["output"].endswith(suffix)
+                    for f in old.get("files", {}).values())
         ):
             state["subjects"][sub.subject] = old
             continue
         done_before.pop(sub.subject, None)  # its files are about to be rewritten
+        for f in (old or {}).get("files", {}).values():  # under another suffix (.nii vs .nii.gz) they would stay
+            if not f["output"].endswith(suffix):
+                (out / f["output"]).unlink(missing_ok=True)
         written: list[Path] = []
         entry: dict[str, Any] = {"folder": str(sub.folder), "style": sub.style, "signature": signature}
         files: dict[str, Any] = {}
@@ -564,7 +579,7 @@ def prepare_uldp(
                     full_info = info
                 else:
                     check_same_geometry(folder, info, sub.doses[FULL], full_info)
-                target = out / sub.subject / dose_filename(dose)
+                target = out / sub.subject / dose_filename(dose, suffix)
                 save_nifti(tensor, affine, target)
                 written.append(target)
                 del tensor
@@ -597,6 +612,10 @@ def prepare_uldp(
         raise DataError(f"{src}: no subject could be converted ({len(state['skipped'])} skipped, see warnings)")
     manifest = out / "manifest.csv"
     write_manifest(records, manifest)
+    if cache:
+        from lowdose_toolkit.data.cache import DEFAULT_DIR, write_cache
+
+        write_cache(records, out / DEFAULT_DIR, command=f"ldt cache {out}", manifest=False)
     state["status"] = "complete"
     state["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     _write_json(out / "prepare.json", state)

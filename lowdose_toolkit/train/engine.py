@@ -47,6 +47,8 @@ from lowdose_toolkit.core.device import resolve_device
 from lowdose_toolkit.core.recipe import dump_recipe
 from lowdose_toolkit.core.registry import Registry
 from lowdose_toolkit.core.spec import run_spec
+from lowdose_toolkit.data.cache import resolve_layout
+from lowdose_toolkit.data.cached_patches import CachedPatchStream, cached_pairs
 from lowdose_toolkit.data.datasets import PatchStream, Split, pairs_dataset, shard, split_records
 from lowdose_toolkit.data.normalize import QUANTILE
 from lowdose_toolkit.errors import RecipeError, UserError
@@ -145,11 +147,22 @@ class Trainer:
             raise RecipeError("data.split.val: validation needs at least one subject (the scheduler monitors it)")
         data_cfg = recipe["data"]
         train_records = shard(self.split.train, self.dist.rank, self.dist.world)
-        self.train_set = pairs_dataset(train_records, self.drfs, data_cfg["normalization"],
-                                       sampling_map=data_cfg["sampler"] == "weighted", preload=data_cfg["preload"])
-        self.stream = PatchStream(self.train_set, data_cfg)
+        # The cached layout (ldt cache): patches from memory maps; whole volumes (validation) from its .nii files.
+        cached = resolve_layout(data_cfg["layout"], self.records, preload=data_cfg["preload"],
+                                normalization=data_cfg["normalization"])
+        self.layout = "volumes" if cached is None else "mmap"
+        if cached is None:
+            self.train_set = pairs_dataset(train_records, self.drfs, data_cfg["normalization"],
+                                           sampling_map=data_cfg["sampler"] == "weighted", preload=data_cfg["preload"])
+            self.stream: PatchStream | CachedPatchStream = PatchStream(self.train_set, data_cfg)
+        else:
+            train_cached = [cached[r.subject] for r in train_records]
+            self.train_set = pairs_dataset([c.record() for c in train_cached], self.drfs, data_cfg["normalization"])
+            self.stream = CachedPatchStream(cached_pairs(train_cached, self.drfs, data_cfg["normalization"]), data_cfg)
         n_val = recipe["eval"]["val_subjects"]
         val_records = self.split.val if n_val is None else self.split.val[:n_val]
+        if cached is not None:
+            val_records = [cached[r.subject].record() for r in val_records]
         self.val_set = pairs_dataset(val_records, self.drfs, data_cfg["normalization"], preload=data_cfg["preload"])
         self.steps_per_epoch = train["steps_per_epoch"] or self.stream.default_steps()
 
@@ -289,6 +302,7 @@ class Trainer:
             "world_size": self.dist.world,
             "split": self.split.summary(),
             "source": repr(self.source),
+            "data_layout": self.layout,
             "steps_per_epoch": self.steps_per_epoch,
             "plugins": {e.name: f"{e.plugin} {e.version}" for e in self.registry.entries()},
             "losses": {t.name: getattr(t.loss, "record", None) for t in self.losses if hasattr(t.loss, "record")},

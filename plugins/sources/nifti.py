@@ -203,7 +203,8 @@ class NiftiSource:
         low_pattern: Low-dose naming pattern(s), with ``{drf}``.
         skip_bad: Leave out a bad subject with one warning line instead of stopping.
         validate: Read every file once before training (NaN/Inf, empty, 4D, low/full grid); results
-            are cached while files are unchanged.
+            are cached while files are unchanged, and files that ``ldt cache`` checked when it cached
+            them (unchanged since) are not read again: only their headers.
 
     Example:
         >>> src = NiftiSource("data/uldp", drfs=[4, 10, 20, 50, 100])  # doctest: +SKIP
