@@ -187,6 +187,11 @@ def recipe_with(kind: str, name: str, args: Mapping[str, Any] | None = None,
             recipe["losses"].append({**spec, "weight": 1.0, "on": "pred"})
     elif kind == "scheme":
         recipe["train"]["scheme"] = spec
+    elif kind == "guidance":  # driven by a small dose head, conditioning a residual ML-Net
+        recipe["model"]["generator"] = {"name": "mlnet", "channels": 4, "depth": 2, "residual": True}
+        recipe["model"]["heads"] = [{"name": "dose_classifier", "input": "bottleneck", "hidden": [8]}]
+        recipe["model"]["guidance"] = {**spec, "head": "dose_classifier"}
+        recipe["losses"].append({"name": "cross_entropy", "weight": 1.0, "on": "dose_classifier"})
     else:
         raise ValueError(f"train_steps: no tiny recipe for a {kind}; check it with check_part")
     return recipe

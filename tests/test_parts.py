@@ -31,7 +31,10 @@ def test_builtin_part_conforms(kind: str, name: str) -> None:
     check_part(kind, name)
 
 
-@pytest.mark.parametrize(("kind", "name"), PARTS, ids=[f"{k}-{n}" for k, n in PARTS])
+TRAINED = PARTS + [("guidance", n) for n in entries("guidance")]
+
+
+@pytest.mark.parametrize(("kind", "name"), TRAINED, ids=[f"{k}-{n}" for k, n in TRAINED])
 def test_builtin_part_trains_in_a_tiny_recipe(kind: str, name: str) -> None:
     losses = train_steps(kind, name, steps=2)
     assert len(losses) == 2 and all(math.isfinite(v) for step in losses for v in step.values())

@@ -1,4 +1,4 @@
-"""``python -m lowdose_toolkit.cli.app``: the ``ldt`` command."""
+"""``python -m lowdose_toolkit.cli``: the ``ldt`` command."""
 
 import sys
 

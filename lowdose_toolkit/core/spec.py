@@ -143,7 +143,7 @@ def monitor_mode(monitor: str, drfs: Iterable[int]) -> str:
     """``"max"`` or ``"min"`` for ``train.scheduler.monitor``, which is checked against ``data.drfs``.
 
     Monitors: ``val_gain`` (the PSNR gain over the input, weighted per DRF as the challenge ranks:
-    4/10/20/50/100 at 5/15/20/25/35 %, see :func:`lowdose_toolkit.train.engine.weighted_gain`),
+    4/10/20/50/100 at 5/15/20/25/35 %, see :func:`lowdose_toolkit.train.validation.weighted_gain`),
     ``val_psnr`` (validation PSNR averaged over the DRFs),
     ``val_psnr_drf<N>`` (at DRF N only, e.g. for a DRF-100 ablation like the paper's Table II) and
     ``val_loss``. A plain mean PSNR lets a model trade DRF 4 for DRF 100; the weighted gain does not

@@ -6,8 +6,9 @@ Example:
     >>> rows = evaluate_pairs(pairs)  # doctest: +SKIP
     >>> write_results(rows, "eval/")  # doctest: +SKIP
 
-(:func:`~lowdose_toolkit.evaluation.pairing.pair_by_filename` pairs the files,
-:func:`~lowdose_toolkit.evaluation.summary.write_results` writes the results.)
+(:func:`~lowdose_toolkit.evaluation.pairing.pair_by_filename` pairs the files;
+:func:`~lowdose_toolkit.evaluation.summary.write_results` writes a pair evaluation's files, its
+``results.json`` through :mod:`lowdose_toolkit.evaluation.results`, the one results format.)
 """
 
 from __future__ import annotations
