@@ -186,3 +186,18 @@ def test_a_folder_replaces_the_old_one_and_a_link_not_its_target(tmp_path: Path)
     assert not link.is_symlink() and [p.name for p in link.iterdir()] == ["IM1.dcm"]
     assert (elsewhere / "keep.txt").read_text() == "keep"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["PET", "elsewhere", "linked"]
+
+
+def test_a_killed_folder_write_is_cleaned_up_and_a_set_aside_output_restored(tmp_path: Path) -> None:
+    from lowdose_toolkit.core.atomic import remove_stale_temps
+
+    (tmp_path / ".series_a.0a1b2c3d.tmp").mkdir()  # a new series half written
+    (tmp_path / ".series_a.0a1b2c3d.tmp" / "IM1.dcm").write_text("partial")
+    (tmp_path / ".series_b.deadbeef.old").mkdir()  # killed between the two renames: series_b is missing
+    (tmp_path / ".series_b.deadbeef.old" / "IM1.dcm").write_text("previous output")
+    (tmp_path / "series_c").mkdir()
+    (tmp_path / ".series_c.01234567.old").mkdir()  # killed after the new series_c was in place
+    removed = remove_stale_temps(tmp_path)
+    assert sorted(p.name for p in removed) == [".series_a.0a1b2c3d.tmp", ".series_c.01234567.old"]
+    assert (tmp_path / "series_b" / "IM1.dcm").read_text() == "previous output"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["series_b", "series_c"]

@@ -94,15 +94,28 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 _TEMP = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp(\..*)?$")
+_OLD_DIR = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{8}\.old$")
 
 
 def remove_stale_temps(*folders: Path) -> list[Path]:
-    """Remove the hidden temporary files (``.<name>.<8 hex>.tmp<suffixes>``) that :func:`atomic_path` writers
-    killed mid-write left in ``folders``; call it while holding the folder's lock. Returns what was removed."""
-    stale = [p for folder in map(Path, folders) if folder.is_dir() for p in folder.iterdir()
-             if p.is_file() and _TEMP.match(p.name)]
-    for path in stale:
-        path.unlink(missing_ok=True)
+    """Clean up after writers killed mid-write in ``folders``; call it while holding the folder's lock.
+
+    Removes the hidden temporary files and folders of :func:`atomic_path` and :func:`atomic_dir`
+    (``.<name>.<8 hex>.tmp<suffixes>``). A previous output :func:`atomic_dir` had set aside
+    (``.<name>.<8 hex>.old``) goes back to ``<name>`` when the kill left no new one there, else it is
+    removed. Returns what was removed.
+    """
+    stale: list[Path] = []
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            continue
+        for p in list(folder.iterdir()):
+            old = _OLD_DIR.match(p.name)
+            if old and p.is_dir() and not os.path.lexists(folder / old["name"]):
+                os.rename(p, folder / old["name"])  # the kill came between the two renames: restore it
+            elif _TEMP.match(p.name) or (old and p.is_dir()):
+                _remove(p)
+                stale.append(p)
     return stale
 
 
