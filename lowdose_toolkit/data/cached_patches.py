@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lowdose_toolkit.core.spec import three
 from lowdose_toolkit.data.cache import BLOCK, CachedSubject, CachedVolume
+from lowdose_toolkit.data.datasets import PassCounting
 from lowdose_toolkit.data.normalize import QUANTILE, Normalization, fit_normalization
 from lowdose_toolkit.errors import DataError
 
@@ -235,7 +236,7 @@ class _Plan(Sampler):
         return len(self.items)
 
 
-class CachedPatchStream:
+class CachedPatchStream(PassCounting):
     """An endless, reproducible stream of training batches from :class:`CachedPatches`.
 
     The same interface as :class:`~lowdose_toolkit.data.datasets.PatchStream`; ``data.num_workers``
@@ -252,14 +253,6 @@ class CachedPatchStream:
         self._plan = _Plan()
         self._loader_obj: DataLoader | None = None
         self._iter: Iterator[dict[str, Any]] | None = None
-
-    @property
-    def patches_per_pass(self) -> int:
-        return len(self.dataset) * self.samples_per_volume
-
-    def default_steps(self) -> int:
-        """Steps in one pass over every (subject, DRF) pair's patches."""
-        return max(1, self.patches_per_pass // self.batch_size)
 
     def plan(self, seed: int) -> list[tuple[int, int]]:
         """A pass's ``(pair, seed)`` items: ``samples_per_volume`` per pair, shuffled."""

@@ -129,7 +129,23 @@ def pairs_dataset(records: Sequence[SubjectRecord], drfs: Sequence[int], normali
     return tio.SubjectsDataset(loaded)
 
 
-class PatchStream:
+class PassCounting:
+    """What a patch stream's pass is: ``samples_per_volume`` patches of every (subject, DRF) pair."""
+
+    dataset: Any
+    samples_per_volume: int
+    batch_size: int
+
+    @property
+    def patches_per_pass(self) -> int:
+        return len(self.dataset) * self.samples_per_volume
+
+    def default_steps(self) -> int:
+        """Steps in one pass over every (subject, DRF) pair's patches."""
+        return max(1, self.patches_per_pass // self.batch_size)
+
+
+class PatchStream(PassCounting):
     """An endless, reproducible stream of training batches from a TorchIO ``Queue``.
 
     A fresh Queue is made whenever the previous one is exhausted, so the stream depends only on the
@@ -148,14 +164,6 @@ class PatchStream:
         else:
             self.sampler = tio.UniformSampler(self.patch_size)
         self._iter: Iterator[dict[str, Any]] | None = None
-
-    @property
-    def patches_per_pass(self) -> int:
-        return len(self.dataset) * self.samples_per_volume
-
-    def default_steps(self) -> int:
-        """Steps in one pass over every (subject, DRF) pair's patches."""
-        return max(1, self.patches_per_pass // self.batch_size)
 
     def _loader(self) -> Iterator[dict[str, Any]]:
         queue = tio.Queue(

@@ -30,6 +30,7 @@ import torch
 
 from lowdose_toolkit import __version__
 from lowdose_toolkit.core.atomic import atomic_dir
+from lowdose_toolkit.data.io import as_volume
 from lowdose_toolkit.errors import DataError
 
 __all__ = ["Derivation", "quantise", "save_dicom_like"]
@@ -95,15 +96,6 @@ def quantise(plane: np.ndarray) -> tuple[np.ndarray, str]:
     slope = f"{peak / MAX_STORED:.10g}"  # at most 16 characters, the DS limit; the value written is the one used
     stored = np.clip(np.rint(values / float(slope)), -MAX_STORED - 1, MAX_STORED)
     return stored.astype("<i2"), slope
-
-
-def _volume(tensor: torch.Tensor | np.ndarray, out: Path) -> np.ndarray:
-    array = tensor.detach().cpu().numpy() if isinstance(tensor, torch.Tensor) else np.asarray(tensor)
-    while array.ndim > 3 and array.shape[0] == 1:
-        array = array[0]
-    if array.ndim != 3:
-        raise ValueError(f"cannot write {out}: expected a [1, I, J, K] volume, got shape {array.shape}")
-    return array
 
 
 def _read_headers(reference: Path) -> tuple[list[Path], list[Any]]:
@@ -223,7 +215,7 @@ def save_dicom_like(tensor: torch.Tensor | np.ndarray, reference: str | os.PathL
                         "pass --output-format nifti")
     if out.resolve() == reference.resolve() or reference.resolve() in out.resolve().parents:
         raise DataError(f"cannot write {out}: it is inside the input series {reference}; choose another folder")
-    volume = _volume(tensor, out)
+    volume = as_volume(tensor, out)
     files, headers = _read_headers(reference)
     first = headers[0]
     shape = (int(first.Columns), int(first.Rows), len(files))

@@ -705,7 +705,8 @@ def _validated_by_cache(records: Sequence[SubjectRecord]) -> set[str]:
 # --------------------------------------------------------------------------------------------- writing
 
 
-def _volume(tensor: torch.Tensor | np.ndarray, out_path: Path) -> np.ndarray:
+def as_volume(tensor: torch.Tensor | np.ndarray, out_path: Path) -> np.ndarray:
+    """A prediction ``[1, I, J, K]`` (tensor or array) as a float32 ``[I, J, K]`` array to write to ``out_path``."""
     array = tensor.detach().cpu().numpy() if isinstance(tensor, torch.Tensor) else np.asarray(tensor)
     while array.ndim > 3 and array.shape[0] == 1:
         array = array[0]
@@ -728,7 +729,7 @@ def save_nifti(tensor: torch.Tensor | np.ndarray, affine: np.ndarray, out_path: 
     out_path = Path(out_path)
     _check_out(out_path)
     affine = np.asarray(affine, dtype=np.float64)
-    img = nib.Nifti1Image(_volume(tensor, out_path), affine)
+    img = nib.Nifti1Image(as_volume(tensor, out_path), affine)
     img.header.set_xyzt_units("mm", "sec")
     img.set_sform(affine, code=1)
     img.set_qform(affine, code=1)
@@ -759,7 +760,7 @@ def save_like(
     """
     out_path = Path(out_path)
     _check_out(out_path)
-    volume = _volume(tensor, out_path)
+    volume = as_volume(tensor, out_path)
     ref_path: Path | None = None
     if isinstance(reference, tio.Image):
         if isinstance(reference.path, Path) and is_nifti(reference.path) and reference.path.is_file():
