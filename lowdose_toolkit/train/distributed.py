@@ -91,5 +91,16 @@ def broadcast_buffers(info: DistInfo, *modules: nn.Module | None) -> None:
 
 
 def cleanup(info: DistInfo) -> None:
+    """Leave the process group together, once every rank has finished (the success path only).
+
+    The barrier matters: gloo's worker threads free a finished collective's tensors after the caller has
+    moved on, and freeing a tensor made in Python takes the GIL. A rank that left straight after its last
+    collective (while rank 0 was still writing its files) could reach interpreter exit with a worker thread
+    still waiting for the GIL; that thread is then killed mid-destructor and the process aborts
+    ("terminate called without an active exception"). Waiting in a barrier releases the GIL so those
+    threads finish, and no rank leaves while another still works. On an error no barrier is entered (the
+    other ranks may never reach it): torchrun stops them.
+    """
     if info.enabled and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

@@ -373,6 +373,7 @@ class Trainer:
                 self._close_loggers(raising=False)  # the error under way is the one to report
                 raise
             self._close_loggers()
+            cleanup(self.dist)  # every rank waits for rank 0's last writes, then leaves the group
             return record
         except KeyboardInterrupt:
             done = (f"its checkpoint holds epoch {self.saved_epoch} of {self.total_epochs}" if self.saved_epoch
@@ -436,7 +437,6 @@ class Trainer:
                 self.elapsed = time.monotonic() - clock
                 self.stage_elapsed = time.monotonic() - self._stage_clock
                 record = self._after_epoch(losses, stage.name, t0)
-        cleanup(self.dist)
         return record
 
     def _non_finite(self, step: int, what: str) -> UserError:
