@@ -63,6 +63,7 @@ from lowdose_toolkit.train.distributed import (
     DistInfo,
     broadcast_buffers,
     broadcast_object,
+    check_sync_batchnorm,
     cleanup,
     ddp_wrapper,
     gather_objects,
@@ -127,7 +128,9 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
 
         # Model, losses, scheme, stages.
-        wrap = ddp_wrapper(self.dist, self.device, find_unused=len(self.spec.stages) > 1)
+        check_sync_batchnorm(train["sync_batchnorm"], self.dist, self.device)
+        wrap = ddp_wrapper(self.dist, self.device, find_unused=len(self.spec.stages) > 1,
+                           sync_batchnorm=train["sync_batchnorm"])
         self.model, self.discriminator, self.losses, self.scheme = build_training(
             recipe, registry, self.device, self.precision, wrap)
         self.stages = StageController(self.spec.stages, self.model.refiner is not None)
@@ -241,7 +244,9 @@ class Trainer:
     def _load(self, path: Path) -> None:
         ckpt = load_checkpoint(path)
         if ckpt.world_size != self.dist.world:
-            raise UserError(f"{path}: saved with {ckpt.world_size} processes; resume with the same number")
+            raise UserError(f"{path}: saved by {ckpt.world_size} process(es), resumed by {self.dist.world}; "
+                            f"resume with {ckpt.world_size} in all (torchrun --nnodes N --nproc-per-node M, "
+                            f"N x M = {ckpt.world_size}): each rank's data shard and random state are saved")
         self.model.load_state_dict(ckpt.model)
         if self.discriminator is not None:
             self.discriminator.load_state_dict(ckpt.discriminator)
