@@ -136,6 +136,8 @@ SCHEMA: Schema = {
         "max_minutes": Field(float | None, None, "wall-clock budget; training stops after the epoch", POSITIVE),
         "deterministic": Field(bool, True),
         "previews": Field(bool, True),
+        "sync_batchnorm": Field(bool, False, "under torchrun on GPUs: BatchNorm statistics over every rank's "
+                                             "samples (torch's SyncBatchNorm; CUDA only)"),
         "loggers": Part("logger", ["jsonl"], many=True),
     },
     "eval": {

@@ -63,6 +63,7 @@ from lowdose_toolkit.train.distributed import (
     DistInfo,
     broadcast_buffers,
     broadcast_object,
+    check_sync_batchnorm,
     cleanup,
     ddp_wrapper,
     gather_objects,
@@ -127,7 +128,9 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
 
         # Model, losses, scheme, stages.
-        wrap = ddp_wrapper(self.dist, self.device, find_unused=len(self.spec.stages) > 1)
+        check_sync_batchnorm(train["sync_batchnorm"], self.dist, self.device)
+        wrap = ddp_wrapper(self.dist, self.device, find_unused=len(self.spec.stages) > 1,
+                           sync_batchnorm=train["sync_batchnorm"])
         self.model, self.discriminator, self.losses, self.scheme = build_training(
             recipe, registry, self.device, self.precision, wrap)
         self.stages = StageController(self.spec.stages, self.model.refiner is not None)
@@ -241,7 +244,9 @@ class Trainer:
     def _load(self, path: Path) -> None:
         ckpt = load_checkpoint(path)
         if ckpt.world_size != self.dist.world:
-            raise UserError(f"{path}: saved with {ckpt.world_size} processes; resume with the same number")
+            raise UserError(f"{path}: saved by {ckpt.world_size} process(es), resumed by {self.dist.world}; "
+                            f"resume with {ckpt.world_size} in all (torchrun --nnodes N --nproc-per-node M, "
+                            f"N x M = {ckpt.world_size}): each rank's data shard and random state are saved")
         self.model.load_state_dict(ckpt.model)
         if self.discriminator is not None:
             self.discriminator.load_state_dict(ckpt.discriminator)
@@ -373,6 +378,7 @@ class Trainer:
                 self._close_loggers(raising=False)  # the error under way is the one to report
                 raise
             self._close_loggers()
+            cleanup(self.dist)  # every rank waits for rank 0's last writes, then leaves the group
             return record
         except KeyboardInterrupt:
             done = (f"its checkpoint holds epoch {self.saved_epoch} of {self.total_epochs}" if self.saved_epoch
@@ -436,7 +442,6 @@ class Trainer:
                 self.elapsed = time.monotonic() - clock
                 self.stage_elapsed = time.monotonic() - self._stage_clock
                 record = self._after_epoch(losses, stage.name, t0)
-        cleanup(self.dist)
         return record
 
     def _non_finite(self, step: int, what: str) -> UserError:
