@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lowdose_toolkit.core.spec import three
 from lowdose_toolkit.data.cache import BLOCK, CachedSubject, CachedVolume
-from lowdose_toolkit.data.datasets import PassCounting
+from lowdose_toolkit.data.datasets import PatchStreamBase
 from lowdose_toolkit.data.normalize import QUANTILE, Normalization, fit_normalization
 from lowdose_toolkit.errors import DataError
 
@@ -236,7 +236,7 @@ class _Plan(Sampler):
         return len(self.items)
 
 
-class CachedPatchStream(PassCounting):
+class CachedPatchStream(PatchStreamBase):
     """An endless, reproducible stream of training batches from :class:`CachedPatches`.
 
     The same interface as :class:`~lowdose_toolkit.data.datasets.PatchStream`; ``data.num_workers``
@@ -273,19 +273,5 @@ class CachedPatchStream(PassCounting):
                 generator=torch.Generator().manual_seed(0))
         return iter(self._loader_obj)
 
-    def reset(self) -> None:
-        """Start a fresh pass at the next batch (called at each epoch start)."""
-        self._iter = None
-
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        for _ in range(2):
-            if self._iter is None:
-                self._iter = self._loader()
-            try:
-                item = next(self._iter)
-            except StopIteration:
-                self._iter = None
-                continue
-            return {"low": item["low"], "full": item["full"], "drf": item["drf"],
-                    "drf_class": item["drf_class"].long()}
-        raise DataError("the patch stream yields no batch: fewer patches in a pass than data.batch_size")
+    def _batch(self, item: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {"low": item["low"], "full": item["full"], "drf": item["drf"], "drf_class": item["drf_class"].long()}

@@ -129,12 +129,36 @@ def pairs_dataset(records: Sequence[SubjectRecord], drfs: Sequence[int], normali
     return tio.SubjectsDataset(loaded)
 
 
-class PassCounting:
-    """What a patch stream's pass is: ``samples_per_volume`` patches of every (subject, DRF) pair."""
+class PatchStreamBase:
+    """An endless stream of training batches: a pass is ``samples_per_volume`` patches of every
+    (subject, DRF) pair; a subclass gives one pass's loader (``_loader``) and how a loader item becomes a
+    batch (``_batch``)."""
 
     dataset: Any
     samples_per_volume: int
     batch_size: int
+    _iter: Iterator[Any] | None
+
+    def _loader(self) -> Iterator[Any]:
+        raise NotImplementedError
+
+    def _batch(self, item: Any) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Start a fresh pass at the next batch (called at each epoch start)."""
+        self._iter = None
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        """The next batch ``{low, full, drf, drf_class}``; a new pass starts when one ends."""
+        for _ in range(2):
+            if self._iter is None:
+                self._iter = self._loader()
+            try:
+                return self._batch(next(self._iter))
+            except StopIteration:
+                self._iter = None
+        raise DataError("the patch stream yields no batch: fewer patches in a pass than data.batch_size")
 
     @property
     def patches_per_pass(self) -> int:
@@ -145,7 +169,7 @@ class PassCounting:
         return max(1, self.patches_per_pass // self.batch_size)
 
 
-class PatchStream(PassCounting):
+class PatchStream(PatchStreamBase):
     """An endless, reproducible stream of training batches from a TorchIO ``Queue``.
 
     A fresh Queue is made whenever the previous one is exhausted, so the stream depends only on the
@@ -179,19 +203,8 @@ class PatchStream(PassCounting):
         # The outer loader must use num_workers=0: the queue has its own workers (TorchIO #288).
         return iter(DataLoader(queue, batch_size=self.batch_size, num_workers=0, drop_last=True))
 
-    def reset(self) -> None:
-        """Start a fresh queue at the next batch (called at each epoch start)."""
-        self._iter = None
-
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        for _ in range(2):
-            if self._iter is None:
-                self._iter = self._loader()
-            try:
-                return to_batch(next(self._iter))
-            except StopIteration:
-                self._iter = None
-        raise DataError("the patch queue yields no batch: fewer patches than data.batch_size")
+    def _batch(self, item: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return to_batch(item)
 
 
 def to_batch(item: dict[str, Any]) -> dict[str, torch.Tensor]:
