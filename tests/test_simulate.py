@@ -353,3 +353,16 @@ def test_simulate_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert '"counts_model": "independent"' in (tmp_path / "ind" / "simulation.json").read_text()
     res = runner.invoke(app, ["--out", str(tmp_path / "bad"), "--subjects", "1", "--counts-model", "nested"])
     assert isinstance(res.exception, UserError) and "--counts-model 'nested': use one of listmode" in str(res.exception)
+
+
+def test_dataset_folder_mode_follows_the_umask(tmp_path: Path) -> None:
+    """Written as the files in it are: 0o777 less the umask (tempfile.mkdtemp made it 0700)."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        sim.write_dataset(tmp_path / "ds", 1, 0, [4], shape=(64, 40, 40), spacing_mm=(15, 12, 12))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "ds").stat().st_mode) == 0o755

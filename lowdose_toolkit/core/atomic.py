@@ -119,6 +119,12 @@ def remove_stale_temps(*folders: Path) -> list[Path]:
     return stale
 
 
+def temp_dir_beside(target: Path) -> Path:
+    """An empty hidden folder beside ``target`` to build it in (mode ``0o777`` less the umask, as ``mkdir``;
+    ``tempfile.mkdtemp`` would make it 0700); :func:`remove_stale_temps` knows its name."""
+    return _create_temp_dir(Path(target))
+
+
 def _create_temp_dir(target: Path, kind: str = "tmp") -> Path:
     """Create an empty hidden folder beside ``target`` (mode ``0o777`` less the umask, as ``mkdir``)."""
     for _ in range(100):

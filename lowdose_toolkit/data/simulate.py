@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from lowdose_toolkit import __version__
-from lowdose_toolkit.core.atomic import atomic_path
+from lowdose_toolkit.core.atomic import atomic_path, temp_dir_beside
 from lowdose_toolkit.data.manifest import manifest_records, write_manifest
 from lowdose_toolkit.data.naming import dose_filename, nifti_stem
 from lowdose_toolkit.data.phantom import LABELS, Phantom, make_phantom
@@ -162,7 +162,7 @@ def write_dataset(
             "(no simulation.json); choose a new or empty folder"
         )
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temp_dir_beside(out)  # the data set's folder: mode per the umask, like the files in it
     try:
         records, facts = [], []
         with _Progress(progress, subjects, "Simulating phantoms") as bar:
