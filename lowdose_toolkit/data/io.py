@@ -30,6 +30,7 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -391,23 +392,30 @@ def read_image(path: str | os.PathLike[str]) -> tio.ScalarImage:
     return tio.ScalarImage(path, reader=_reader(path))
 
 
-def read_info(path: str | os.PathLike[str]) -> ImageInfo:
-    """Read an image's geometry: the NIfTI header only, or the whole series for DICOM."""
-    path = Path(path)
-    if _kind(path) == "dicom":
-        tensor, affine = read_dicom_series(path)
-        return _dicom_info(path, tensor, affine)
+def _nifti_header(path: Path) -> tuple[Any, tuple[int, int, int], int]:
+    """``(image, spatial shape, channels)`` of a NIfTI file from its header alone; one line naming the file
+    when the header cannot be read."""
     try:
         img = nib.load(str(path))
-        header = img.header
         spatial, channels = _nifti_channels(img.shape, path)
-        affine = np.asarray(img.affine, dtype=np.float64)
     except DataError:
         raise
     except _READ_ERRORS as exc:
         raise DataError(
             f"{path}: unreadable NIfTI header ({type(exc).__name__}: {_one_line(exc)}); re-export or re-download it"
         ) from exc
+    return img, spatial, channels
+
+
+def read_info(path: str | os.PathLike[str]) -> ImageInfo:
+    """Read an image's geometry: the NIfTI header only, or the whole series for DICOM."""
+    path = Path(path)
+    if _kind(path) == "dicom":
+        tensor, affine = read_dicom_series(path)
+        return _dicom_info(path, tensor, affine)
+    img, spatial, channels = _nifti_header(path)
+    header = img.header
+    affine = np.asarray(img.affine, dtype=np.float64)
     units = header.get_xyzt_units()[0] if hasattr(header, "get_xyzt_units") else "unknown"
     return ImageInfo(
         path=path,
@@ -434,16 +442,8 @@ def declared_volume(path: str | os.PathLike[str]) -> tuple[tuple[int, int, int],
     path = Path(path)
     if _kind(path) == "dicom":
         return _declared_dicom(path)
-    try:
-        header = nib.load(str(path)).header
-        spatial, channels = _nifti_channels(header.get_data_shape(), path)
-        dtype = np.dtype(header.get_data_dtype())
-    except DataError:
-        raise
-    except _READ_ERRORS as exc:
-        raise DataError(
-            f"{path}: unreadable NIfTI header ({type(exc).__name__}: {_one_line(exc)}); re-export or re-download it"
-        ) from exc
+    img, spatial, channels = _nifti_header(path)
+    dtype = np.dtype(img.header.get_data_dtype())
     _check_channels(path, channels, (channels, *spatial))
     return spatial, dtype.name, math.prod(spatial) * dtype.itemsize
 
