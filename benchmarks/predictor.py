@@ -7,7 +7,8 @@ On the run's held-out test volumes (every DRF), in one process, each method warm
   (same window, overlap and batch; gaussian blending), as a researcher writes it;
 * ``monai bf16``: the same under ``torch.autocast`` bf16 (what a careful user adds);
 * ``ldt <setting>``: ``Predictor.from_checkpoint`` with each precision / BatchNorm folding /
-  channels_last combination asked for (default: the shipped one, ``auto`` precision).
+  channels_last combination asked for (default: the shipped one, ``auto`` precision), ``/compile``
+  appended for ``torch.compile`` (``ldt infer --compile``; compiled during the warm-up).
 
 Printed: seconds per pass over the test set, speed-up against both MONAI rows, and the PSNR against
 the full dose per DRF for every method (the speed must not cost image quality: target |ΔPSNR| ≤ 0.05 dB
@@ -73,7 +74,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--settings", nargs="*", default=["auto/fold/cl", "fp32/fold/cl", "bf16/nofold/cf"],
-                        help="ldt settings as precision/fold|nofold/cl|cf")
+                        help="ldt settings as precision/fold|nofold/cl|cf[/compile]")
     args = parser.parse_args()
     device = resolve_device(args.device)
     ckpt = load_checkpoint(args.run)
@@ -83,9 +84,9 @@ def main() -> None:
     methods: dict[str, Callable] = {"monai fp32": monai_method(model, window, device, False),
                                     "monai bf16": monai_method(model, window, device, True)}
     for setting in args.settings:
-        precision, fold, fmt = setting.split("/")
+        precision, fold, fmt, *compiled = setting.split("/")
         predictor, _ = Predictor.from_checkpoint(ckpt, device, precision, fold_bn=fold == "fold",
-                                                 channels_last=fmt == "cl")
+                                                 channels_last=fmt == "cl", compile=compiled == ["compile"])
         methods[f"ldt {setting} ({predictor.precision})"] = lambda low, p=predictor: p.predict(low)[0]
     timings: dict[str, list[float]] = {name: [] for name in methods}
     psnr: dict[str, dict[int, list[float]]] = {name: {} for name in methods}

@@ -170,7 +170,8 @@ def test_ldt_infer_on_the_exported_file_writes_the_checkpoints_prediction(export
     nib.save(nib.Nifti1Image(counts, np.diag([2.0, 2.0, 3.0, 1.0])), tmp_path / "scan.nii.gz")
     outputs = {}
     trust = ["--trust-torchscript"]
-    for name, model, extra in (("ckpt", ckpt, ["--precision", "fp32"]), ("exported", files[fmt], trust)):
+    compiled = ["--compile"] if fmt == "onnx" else []  # the checkpoint through torch.compile once (seconds)
+    for name, model, extra in (("ckpt", ckpt, ["--precision", "fp32", *compiled]), ("exported", files[fmt], trust)):
         out = tmp_path / name
         assert main(["infer", str(model), str(tmp_path / "scan.nii.gz"), "--out", str(out), "--no-previews",
                      *extra]) == 0
@@ -183,6 +184,7 @@ def test_ldt_infer_on_the_exported_file_writes_the_checkpoints_prediction(export
     assert abs(float(row["drf_probability"]) - float(want_row["drf_probability"])) <= 1.5e-4
     assert meta["model_format"] == fmt and want_meta["model_format"] == "checkpoint"
     assert meta["precision"] == "fp32" and meta["normalization"] == "robust"
+    assert want_meta["compiled"] is bool(compiled) and meta["compiled"] is False
 
 
 def test_an_exported_model_writes_dicom_naming_itself(exported, tmp_path: Path) -> None:
@@ -254,6 +256,8 @@ def test_errors_are_one_line_naming_the_file_and_the_fix(exported, tmp_path: Pat
     assert "leave --drf out, or use the checkpoint" in one_line_error(
         capsys, "infer", str(files["torchscript"]), str(scan), "--out", str(tmp_path / "o1"), "--drf", "4",
         "--trust-torchscript")
+    assert "is an exported model, which runs as it was exported; leave --compile out" in one_line_error(
+        capsys, "infer", str(files["onnx"]), str(scan), "--out", str(tmp_path / "o5"), "--compile")
     assert "is TorchScript, which is a program: ldt runs it only with --trust-torchscript" in one_line_error(
         capsys, "infer", str(files["torchscript"]), str(scan), "--out", str(tmp_path / "o4"))
     assert "runs in fp32, the precision it was exported in; leave --precision at auto" in one_line_error(

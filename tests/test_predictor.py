@@ -146,3 +146,27 @@ def test_predictor_from_checkpoint_is_an_optimised_copy_with_the_same_output(tmp
     (a, pa), (b, pb) = plain.predict(low), fast.predict(low)
     torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(pb, pa, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_predictor_compiles_once_and_gives_the_eager_output(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    path = checkpoint(tmp_path)
+    low = torch.rand(1, 20, 18, 22, generator=torch.Generator().manual_seed(4))
+    calls: list[dict] = []
+    real = torch.compile
+
+    def counting(fn, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        calls.append(kwargs)
+        return real(fn, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", counting)
+    eager, _ = Predictor.from_checkpoint(path, CPU, "fp32")
+    compiled, _ = Predictor.from_checkpoint(path, CPU, "fp32", compile=True)
+    assert not eager.compiled and compiled.compiled
+    a, pa = eager.predict(low)
+    assert calls == []  # an eager predictor never compiles
+    (b, pb), (b2, _) = compiled.predict(low), compiled.predict(low)
+    assert calls == [{"dynamic": False}]  # once per predictor, not per window or volume
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pb, pa, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b2, b)

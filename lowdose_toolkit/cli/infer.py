@@ -282,7 +282,8 @@ def plan_jobs(sources: Sequence[Path | Volume], out: Path, overwrite: bool = Fal
 def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None, overlap: float | None,
           batch_size: int | None, blending: str | None, device: str, precision: str, overwrite: bool,
           previews: bool = True, prefetch: bool = True, drf: int | None = None, skip_existing: bool = False,
-          suv_factor: float | None = None, output_format: str | None = None, trust_torchscript: bool = False) -> int:
+          suv_factor: float | None = None, output_format: str | None = None, trust_torchscript: bool = False,
+          compile: bool = False) -> int:
     """Run the checkpoint's model over every input; returns the exit code (1 if any input failed).
 
     With ``previews``, ``OUT/previews/<name>.png`` shows coronal MIPs of each input and its output.
@@ -294,6 +295,7 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
     ``output_format`` (``dicom``, ``nifti``; None: each input's own) says what is written: a DICOM series
     input gives a new series in ``OUT/<series folder>`` (:func:`lowdose_toolkit.data.dicom_out.save_dicom_like`).
     ``OUT`` is locked for the run; ``OUT/summary.csv`` is written whatever happens, Ctrl-C included.
+    With ``compile``, a checkpoint's model runs through ``torch.compile`` (:attr:`Predictor.compiled`).
     """
     from rich.console import Console
     from rich.markup import escape
@@ -332,6 +334,9 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
     window = {"patch_size": patch_size, "overlap": None if overlap is None else (int(overlap) if overlap >= 1
                                                                                  else overlap),
               "batch_size": batch_size, "blending": blending}
+    if ckpt is None and compile:
+        raise UserError(f"--compile: {checkpoint} is an exported model, which runs as it was exported; leave "
+                        "--compile out, or give the checkpoint it was exported from")
     if ckpt is None:
         predictor = Predictor.from_exported(checkpoint, dev, precision.replace("none", "fp32"), trust_torchscript,
                                             **window)
@@ -341,7 +346,8 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
                                 f"{checkpoint.name} ({meta['exported_as']} export of {meta['checkpoint']['file']}, "
                                 f"epoch {meta['checkpoint']['epoch']})")
     else:
-        predictor, recipe = Predictor.from_checkpoint(ckpt, dev, precision.replace("none", "fp32"), **window)
+        predictor, recipe = Predictor.from_checkpoint(ckpt, dev, precision.replace("none", "fp32"), compile=compile,
+                                                      **window)
         derivation = Derivation(recipe["name"], recipe["model"]["generator"]["name"],
                                 f"{find_checkpoint(checkpoint).name} (epoch {ckpt.epoch})")
     runs_on = predictor.exported.runs_on if predictor.exported is not None else str(dev)
@@ -369,7 +375,8 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
         todo = [(job, row) for job, row in zip(jobs, rows, strict=True) if not job.skip]
         meta = {"checkpoint": str(checkpoint), "model_format": predictor.exported.format
                 if predictor.exported is not None else "checkpoint", "normalization": method,
-                "precision": predictor.precision, "device": runs_on, "output_format": output_format or "input's"}
+                "precision": predictor.precision, "device": runs_on, "output_format": output_format or "input's",
+                "compiled": predictor.compiled}
         try:
             denoise_all(predictor, [job for job, _ in todo], out, console, previews=previews, prefetch=prefetch,
                         drf_class=drf_class, conditioned_on=conditioned, rows=[row for _, row in todo],
@@ -424,8 +431,12 @@ def infer_cmd(
         None, "--output-format", help="dicom | nifti (default: the input's format). dicom: a new series per DICOM "
                                       "input series, in OUT/<series folder>, with its geometry, patient and study."
     ),
+    compile: bool = typer.Option(
+        False, "--compile", help="torch.compile the model (a checkpoint's): seconds to compile, then 1.3x faster in "
+                                 "fp32 on a 2-core CPU; slower in bf16 there (docs/BENCHMARKS.md). For long batches."
+    ),
 ) -> None:
     """Denoise whole volumes with a trained model (sliding window, affine and header kept; NIfTI or DICOM out)."""
     raise typer.Exit(infer(checkpoint, inputs, out, patch_size, overlap, batch_size, blending, device, precision,
                            overwrite, previews, prefetch, drf, skip_existing, suv_factor, output_format,
-                           trust_torchscript))
+                           trust_torchscript, compile))

@@ -13,8 +13,8 @@ window, the normalisation and the vote over windows are this module's in both ca
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -99,6 +99,9 @@ class Predictor:
         drfs: The DRFs the model was trained on (its dose classes, in order).
         normalization: How inputs are normalised for :meth:`denoise`.
         exported: A model file written by ``ldt export``, run instead of ``model``.
+        compiled: Run ``model``'s per-window forward through ``torch.compile`` (static shapes; compiled on
+            the first window, again for a smaller last batch). benchmarks/compile.py: 1.3x faster in fp32
+            on a 2-core CPU, slower in bf16 (docs/BENCHMARKS.md), so it is asked for, never automatic.
     """
 
     model: LowDoseModel | None
@@ -109,17 +112,20 @@ class Predictor:
     normalization: Normalization | None = None
     channels_last: bool = False
     exported: ExportedModel | None = None
+    compiled: bool = False
+    _compiled_window: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None = field(
+        default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Path | Checkpoint, device: torch.device, precision: str = "auto",
-                        fold_bn: bool = True, channels_last: bool | None = None,
+                        fold_bn: bool = True, channels_last: bool | None = None, compile: bool = False,
                         **window: Any) -> tuple[Predictor, dict[str, Any]]:
         """A predictor for a checkpoint (file, run directory or loaded) and its resolved recipe.
 
         The model is an inference copy (:mod:`lowdose_toolkit.infer.optimize`): BatchNorm folded into
         the convolutions (``fold_bn``) and channels_last_3d weights and windows (``channels_last``;
         None: :data:`CHANNELS_LAST`, measured per device in docs/BENCHMARKS.md). ``window`` overrides
-        the recipe's ``eval`` keys (None keeps the recipe's).
+        the recipe's ``eval`` keys (None keeps the recipe's). ``compile``: see :attr:`compiled`.
         """
         from lowdose_toolkit.infer.optimize import for_inference
 
@@ -132,7 +138,7 @@ class Predictor:
             raise TypeError(f"unknown window keys {sorted(unknown)}; use {WINDOW_KEYS}")
         merged = checked_window({k: recipe["eval"][k] if window.get(k) is None else window[k] for k in WINDOW_KEYS})
         return cls(model, merged, device, resolve_precision(precision, device), tuple(ckpt.drfs),
-                   ckpt.normalization, channels_last), recipe
+                   ckpt.normalization, channels_last, compiled=compile), recipe
 
     @classmethod
     def from_exported(cls, path: Path, device: torch.device, precision: str = "auto", trust_torchscript: bool = False,
@@ -214,7 +220,7 @@ class Predictor:
                 pred, probs = exported(x)
             else:
                 assert model is not None
-                pred, probs = forward_window(model, x, use_refiner, drf_class)
+                pred, probs = self._window()(model, x, use_refiner, drf_class)
             if probs is not None:
                 votes.append(probs.float().cpu())
             return pred
@@ -226,6 +232,14 @@ class Predictor:
                                 amp=self.precision)
         probs = torch.cat(votes).mean(dim=0) if votes else None
         return pred, probs
+
+    def _window(self) -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
+        """:func:`forward_window`, compiled once if :attr:`compiled`."""
+        if not self.compiled:
+            return forward_window
+        if self._compiled_window is None:
+            self._compiled_window = torch.compile(forward_window, dynamic=False)
+        return self._compiled_window
 
     def verdict(self, probs: torch.Tensor | None) -> dict[str, Any]:
         """``predicted_drf`` and its probability, for summaries (empty without a dose head)."""

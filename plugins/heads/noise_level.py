@@ -160,16 +160,21 @@ class NoiseLevelHead(nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """Map an image ``[B, 1, D, H, W]`` (at least 10³) to DRF class logits ``[B, num_classes]``."""
         stats = self.statistics(image)
-        if not self.training and bool(self.calibrated):
+        if not self.training:  # both branches, chosen by the flag: no data-dependent branch (torch.compile, export)
             z = (stats - self.volume_mean) / self.volume_std
-            return (z @ self.volume_weight.T + self.volume_bias).to(image.dtype)
+            volume = z @ self.volume_weight.T + self.volume_bias
+            return torch.where(self.calibrated, volume, self._patch_logits(stats)).to(image.dtype)
+        return self._patch_logits(stats).to(image.dtype)
+
+    def _patch_logits(self, stats: torch.Tensor) -> torch.Tensor:
+        """The MLP trained on patches (by the recipe's cross-entropy) on the statistics ``[B, F]``."""
         if self.training and stats.shape[0] == 1:  # BatchNorm cannot train on one sample: use its running stats
             stats = F.batch_norm(stats, self.norm.running_mean, self.norm.running_var, training=False)
         elif not self.training and torch.jit.is_tracing():  # ldt export: the ONNX BatchNorm wants a known width
             stats = (stats - self.norm.running_mean) / torch.sqrt(self.norm.running_var + self.norm.eps)
         else:
             stats = self.norm(stats)
-        return self.mlp(stats).to(image.dtype)
+        return self.mlp(stats)
 
     @torch.enable_grad()
     def calibrate(self, statistics: torch.Tensor, classes: torch.Tensor, steps: int = 500) -> float:
