@@ -80,7 +80,11 @@ ALWAYS = {
     "subject,drf,path\na,,a/full.nii.gz\n": r"m\.csv line 2: empty drf; fill in the row's subject/drf/path",
     "subject,drf,path\na,0,a/full.nii.gz\n": r"m\.csv line 2: drf '0' is neither a positive integer nor 'full'; "
                                               "write the dose reduction factor",
-    "subject,drf,path,suv_factor\na,full,a/full.nii.gz,-1\n": r"m\.csv line 2: suv_factor '-1' is not a positive",
+    "subject,drf,path,suv_factor\na,full,a/full.nii.gz,-1\n": r"m\.csv line 2: suv_factor '-1' is not a plausible",
+    # g/Bq swapped for Bq/g (or kg/MBq): the range ldt infer applies to every factor
+    "subject,drf,path,suv_factor\na,full,a/full.nii.gz,4000\n": (
+        r"m\.csv line 2: suv_factor '4000' is not a plausible body weight \(g\) / injected activity \(Bq\) "
+        r"\(about 2e-4"),
 }
 
 

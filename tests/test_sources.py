@@ -82,7 +82,7 @@ def test_manifest_errors(tmp_path: Path) -> None:
         "subject,path\n": r"m\.csv: manifest lacks column\(s\) \['drf'\]",
         head + "a,four,x.nii\n": r"m\.csv line 2: drf 'four' is neither a positive integer nor 'full'",
         head + full + full: r"m\.csv line 3: second row for subject 'a' drf full",
-        "subject,drf,path,suv_factor\n" + full[:-1] + ",x\n": r"m\.csv line 2: suv_factor 'x' is not a positive number",
+        "subject,drf,path,suv_factor\n" + full[:-1] + ",x\n": r"m\.csv line 2: suv_factor 'x' is not a plausible",
         head: r"m\.csv: lists no subjects",
         head + four: r"m\.csv: subject 'a' has no full-dose row",
         head + full + four: r"m\.csv: subject 'a' has no DRF 10 row \(has DRFs \[4\]\)",

@@ -18,7 +18,6 @@ Example:
 from __future__ import annotations
 
 import csv
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -82,16 +81,12 @@ def _drf(path: Path, line: int, text: str) -> int | str | None:
 
 
 def _suv(path: Path, line: int, text: str) -> float | None:
+    """The row's SUV factor: empty is None, else the plausibility check ``ldt infer`` applies to any factor."""
     if not text:
         return None
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (value > 0 and math.isfinite(value)):
-        raise DataError(f"{path} line {line}: suv_factor {text!r} is not a positive number; "
-                        "write body weight (g) / injected activity (Bq), or leave the cell empty")
-    return value
+    from lowdose_toolkit.data.normalize import check_suv_factor
+
+    return check_suv_factor(text, f"{path} line {line}")
 
 
 def _row(path: Path, line: int, cells: dict[str, str], require: Sequence[str]) -> ManifestRow:
