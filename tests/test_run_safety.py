@@ -25,7 +25,7 @@ from lowdose_toolkit.core.recipe import dump_recipe, load_recipe, resolve_recipe
 from lowdose_toolkit.errors import UserError
 from lowdose_toolkit.schemes import NonFiniteLoss
 from lowdose_toolkit.train.engine import Trainer
-from lowdose_toolkit.train.rundir import default_run_dir, read_metrics
+from lowdose_toolkit.train.rundir import LOCK_HOLDERS, default_run_dir, read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -199,8 +199,14 @@ def test_a_second_process_cannot_train_in_a_locked_run_directory(tmp_path: Path,
     run = tmp_path / "run"
     assert main(["run", "--resume", str(run)]) == 2
     err = " ".join(capsys.readouterr().err.split())
-    assert f"{run} is in use by another `ldt run` or `ldt study` (training there) (pid {os.getpid()})" in err
+    assert f"{run} is in use by another {LOCK_HOLDERS} (pid {os.getpid()})" in err
+    # ldt evaluate RUN_DIR writes its results into the run directory: not while a training works there
+    assert main(["evaluate", str(run)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{run} is in use by another {LOCK_HOLDERS} (pid {os.getpid()}); wait for it to end, or write the " \
+           "results elsewhere with --out DIR" in err
     trainer.fit()  # the holder trains; fit releases the lock when it returns
+    assert main(["evaluate", str(run)]) == 0 and not (run / ".lock").exists()
     assert main(["run", "--resume", str(run)]) == 0
 
 

@@ -6,6 +6,7 @@ The functions are plain typer commands; ``lowdose_toolkit.cli.app`` registers th
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -83,12 +84,18 @@ def run_directory(run_dir: Path, console: Any = None, **options: Any) -> list[di
 
     from lowdose_toolkit.evaluation.runeval import evaluate_run, print_dose_head, results_dir
     from lowdose_toolkit.evaluation.summary import print_summary
+    from lowdose_toolkit.train.rundir import RunLock
 
     if not Path(run_dir).is_dir():
         raise UserError(f"{run_dir} is not a directory; pass a run directory made by `ldt run`")
     console = console or Console()
-    summary = evaluate_run(run_dir, console=Console(stderr=True), **options)
     out = results_dir(run_dir, options.get("out"), options.get("mask", False))
+    writes_in_run = Path(out).resolve().is_relative_to(Path(run_dir).resolve())
+    lock: AbstractContextManager[object] = nullcontext()
+    if writes_in_run:
+        lock = RunLock(run_dir, "wait for it to end, or write the results elsewhere with --out DIR")
+    with lock:  # not while a training (or another evaluation) writes there
+        summary = evaluate_run(run_dir, console=Console(stderr=True), **options)
     region = "inside a body mask" if options.get("mask") else "whole volume"
     print_summary(summary, console, title=f"{run_dir}: held-out test subjects ({region})")
     print_dose_head(Path(out) / "results.json", console)

@@ -46,20 +46,32 @@ def default_run_dir(recipe: Mapping[str, Any], root: Path = Path("runs")) -> Pat
     raise UserError(f"{root}: 10000 run directories named {base}-*; pass --out DIR")
 
 
+#: Who may hold a run directory's lock, as the refusal names them.
+LOCK_HOLDERS = "`ldt run`, `ldt study` or `ldt evaluate` (training or writing results there)"
+
+
 class RunLock:
     """The run directory's lock (:func:`lowdose_toolkit.core.lock.folder_lock` on ``run_dir/.lock``), held
-    from :meth:`acquire` to :meth:`release` while this process trains there."""
+    from :meth:`acquire` to :meth:`release` while this process trains there, or (``ldt evaluate RUN_DIR``)
+    writes its results there. ``fix`` is the refusal's advice to the process that finds it taken."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path,
+                 fix: str = "wait for it to end or stop it, or use another run directory") -> None:
         self.run_dir = Path(run_dir)
+        self.fix = fix
         self._stack: ExitStack | None = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
     def acquire(self) -> RunLock:
         """Take the lock, or raise a UserError naming the process that holds it."""
         if self._stack is None:
             stack = ExitStack()
-            stack.enter_context(folder_lock(self.run_dir, "`ldt run` or `ldt study` (training there)",
-                                            "wait for it to end or stop it, or use another run directory", LOCK_NAME))
+            stack.enter_context(folder_lock(self.run_dir, LOCK_HOLDERS, self.fix, LOCK_NAME))
             self._stack = stack
         return self
 
