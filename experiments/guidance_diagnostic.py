@@ -2,9 +2,11 @@
 
 For every (subject, DRF) volume of a split: the dose head's class probabilities, and per DRF the PSNR
 gain over the input of the model conditioned on its head (what `ldt infer` does), conditioned on the
-true DRF (an oracle), and of ML-Net's coarse output alone. Usage:
+true DRF (an oracle), and of ML-Net's coarse output alone; then, for a guided model, the gain of every
+volume conditioned on every DRF code (rows: true DRF, columns: the code), which shows whether the code
+of the true DRF is the one that serves the image best (docs/RESULTS.md, "The DRF code"). Usage:
 
-    python experiments/guidance_diagnostic.py RUN_DIR [test|val] [best|last]
+    python experiments/guidance_diagnostic.py RUN_DIR [test|val|train] [best|last]
 """
 import sys
 from pathlib import Path
@@ -28,7 +30,8 @@ drfs = list(ckpt.drfs)
 src = get_registry().build("source", recipe["data"]["source"], "data.source", context={"drfs": drfs})
 ids = set(ckpt.split[which])
 ds = pairs_dataset([r for r in src.records() if r.subject in ids], drfs, recipe["data"]["normalization"])
-res = {}
+res: dict[int, list] = {}
+codes: dict[int, list] = {}
 with torch.no_grad():
     for i in range(len(ds)):
         s = ds[i]
@@ -38,6 +41,8 @@ with torch.no_grad():
         if model.guidance is not None:
             po, _ = predictor.predict(low, drf_class=drfs.index(d))
             row.append(compute_all(full[0], po[0])["psnr"])
+            codes.setdefault(d, []).append([compute_all(full[0], predictor.predict(low, drf_class=k)[0][0])["psnr"]
+                                            - row[0] for k in range(len(drfs))])
         if model.refiner is not None:
             pc, _ = predictor.predict(low, use_refiner=False)
             row.append(compute_all(full[0], pc[0])["psnr"])
@@ -48,3 +53,7 @@ for d, rows in sorted(res.items()):
     r = np.array(rows)
     g = r[:, 1:] - r[:, :1]
     print(d, " ".join(f"{x:+.2f}" for x in g.mean(0)))
+if codes:
+    print("gain by DRF code: true DRF \\ conditioned on", drfs)
+    for d, rows in sorted(codes.items()):
+        print(d, " ".join(f"{x:+.2f}" for x in np.array(rows).mean(0)))
