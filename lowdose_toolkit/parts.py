@@ -46,6 +46,10 @@ Module contracts (all tensors are ``[B, C, D, H, W]``):
   its encoder and passes the generator's conditioning back, then the refiner's to the refiner. A
   guidance may expose ``stage_parts: {part: module}`` so that ``train.stages`` trains each piece with
   the part it conditions; without it the whole guidance trains and freezes with the generator.
+  Optional, for a map from each class to the code that serves it best on validation (``film``'s
+  ``fit_codes``): attributes ``fit_codes: bool`` and ``codes_fitted`` (a bool buffer), and methods
+  ``reset_code_map()`` and ``set_code_map(gains [class, code]) -> list[int]``; after training the engine
+  measures the validation volumes under every code and calls it once, in best.pt (``code_fit.json``).
 * guidable generator (needed only with ``model.guidance``): attribute ``film_channels: list[int]``
   and ``forward_features(x, guide=None)``, which calls ``guide(features)`` once its encoder features
   exist, and applies the returned ``Conditioning`` with ``modulate(i, h)`` at modulation point ``i``

@@ -85,6 +85,32 @@ def test_teacher_forcing_and_oracle_codes() -> None:
     assert 0 < int(forced.sum()) < 6  # some samples forced, some by the head
 
 
+def test_a_fitted_code_map_moves_each_class_to_its_best_code_at_inference_only() -> None:
+    guidance = FiLMGuidance({"generator": [4]}, DRFS, teacher_forcing=1.0)
+    logits = torch.randn(6, 5)
+    cls = torch.tensor([0, 1, 2, 3, 4, 0])
+    probs = logits.softmax(dim=1)
+    torch.testing.assert_close(guidance.eval().code(logits), probs)  # identity until fitted
+    gains = torch.tensor([[0.2, -2.7, -4.9, -6.0, -6.4],  # true DRF 4: its own code is best
+                          [2.9, 1.3, -0.5, -1.5, -1.9],   # DRF 10: the DRF 4 code serves it better
+                          [3.9, 3.6, 2.4, 1.5, 1.1],
+                          [4.3, 5.5, 5.3, 4.8, 4.5],
+                          [float("nan")] * 5])           # no validation volume of DRF 100: keeps its own
+    assert guidance.set_code_map(gains) == [0, 0, 0, 1, 4] and bool(guidance.codes_fitted)
+    mapped = torch.nn.functional.one_hot(torch.tensor([0, 0, 0, 1, 4, 0]), 5).float()
+    torch.testing.assert_close(guidance.eval().code(logits, cls), mapped)  # a stated DRF goes through the map
+    moved = torch.stack([probs[:, :3].sum(1), probs[:, 3], torch.zeros(6), torch.zeros(6), probs[:, 4]], dim=1)
+    torch.testing.assert_close(guidance.eval().code(logits), moved)  # the head's mass moves with it
+    torch.testing.assert_close(guidance.train().code(logits, cls),
+                               torch.nn.functional.one_hot(cls, 5).float())  # training never uses the map
+    state = {k: v for k, v in guidance.state_dict().items() if k not in ("code_map", "codes_fitted")}
+    older = FiLMGuidance({"generator": [4]}, DRFS)
+    older.load_state_dict(state)  # saved before code maps existed: the identity
+    assert older.code_map.tolist() == [0, 1, 2, 3, 4] and not bool(older.codes_fitted)
+    with pytest.raises(ValueError, match=r"expects gains \[5, 5\], got \(2, 5\)"):
+        guidance.set_code_map(torch.zeros(2, 5))
+
+
 @pytest.mark.parametrize("detach", [True, False])
 def test_the_reconstruction_loss_reaches_the_head_only_without_detach(detach: bool) -> None:
     model = guided_model(teacher_forcing=0.0, detach=detach).train()
@@ -240,7 +266,7 @@ def guided_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     text = tiny_recipe(data).replace("depth: 2}", "depth: 2, residual: true}")
     text = text.replace("{name: dose_classifier, input: bottleneck, hidden: [8]}]",
                         "{name: noise_level, input: image, hidden: 4}]\n"
-                        "  guidance: {name: film, head: noise_level, hidden: 4}\n"
+                        "  guidance: {name: film, head: noise_level, hidden: 4, fit_codes: true}\n"
                         "  refiner: {name: contextual_net, channels: 2, num_blocks: 1, identity_init: true}")
     text = text.replace("on: dose_classifier}", "on: noise_level}\n  - {name: l1, weight: 300, on: refined}")
     text = text.replace("  epochs: 3\n", "  stages:\n"
@@ -274,6 +300,26 @@ def test_a_guided_run_records_the_dose_head_and_its_stage_budget(guided_run: Pat
     assert head["volumes"] == 2 and sum(map(sum, head["confusion"])) == 2
     assert head["accuracy"] == pytest.approx(sum(head["confusion"][i][i] for i in range(2)) / 2)
     assert "| true \\ predicted | DRF 4 | DRF 100 |" in (guided_run / "results.md").read_text()
+
+
+def test_a_run_fits_the_drf_codes_on_validation_into_best_pt_once(guided_run: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    from lowdose_toolkit.core.checkpoint import load_checkpoint
+
+    fit = json.loads((guided_run / "code_fit.json").read_text())
+    assert fit["checkpoint"] == "best.pt" and fit["drfs"] == [4, 100] and len(fit["subjects"]) == 1
+    gains = torch.tensor([fit["gains_db"]["4"], fit["gains_db"]["100"]])
+    expected = [[4, 100][int(i)] for i in gains.argmax(dim=1)]  # each class: the code with the best gain
+    assert [fit["code_of"]["4"], fit["code_of"]["100"]] == expected
+    best = load_checkpoint(guided_run / "checkpoints" / "best.pt").model
+    assert best["guidance.code_map"].tolist() == [[4, 100].index(c) for c in expected]
+    assert bool(best["guidance.codes_fitted"])
+    last = load_checkpoint(guided_run / "checkpoints" / "last.pt").model
+    assert last["guidance.code_map"].tolist() == [0, 1]  # training's own state is never mapped
+    before = (guided_run / "checkpoints" / "best.pt").stat().st_mtime_ns
+    assert main(["run", "--resume", str(guided_run)]) == 0  # finished, already fitted: nothing refitted
+    assert (guided_run / "checkpoints" / "best.pt").stat().st_mtime_ns == before
+    assert "DRF codes fitted" not in capsys.readouterr().err
 
 
 def test_evaluate_prints_the_dose_heads_confusion(guided_run: Path, tmp_path: Path,

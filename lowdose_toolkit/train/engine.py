@@ -28,11 +28,13 @@ A non-finite loss or weight stops training before anything non-finite is saved.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import platform
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +128,10 @@ class Trainer:
         seed_everything(recipe["seed"], train["deterministic"])
         if self.device.type == "cpu" and train["deterministic"]:
             torch.use_deterministic_algorithms(True, warn_only=True)
+            # torch says this of every median with indices once deterministic mode is on, on a CPU too, where
+            # the median is deterministic: a warning about CUDA in a CPU run only misleads.
+            warnings.filterwarnings("ignore", message="median CUDA with indices output does not have a "
+                                    "deterministic implementation")
 
         # Model, losses, scheme, stages.
         check_sync_batchnorm(train["sync_batchnorm"], self.dist, self.device)
@@ -167,6 +173,7 @@ class Trainer:
         if cached is not None:
             val_records = [cached[r.subject].record() for r in val_records]
         self.val_set = pairs_dataset(val_records, self.drfs, data_cfg["normalization"], preload=data_cfg["preload"])
+        self.val_subjects = [r.subject for r in val_records]
         self.steps_per_epoch = train["steps_per_epoch"] or self.stream.default_steps()
 
         self.validator = Validator(self.model, self.predictor, self.val_set, self.train_set, self.drfs,
@@ -321,14 +328,15 @@ class Trainer:
         The loggers start from the epoch records up to the checkpoint's (``metrics.jsonl``'s, a partial last
         line dropped, with the checkpoint's own line put back when it was lost): the jsonl logger rewrites
         ``metrics.jsonl`` with them. ``best.pt`` is copied from ``last.pt`` when the checkpoint's epoch is
-        the best one, and removed when no epoch was validated yet.
+        the best one and best.pt does not hold it yet (a best.pt of that epoch is kept: its fitted DRF codes
+        with it), and removed when no epoch was validated yet.
         """
         if not self.dist.is_main:
             return
         self.history = committed_metrics(self.run_dir / "metrics.jsonl", self.epoch, self._metrics_line)
         self._start_loggers()
         checkpoints = self.run_dir / "checkpoints"
-        if self.epoch > 0 and self.best["epoch"] == self.epoch:
+        if self.epoch > 0 and self.best["epoch"] == self.epoch and _epoch_of(checkpoints / "best.pt") != self.epoch:
             with atomic_path(checkpoints / "best.pt") as tmp:
                 shutil.copyfile(checkpoints / "last.pt", tmp)
         elif self.best["epoch"] < 1:
@@ -442,7 +450,33 @@ class Trainer:
                 self.elapsed = time.monotonic() - clock
                 self.stage_elapsed = time.monotonic() - self._stage_clock
                 record = self._after_epoch(losses, stage.name, t0)
+        self._fit_codes()
         return record
+
+    def _fit_codes(self) -> None:
+        """A guidance with ``fit_codes``: map each class to the code that served its validation volumes best
+        (``set_code_map``, see plugins/guidance/film.py), in best.pt, once; ``code_fit.json`` records the
+        gains. Written before best.pt, so a run stopped in between fits again when resumed."""
+        guidance = self.model.guidance
+        best = self.run_dir / "checkpoints" / "best.pt"
+        if not self.dist.is_main or guidance is None or not getattr(guidance, "fit_codes", False) \
+                or not best.is_file():
+            return
+        ckpt = load_checkpoint(best)
+        self.model.load_state_dict(ckpt.model)
+        if bool(guidance.codes_fitted):
+            return
+        guidance.reset_code_map()
+        gains = self.validator.code_gains()
+        mapping = guidance.set_code_map(gains)
+        fit = {"checkpoint": "best.pt", "epoch": ckpt.epoch, "drfs": self.drfs, "subjects": self.val_subjects,
+               "gains_db": {str(d): [round(float(g), 4) for g in row] for d, row in zip(self.drfs, gains, strict=True)},
+               "code_of": {str(d): self.drfs[c] for d, c in zip(self.drfs, mapping, strict=True)}}
+        with atomic_path(self.run_dir / "code_fit.json") as tmp:
+            tmp.write_text(json.dumps(fit, indent=2) + "\n")
+        dataclasses.replace(ckpt, model=self.model.state_dict()).save(best)
+        self._say("DRF codes fitted on the validation split (best.pt, code_fit.json): "
+                  + ", ".join(f"DRF {d} -> {c}" for d, c in fit["code_of"].items()))
 
     def _non_finite(self, step: int, what: str) -> UserError:
         kept = (f"checkpoints/last.pt keeps epoch {self.saved_epoch}" if self.saved_epoch
@@ -564,3 +598,11 @@ class Trainer:
     def predict_volume(self, low: torch.Tensor, coarse_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Whole-volume prediction through the run's :class:`Predictor` (the current stage's refiner switch)."""
         return self.predictor.predict(low, use_refiner=self.stages.use_refiner and not coarse_only)
+
+
+def _epoch_of(path: Path) -> int | None:
+    """The epoch a checkpoint file holds, or None when it is missing or unreadable (then it is rewritten)."""
+    try:
+        return load_checkpoint(path).epoch if path.is_file() else None
+    except (UserError, OSError, RuntimeError):
+        return None

@@ -116,6 +116,26 @@ class Validator:
         out["gain"] = weighted_gain(out)
         return out
 
+    @torch.no_grad()
+    def code_gains(self) -> torch.Tensor:
+        """Mean PSNR gain over the input ``[true class, code]`` of the validation volumes conditioned on every
+        code of a guided model (the whole model, refiner included); NaN rows for classes without volumes."""
+        from lowdose_toolkit.evaluation.metrics import psnr
+
+        k = len(self.drfs)
+        sums, counts = torch.zeros(k, k, dtype=torch.float64), torch.zeros(k, 1, dtype=torch.float64)
+        self.model.eval()
+        for i in range(len(self.val_set)):
+            subject = self.val_set[i]
+            low, full = subject["low"].data.float(), subject["full"].data.float()
+            cls, base = int(subject["drf_class"]), psnr(full[0], low[0])
+            for code in range(k):
+                pred, _ = self.predictor.predict(low, drf_class=code)
+                sums[cls, code] += psnr(full[0], pred[0]) - base
+            counts[cls] += 1
+        self.model.train()
+        return sums / counts  # 0/0 = NaN for a class without validation volumes
+
     def _calibrate_dose_head(self) -> float | None:
         """Calibrate a dose head that can be (``calibrate(statistics, classes)``, see ``parts.py``) on whole
         training volumes; returns its training accuracy, or None. The statistics are computed once."""

@@ -22,6 +22,11 @@ ML-Net's decoder and (when the refiner declares modulation points, as Contextual
   as in the challenge), ``E[full | low] = low / k + (1 - 1/k) E[truth | low]``, so at DRF 4 at most
   75 % of the deviation from the input is removed, at DRF 100 99 %; with independent acquisitions that
   structure does not hold, so it is not the default; ``none``: no gate.
+* ``fit_codes`` maps, at inference, each class to the code that served the validation volumes of that
+  class best (fitted once after training, :meth:`FiLMGuidance.set_code_map`; the trainer does it and
+  writes ``code_fit.json``). Each code learns the strength its training loss wants on patches, which
+  measured one class stronger than whole-volume PSNR wants on held-out subjects (docs/RESULTS.md,
+  "The DRF code"); the map corrects that on data the model was not trained on. Training never uses it.
 """
 
 from __future__ import annotations
@@ -77,6 +82,8 @@ class FiLMGuidance(nn.Module):
             generator); each guided part has its own.
         lr_scale: Factor on the learning rate of these parameters: the FiLM layers start at zero and
             a handful of per-class gates must move within a few hundred steps.
+        fit_codes: After training, map each class to its best code on the validation split (see the
+            module docstring); the map (``code_map``, identity until fitted) is saved with the model.
 
     Example:
         >>> g = FiLMGuidance(channels={"generator": [8, 4]}, drfs=[4, 100])
@@ -87,7 +94,8 @@ class FiLMGuidance(nn.Module):
 
     def __init__(self, channels: dict[str, list[int]], drfs: list[int], hidden: int = 64,
                  teacher_forcing: float = 0.5, detach: bool = True,
-                 gate: Literal["learned", "listmode", "none"] = "learned", lr_scale: float = 10.0) -> None:
+                 gate: Literal["learned", "listmode", "none"] = "learned", lr_scale: float = 10.0,
+                 fit_codes: bool = False) -> None:
         super().__init__()
         if not channels or not all(channels.values()):
             raise UserError(f"film: every guided part needs modulation points, got film_channels {channels}")
@@ -109,6 +117,10 @@ class FiLMGuidance(nn.Module):
         self.detach = detach
         self.gate = gate
         self.lr_scale = lr_scale
+        self.fit_codes = fit_codes
+        #: The code each class is conditioned on at inference (identity until :meth:`set_code_map`).
+        self.register_buffer("code_map", torch.arange(self.num_classes))
+        self.register_buffer("codes_fitted", torch.zeros((), dtype=torch.bool))
         #: One conditioning module per guided part, named as the ``train.stages`` part it belongs to (a stage
         #: that trains only the refiner trains the refiner's conditioning, not the generator's).
         self.stage_parts = nn.ModuleDict({part: PartFiLM(c, self.num_classes, hidden, gate == "learned")
@@ -126,12 +138,40 @@ class FiLMGuidance(nn.Module):
         if self.detach:
             probs = probs.detach()
         if drf_class is None:
-            return probs
+            return probs if self.training else self._mapped(probs)
         onehot = F.one_hot(drf_class.long().view(-1), self.num_classes).float()
         if not self.training:
-            return onehot
+            return self._mapped(onehot)
         forced = torch.rand(onehot.shape[0], 1, device=onehot.device) < self.teacher_forcing
         return torch.where(forced, onehot, probs)
+
+    def _mapped(self, probs: torch.Tensor) -> torch.Tensor:
+        """Each class's probability moved to its code (:attr:`code_map`; the identity leaves ``probs``)."""
+        move = F.one_hot(self.code_map.long(), self.num_classes).to(probs.dtype)  # [class, code]
+        return probs @ move
+
+    def set_code_map(self, gains: torch.Tensor) -> list[int]:
+        """Map each class to the code with the highest mean gain ``gains[class, code]`` (validation volumes of
+        that class conditioned on every code); a class without volumes (a NaN row) keeps its own code."""
+        if tuple(gains.shape) != (self.num_classes, self.num_classes):
+            raise ValueError(f"set_code_map expects gains [{self.num_classes}, {self.num_classes}], "
+                             f"got {tuple(gains.shape)}")
+        own = torch.arange(self.num_classes, device=self.code_map.device)
+        best = torch.nan_to_num(gains.float(), nan=-torch.inf).argmax(dim=1).to(own.device)
+        mapping = torch.where(torch.isnan(gains).all(dim=1).to(own.device), own, best)
+        self.code_map.copy_(mapping)
+        self.codes_fitted.fill_(True)
+        return [int(c) for c in mapping]
+
+    def reset_code_map(self) -> None:
+        """Back to the identity (each class its own code), e.g. before measuring every code."""
+        self.code_map.copy_(torch.arange(self.num_classes, device=self.code_map.device))
+        self.codes_fitted.fill_(False)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001, ANN002, ANN003
+        for name, default in (("code_map", torch.arange(self.num_classes)), ("codes_fitted", torch.tensor(False))):
+            state_dict.setdefault(prefix + name, default)  # a model saved before code maps existed: identity
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, probs: torch.Tensor) -> dict[str, Conditioning]:
         """The conditioning of each guided part (``generator``, ``refiner``) for a code ``[B, K]``."""
@@ -147,7 +187,7 @@ class FiLMGuidance(nn.Module):
     def extra_repr(self) -> str:
         return (f"channels={self.channels}, drfs={self.drfs}, hidden={self.hidden}, "
                 f"teacher_forcing={self.teacher_forcing}, detach={self.detach}, gate={self.gate!r}, "
-                f"lr_scale={self.lr_scale}")
+                f"lr_scale={self.lr_scale}, fit_codes={self.fit_codes}")
 
 
 @hookimpl
