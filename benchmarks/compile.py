@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from train_step import synthetic_batch  # this folder's training-step benchmark: the same batch
 
 from lowdose_toolkit.core.device import resolve_device
 from lowdose_toolkit.core.plugin_manager import get_registry
@@ -81,13 +82,8 @@ def inference(checkpoint: Path, device: torch.device, precision: str, repeats: i
 
 def training(recipe_path: str, device: torch.device, precision: str, steps: int) -> None:
     recipe = resolve_recipe(load_recipe(recipe_path, []), get_registry(), recipe_path)
-    p = recipe["data"]["patch_size"]
-    size = (p, p, p) if isinstance(p, int) else tuple(p)
-    b = recipe["data"]["batch_size"]
-    g = torch.Generator().manual_seed(0)
-    batch = {"low": torch.rand(b, 1, *size, generator=g), "full": torch.rand(b, 1, *size, generator=g),
-             "drf_class": torch.randint(0, len(recipe["data"]["drfs"]), (b,), generator=g)}
-    batch = {k: v.to(device) for k, v in batch.items()}
+    batch = synthetic_batch(recipe, device)
+    b, size = batch["low"].shape[0], tuple(batch["low"].shape[2:])
     result = {}
     for name, wrap in (("eager", None), ("compiled", lambda m: torch.compile(m, dynamic=False))):
         torch.manual_seed(0)

@@ -86,6 +86,17 @@ def plain_path(recipe: dict, device: torch.device, precision: str):
     return step
 
 
+def synthetic_batch(recipe: dict, device: torch.device) -> dict[str, torch.Tensor]:
+    """One seeded random batch of the recipe's batch size and patch (low, full, drf_class) on ``device``."""
+    p = recipe["data"]["patch_size"]
+    size = (p, p, p) if isinstance(p, int) else tuple(p)
+    b = recipe["data"]["batch_size"]
+    g = torch.Generator().manual_seed(0)
+    batch = {"low": torch.rand(b, 1, *size, generator=g), "full": torch.rand(b, 1, *size, generator=g),
+             "drf_class": torch.randint(0, len(recipe["data"]["drfs"]), (b,), generator=g)}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def timed(step, batch: dict, steps: int, device: torch.device) -> list[float]:
     times = []
     for _ in range(steps):
@@ -146,13 +157,8 @@ def main() -> None:
         raise SystemExit("this benchmark's plain loop is the paired-GAN one; use a recipe with a discriminator")
     device = resolve_device(args.device)
     precision = {"none": "fp32"}.get(args.amp, args.amp)  # autocast on the CPU too
-    p = recipe["data"]["patch_size"]
-    size = (p, p, p) if isinstance(p, int) else tuple(p)
-    b = recipe["data"]["batch_size"]
-    g = torch.Generator().manual_seed(0)
-    batch = {"low": torch.rand(b, 1, *size, generator=g), "full": torch.rand(b, 1, *size, generator=g),
-             "drf_class": torch.randint(0, len(recipe["data"]["drfs"]), (b,), generator=g)}
-    batch = {k: v.to(device) for k, v in batch.items()}
+    batch = synthetic_batch(recipe, device)
+    b, size = batch["low"].shape[0], tuple(batch["low"].shape[2:])
     engine, plain = engine_path(recipe, device, precision), plain_path(recipe, device, precision)
     timed(engine, batch, 2, device)
     timed(plain, batch, 2, device)
