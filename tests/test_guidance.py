@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -277,6 +278,21 @@ def guided_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     recipe = write(root / "recipe.yaml", text)
     assert main(["run", str(recipe), "--out", str(root / "run")]) == 0
     return root / "run"
+
+
+def test_a_cpu_run_does_not_warn_about_cuda_medians(tmp_path: Path) -> None:
+    """torch warns "median CUDA with indices ... deterministic" on a CPU too once deterministic mode is on
+    (the noise_level head's statistics): a CUDA warning in a CPU run only misleads, so training hides it."""
+    data = make_tiny_dataset(tmp_path / "data")
+    text = tiny_recipe(data).replace("depth: 2}", "depth: 2, residual: true}").replace("epochs: 3", "epochs: 1")
+    text = text.replace("{name: dose_classifier, input: bottleneck, hidden: [8]}]",
+                        "{name: noise_level, input: image, hidden: 4}]\n"
+                        "  guidance: {name: film, head: noise_level, hidden: 4}")
+    recipe = write(tmp_path / "recipe.yaml", text.replace("on: dose_classifier}", "on: noise_level}"))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert main(["run", str(recipe), "--out", str(tmp_path / "run")]) == 0
+    assert not [w for w in seen if "median CUDA" in str(w.message)]
 
 
 def test_a_refiner_stage_trains_the_refiners_conditioning_only(guided_run: Path) -> None:
