@@ -351,7 +351,9 @@ def test_infer_drf_conditions_a_guided_model_and_is_refused_otherwise(guided_run
     volume = str(data / "sub00" / "drf_004.nii.gz")
     assert main(["infer", str(guided_run), volume, "--out", str(tmp_path / "a"), "--drf", "100"]) == 0
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())["volumes"][0]
-    assert summary["conditioned_on"] == "DRF 100 (--drf)" and summary["predicted_drf"] in (4, 100)
+    code = json.loads((guided_run / "code_fit.json").read_text())["code_of"]["100"]  # the fitted map
+    via = "" if code == 100 else f" via the DRF {code} code"
+    assert summary["conditioned_on"] == f"DRF 100 (--drf){via}" and summary["predicted_drf"] in (4, 100)
     assert main(["infer", str(guided_run), volume, "--out", str(tmp_path / "b"), "--drf", "7"]) == 2
     assert "--drf 7: the model was trained on DRFs [4, 100]" in capsys.readouterr().err
 

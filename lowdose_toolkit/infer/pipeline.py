@@ -195,7 +195,10 @@ def denoise_all(predictor: Predictor, jobs: Sequence[Any], out: Path, console: A
                 no_preview(row, job, exc)
         dose = predictor.verdict(probs)
         if dose and conditioned_on:
-            dose["conditioned_on"] = conditioned_on
+            cls = drf_class if drf_class is not None else predictor.drfs.index(dose["predicted_drf"])
+            code = predictor.code_drf(cls)
+            mapped = code is not None and code != predictor.drfs[cls]
+            dose["conditioned_on"] = f"{conditioned_on} via the DRF {code} code" if mapped else conditioned_on
         return pred, mips, dose
 
     def recover() -> None:

@@ -241,6 +241,15 @@ class Predictor:
             self._compiled_window = torch.compile(forward_window, dynamic=False)
         return self._compiled_window
 
+    def code_drf(self, drf_class: int) -> int | None:
+        """The DRF whose code conditions a volume of class ``drf_class``: its own unless the guidance fitted a
+        map after training (``code_map``, see plugins/guidance/film.py); None when not known here (no
+        guidance, or an exported model, whose map is inside its graph)."""
+        if self.exported is not None or self.model is None or self.model.guidance is None:
+            return None
+        code_map = getattr(self.model.guidance, "code_map", None)
+        return self.drfs[int(code_map[drf_class])] if code_map is not None else self.drfs[drf_class]
+
     def verdict(self, probs: torch.Tensor | None) -> dict[str, Any]:
         """``predicted_drf`` and its probability, for summaries (empty without a dose head)."""
         if probs is None:
