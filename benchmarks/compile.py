@@ -7,7 +7,7 @@ This measures, in one process, the two places it could go:
   refiner; BatchNorm folded, the device's memory format) on one window of the checkpoint's size,
   eager against ``torch.compile``, at each precision asked for; the first compiled call is reported
   separately (compile time), the steady state as the median of ``--repeats`` calls, and the outputs
-  compared (PSNR of compiled against eager, peak = the window's max);
+  compared (PSNR of compiled against eager, peak = eager's max, as the challenge's PSNR);
 * training: one engine step of the recipe (its scheme; batch and patch from the recipe), eager
   against the networks wrapped in ``torch.compile`` (the scheme's ``wrap`` hook, as DDP wraps them).
 
@@ -28,6 +28,7 @@ from train_step import synthetic_batch  # this folder's training-step benchmark:
 from lowdose_toolkit.core.device import resolve_device
 from lowdose_toolkit.core.plugin_manager import get_registry
 from lowdose_toolkit.core.recipe import load_recipe, resolve_recipe
+from lowdose_toolkit.evaluation.metrics import psnr
 from lowdose_toolkit.infer.precision import autocast as autocast_context
 from lowdose_toolkit.infer.predictor import Predictor, forward_window
 from lowdose_toolkit.train.build import build_training
@@ -48,11 +49,6 @@ def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
     return first, statistics.median(times)
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = float(((a.float() - b.float()) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(float(b.max()) ** 2 / mse)).item()
-
-
 def inference(checkpoint: Path, device: torch.device, precision: str, repeats: int) -> None:
     predictor, _ = Predictor.from_checkpoint(checkpoint, device, precision)
     model = predictor.model
@@ -67,15 +63,15 @@ def inference(checkpoint: Path, device: torch.device, precision: str, repeats: i
         with torch.no_grad(), autocast_context(device, predictor.precision):
             return forward_window(model, x)[0]
 
-    compiled_fn = torch.compile(lambda t: forward_window(model, t)[0])
+    compiled_fn = torch.compile(forward_window, dynamic=False)  # as Predictor(compiled=True) compiles it
 
     def compiled() -> torch.Tensor:
         with torch.no_grad(), autocast_context(device, predictor.precision):
-            return compiled_fn(x)
+            return compiled_fn(model, x)[0]
 
-    e_first, e = timed(eager, repeats)
+    _, e = timed(eager, repeats)
     c_first, c = timed(compiled, repeats)
-    agree = psnr(compiled(), eager())
+    agree = psnr(eager()[0, 0].float(), compiled()[0, 0].float())
     print(f"inference {predictor.precision:>4}, window {size}: eager {e:.3f} s, compiled {c:.3f} s "
           f"(eager/compiled {e / c:.2f}x; first compiled call {c_first:.1f} s); compiled vs eager {agree:.1f} dB")
 
