@@ -40,12 +40,10 @@ from lowdose_toolkit.infer.predictor import Predictor, model_from_checkpoint  # 
 def test_volumes(run: Path, ckpt) -> list[tuple[int, torch.Tensor, torch.Tensor]]:  # noqa: ANN001
     from lowdose_toolkit.core.plugin_manager import get_registry
     from lowdose_toolkit.core.recipe import resolve_recipe
-    from lowdose_toolkit.data.datasets import pairs_dataset
+    from lowdose_toolkit.evaluation.subjects import subject_pairs
 
     recipe = resolve_recipe(ckpt.recipe, get_registry(), "checkpoint recipe")
-    source = get_registry().build("source", recipe["data"]["source"], "data.source", context={"drfs": ckpt.drfs})
-    records = [r for r in source.records() if r.subject in set(ckpt.split["test"])]
-    ds = pairs_dataset(records, ckpt.drfs, recipe["data"]["normalization"])
+    ds = subject_pairs(recipe, ckpt.split["test"], ckpt.drfs)
     return [(int(ds[i]["drf"]), ds[i]["low"].data.float(), ds[i]["full"].data.float()) for i in range(len(ds))]
 
 

@@ -11,9 +11,8 @@ from pathlib import Path
 import torch
 
 from lowdose_toolkit.core.checkpoint import load_checkpoint
-from lowdose_toolkit.core.plugin_manager import get_registry
-from lowdose_toolkit.data.datasets import pairs_dataset
 from lowdose_toolkit.evaluation.metrics import psnr
+from lowdose_toolkit.evaluation.subjects import subject_pairs
 from lowdose_toolkit.infer.predictor import Predictor
 
 run = Path(sys.argv[1])
@@ -26,9 +25,7 @@ if not held_out:
 predictor, recipe = Predictor.from_checkpoint(ckpt, torch.device("cpu"), "fp32")
 guidance = predictor.model.guidance
 fitted = guidance.code_map.clone()
-src = get_registry().build("source", recipe["data"]["source"], "data.source", context={"drfs": list(ckpt.drfs)})
-ds = pairs_dataset([r for r in src.records() if r.subject in set(held_out)], list(ckpt.drfs),
-                   recipe["data"]["normalization"])
+ds = subject_pairs(recipe, held_out, ckpt.drfs)
 rows: dict[int, list[tuple[float, float]]] = {}
 with torch.no_grad():
     for i in range(len(ds)):

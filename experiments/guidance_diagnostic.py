@@ -15,9 +15,8 @@ import numpy as np
 import torch
 
 from lowdose_toolkit.core.checkpoint import load_checkpoint
-from lowdose_toolkit.core.plugin_manager import get_registry
-from lowdose_toolkit.data.datasets import pairs_dataset
 from lowdose_toolkit.evaluation.metrics import compute_all
+from lowdose_toolkit.evaluation.subjects import subject_pairs
 from lowdose_toolkit.infer.predictor import Predictor
 
 run = Path(sys.argv[1])
@@ -27,9 +26,7 @@ ckpt = load_checkpoint(run / "checkpoints" / f"{ck}.pt")
 predictor, recipe = Predictor.from_checkpoint(ckpt, torch.device("cpu"), "fp32")
 model = predictor.model
 drfs = list(ckpt.drfs)
-src = get_registry().build("source", recipe["data"]["source"], "data.source", context={"drfs": drfs})
-ids = set(ckpt.split[which])
-ds = pairs_dataset([r for r in src.records() if r.subject in ids], drfs, recipe["data"]["normalization"])
+ds = subject_pairs(recipe, ckpt.split[which], drfs)
 res: dict[int, list] = {}
 codes: dict[int, list] = {}
 with torch.no_grad():

@@ -98,6 +98,8 @@ SCHEMA: Schema = {
         "split": {
             "val": Field(float | int, 0.2, "fraction (<1) or number of validation subjects", NON_NEGATIVE),
             "test": Field(float | int, 0.2, "fraction (<1) or number of test subjects", NON_NEGATIVE),
+            "seed": Field(int | None, None, "seed of the subject shuffle (default: the recipe's seed); fix it to "
+                          "vary the training seed on one split", Range(0, 2**32 - 1)),
         },
     },
     "model": {

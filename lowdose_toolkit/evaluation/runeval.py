@@ -103,10 +103,9 @@ def evaluate_run(
 
     from lowdose_toolkit.core.checkpoint import load_checkpoint
     from lowdose_toolkit.core.device import resolve_device
-    from lowdose_toolkit.core.plugin_manager import get_registry
-    from lowdose_toolkit.data.datasets import pairs_dataset
     from lowdose_toolkit.evaluation.metrics import body_mask, check_ssim_range, compute_all
     from lowdose_toolkit.evaluation.results import write_results
+    from lowdose_toolkit.evaluation.subjects import subject_pairs
     from lowdose_toolkit.evaluation.summary import aggregate, summary_markdown
     from lowdose_toolkit.infer.precision import training_precision
     from lowdose_toolkit.infer.predictor import Predictor, confusion_matrix
@@ -133,14 +132,13 @@ def evaluate_run(
     ssim_range = ssim_range or cfg["ssim_range"]
     check_ssim_range(ssim_range)
     out = results_dir(run_dir, out, mask)
-    registry = get_registry()
     drfs = list(ckpt.drfs)
-    source = registry.build("source", recipe["data"]["source"], "data.source", context={"drfs": drfs})
-    test_ids = set(ckpt.split["test"])
-    records = [r for r in source.records() if r.subject in test_ids]
-    if not records:
+    if not ckpt.split["test"]:
         raise UserError(f"{run_dir}: the run has no test subjects (data.split.test is 0)")
-    dataset = pairs_dataset(records, drfs, recipe["data"]["normalization"])
+    dataset = subject_pairs(recipe, ckpt.split["test"], drfs)
+    if not len(dataset):
+        raise UserError(f"{run_dir}: none of the run's test subjects {ckpt.split['test']} is in its data source "
+                        "any more; evaluate with the data it was trained on")
     rows: list[dict[str, Any]] = []
     dose_true: list[int] = []
     dose_pred: list[int] = []
@@ -170,7 +168,7 @@ def evaluate_run(
     if mask:
         settings["mask_threshold"] = mask_threshold
     facts: dict[str, Any] = {"method": method, "checkpoint": str(path), "epoch": ckpt.epoch,
-                             "test_subjects": sorted(test_ids)}
+                             "test_subjects": sorted(set(ckpt.split["test"]))}
     text = f"### {method} on held-out test subjects\n\n" + summary_markdown(summary, settings)
     if dose_true:
         head = model.dose_head

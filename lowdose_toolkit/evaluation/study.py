@@ -190,15 +190,9 @@ def _write_summary_csv(summary: Sequence[Mapping[str, Any]], path: Path) -> None
 
 def _test_dataset(recipe: Mapping[str, Any], run_dir: Path, split: str = "test") -> Any:
     from lowdose_toolkit.core.checkpoint import load_checkpoint
-    from lowdose_toolkit.core.plugin_manager import get_registry
-    from lowdose_toolkit.data.datasets import pairs_dataset
+    from lowdose_toolkit.evaluation.subjects import subject_pairs
 
-    ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-    ids = set(ckpt.split[split])
-    source = get_registry().build("source", recipe["data"]["source"], "data.source",
-                                  context={"drfs": recipe["data"]["drfs"]})
-    records = [r for r in source.records() if r.subject in ids]
-    return pairs_dataset(records, recipe["data"]["drfs"], recipe["data"]["normalization"])
+    return subject_pairs(recipe, load_checkpoint(run_dir / "checkpoints" / "last.pt").split[split])
 
 
 def evaluate_classical(recipe: Mapping[str, Any], run_dir: Path, study: Mapping[str, Any], out: Path,

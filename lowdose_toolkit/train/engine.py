@@ -151,7 +151,8 @@ class Trainer:
         self.source = registry.build("source", recipe["data"]["source"], "data.source", context={"drfs": self.drfs})
         self.records: list[SubjectRecord] = self.source.records()
         split = recipe["data"]["split"]
-        self.split: Split = split_records(self.records, split["val"], split["test"], recipe["seed"])
+        self.split: Split = split_records(self.records, split["val"], split["test"],
+                                          recipe["seed"] if split["seed"] is None else split["seed"])
         if not self.split.val:
             raise RecipeError("data.split.val: validation needs at least one subject (the scheduler monitors it)")
         data_cfg = recipe["data"]

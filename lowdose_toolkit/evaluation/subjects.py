@@ -1,0 +1,20 @@
+"""The (low, full) volume pairs of named subjects, as a run saw them: one helper for ``ldt evaluate``, the
+study, the experiments and the benchmarks, which all re-read a checkpoint's split from its data source."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+
+def subject_pairs(recipe: Mapping[str, Any], subjects: Iterable[str], drfs: Sequence[int] | None = None) -> Any:
+    """The pairs dataset (:func:`lowdose_toolkit.data.datasets.pairs_dataset`) of ``subjects`` at every DRF of
+    ``drfs`` (default the recipe's ``data.drfs``), from the recipe's data source and normalised as it
+    trained; empty when none of ``subjects`` is in the source. ``recipe`` is resolved (e.g. a checkpoint's)."""
+    from lowdose_toolkit.core.plugin_manager import get_registry
+    from lowdose_toolkit.data.datasets import pairs_dataset
+
+    drfs = list(recipe["data"]["drfs"] if drfs is None else drfs)
+    source = get_registry().build("source", recipe["data"]["source"], "data.source", context={"drfs": drfs})
+    wanted = set(subjects)
+    return pairs_dataset([r for r in source.records() if r.subject in wanted], drfs, recipe["data"]["normalization"])
