@@ -37,7 +37,10 @@ Module contracts (all tensors are ``[B, C, D, H, W]``):
   A dose head may also be *calibrated* on whole volumes: ``statistics(image) -> [B, F]`` (fixed: no
   trained weights, so the engine computes them once) and ``calibrate(statistics, classes) -> accuracy``;
   the engine calls it before each validation with whole training volumes, and the head uses the
-  calibrated classifier in eval mode (``noise_level`` does).
+  calibrated classifier in eval mode (``noise_level`` does). A dose head may also classify a *whole
+  volume* of any size, ``volume_logits(volume [1, 1, X, Y, Z]) -> [1, num_classes]`` (in bounded
+  memory); inference then calls it once per volume and conditions every sliding window of a guided
+  model on it (``Predictor.dose_estimate``; ``noise_level`` does), instead of the head on each window.
 * guidance: ``code(logits, drf_class=None) -> probs [B, num_classes]`` (the head's softmax; the true
   class where given: always in eval mode, for a fraction of samples in training) and
   ``forward(probs) -> {part: Conditioning}`` (:mod:`lowdose_toolkit.guidance`: per guided part,

@@ -83,6 +83,7 @@ def test_exported_model_equals_the_pytorch_model_at_two_window_sizes(exported, f
     low = volume((1, 30, 26, 34), 5)
     for patch in (16, 21):
         reference = Predictor.from_checkpoint(ckpt, CPU, "fp32", patch_size=patch)[0]
+        reference.dose_estimate = "window"  # as the exported graph runs its head
         predictor = Predictor.from_file(files[fmt], CPU, trust_torchscript=True, patch_size=patch)
         assert predictor.exported is not None and predictor.exported.format == fmt and predictor.model is None
         assert predictor.window == {**reference.window} and predictor.drfs == (4, 100) and predictor.guided
@@ -171,7 +172,9 @@ def test_ldt_infer_on_the_exported_file_writes_the_checkpoints_prediction(export
     outputs = {}
     trust = ["--trust-torchscript"]
     compiled = ["--compile"] if fmt == "onnx" else []  # the checkpoint through torch.compile once (seconds)
-    for name, model, extra in (("ckpt", ckpt, ["--precision", "fp32", *compiled]), ("exported", files[fmt], trust)):
+    window = ["--dose-estimate", "window"]  # as the exported graph runs its head
+    for name, model, extra in (("ckpt", ckpt, ["--precision", "fp32", *window, *compiled]),
+                               ("exported", files[fmt], trust)):
         out = tmp_path / name
         assert main(["infer", str(model), str(tmp_path / "scan.nii.gz"), "--out", str(out), "--no-previews",
                      *extra]) == 0
@@ -180,11 +183,12 @@ def test_ldt_infer_on_the_exported_file_writes_the_checkpoints_prediction(export
                          json.loads((out / "summary.json").read_text()))
     (want, want_row, want_meta), (got, row, meta) = outputs["ckpt"], outputs["exported"]
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * float(np.abs(want).max()))
-    assert row["predicted_drf"] == want_row["predicted_drf"] and row["conditioned_on"] == "dose head"
+    assert row["predicted_drf"] == want_row["predicted_drf"] and row["conditioned_on"] == "dose head per window"
     assert abs(float(row["drf_probability"]) - float(want_row["drf_probability"])) <= 1.5e-4
     assert meta["model_format"] == fmt and want_meta["model_format"] == "checkpoint"
     assert meta["precision"] == "fp32" and meta["normalization"] == "robust"
     assert want_meta["compiled"] is bool(compiled) and meta["compiled"] is False
+    assert want_meta["dose_estimate"] == meta["dose_estimate"] == "window"
 
 
 def test_an_exported_model_writes_dicom_naming_itself(exported, tmp_path: Path) -> None:
@@ -218,7 +222,9 @@ def test_other_models_export_to_onnx(tmp_path: Path, name: str, edit) -> None:
     meta, worst = export_model(ckpt, tmp_path / "m.onnx")
     assert worst <= 1e-4 and meta["guided"] == (name == "guided_uncalibrated_head")
     low = volume((1, 22, 25, 19), 4)
-    want, want_probs = Predictor.from_checkpoint(ckpt, CPU, "fp32")[0].predict(low)
+    reference = Predictor.from_checkpoint(ckpt, CPU, "fp32")[0]
+    reference.dose_estimate = "window"  # as the exported graph runs its head
+    want, want_probs = reference.predict(low)
     got, probs = Predictor.from_file(tmp_path / "m.onnx", CPU).predict(low)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
     if name == "no_head":

@@ -221,6 +221,18 @@ def test_noise_level_statistic_follows_log_drf_and_ignores_air() -> None:
     assert float(head.statistics(torch.zeros(1, 1, 12, 12, 12))[0, 0]) == 0.0  # no body: no evidence
 
 
+def test_noise_level_statistics_are_float32_under_bf16_autocast() -> None:
+    # The zero-sum filters subtract nearly equal activities: in bf16 (8-bit mantissa) the DRF 4 statistic
+    # was off by about one DRF step, so a bf16 training taught the head on statistics whole volumes lack.
+    head = NoiseLevelHead(in_channels=1, num_classes=5)
+    image = _poisson_like(4) + 10.0  # a low-noise scan on a high baseline: bf16's rounding would dominate
+    exact = head.statistics(image)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = head.statistics(image)
+    assert cast.dtype == torch.float32
+    assert torch.equal(cast, exact)
+
+
 def test_balanced_l1_weights_each_sample_by_its_inputs_error() -> None:
     from ldt_plugins.losses.l1 import L1Loss
 
@@ -354,6 +366,10 @@ def test_infer_drf_conditions_a_guided_model_and_is_refused_otherwise(guided_run
     code = json.loads((guided_run / "code_fit.json").read_text())["code_of"]["100"]  # the fitted map
     via = "" if code == 100 else f" via the DRF {code} code"
     assert summary["conditioned_on"] == f"DRF 100 (--drf){via}" and summary["predicted_drf"] in (4, 100)
+    assert main(["infer", str(guided_run), volume, "--out", str(tmp_path / "c"), "--patch-size", "12"]) == 0
+    written = json.loads((tmp_path / "c" / "summary.json").read_text())
+    assert written["volumes"][0]["conditioned_on"].startswith("dose head on the whole volume")
+    assert written["dose_estimate"] == "volume"
     assert main(["infer", str(guided_run), volume, "--out", str(tmp_path / "b"), "--drf", "7"]) == 2
     assert "--drf 7: the model was trained on DRFs [4, 100]" in capsys.readouterr().err
 
@@ -376,6 +392,57 @@ def test_calibrated_head_classifies_whole_volumes_confidently() -> None:
     assert float(probs.max(dim=1).values.min()) > 0.8
     head.train()  # in training (patches) the MLP, trained by the cross-entropy, decides
     assert not torch.allclose(head(_poisson_like(4, seed=7)).softmax(dim=1), probs[:1])
+
+
+@pytest.mark.parametrize("shape", [(40, 36, 50), (33, 41, 67)])
+def test_whole_volume_statistics_in_slabs_equal_the_statistics_of_the_volume(shape: tuple[int, int, int]) -> None:
+    """A whole-body scan is read in slabs (bounded memory); its medians are exact, whatever the slab."""
+    head = NoiseLevelHead(in_channels=1, num_classes=5)
+    activity = torch.zeros(shape)
+    activity[4:-4, 5:-5, 2:-2] = 1.5
+    activity[10:20, 10:20, :] = 4.0  # an organ through every slab
+    noisy = activity + torch.randn(shape, generator=torch.Generator().manual_seed(1)) * (activity * 0.02).sqrt()
+    x = noisy[None, None]
+    exact = head.statistics(x)
+    for slab in (1, 4, 7, 32):
+        torch.testing.assert_close(head.volume_statistics(x, max_voxels=1, slab=slab), exact, rtol=0, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(head.volume_statistics(x, max_voxels=1, slab=9), exact, rtol=0, atol=1e-6)
+    assert torch.equal(head.volume_statistics(torch.zeros(1, 1, 12, 12, 30), max_voxels=1)[0, :5], torch.zeros(5))
+    with pytest.raises(ValueError, match=r"expects \[1, 1, X, Y, Z\], got \(2, 1, 12, 12, 12\)"):
+        head.volume_statistics(torch.zeros(2, 1, 12, 12, 12))
+
+
+def test_every_window_is_conditioned_on_the_dose_heads_estimate_for_the_whole_volume(guided_run: Path) -> None:
+    from lowdose_toolkit.infer.predictor import Predictor
+
+    predictor = Predictor.from_checkpoint(guided_run, torch.device("cpu"), "fp32", patch_size=12, overlap=4)[0]
+    assert predictor.guided and predictor.whole_volume_dose
+    model = predictor.model
+    assert model is not None
+    calls: list[tuple[int, ...]] = []
+    estimate = model.volume_dose_logits
+
+    def sure_of(cls: int) -> None:
+        def logits(volume: torch.Tensor) -> torch.Tensor:
+            calls.append(tuple(volume.shape))
+            return torch.nn.functional.one_hot(torch.tensor([cls]), 2).float() * 30.0
+        model.volume_dose_logits = logits  # type: ignore[method-assign]
+
+    low = torch.rand(1, 20, 22, 18, generator=torch.Generator().manual_seed(2)) * 2
+    for cls in (0, 1):
+        sure_of(cls)
+        pred, probs = predictor.predict(low)
+        assert calls[-1] == (1, 1, 20, 22, 18) and probs is not None and int(probs.argmax()) == cls
+        torch.testing.assert_close(pred, predictor.predict(low, drf_class=cls)[0], rtol=0, atol=1e-5)
+    assert len(calls) == 4  # once per volume, not per window
+    model.volume_dose_logits = estimate  # type: ignore[method-assign]
+    by_volume = predictor.predict(low)
+    torch.testing.assert_close(by_volume[1], model.volume_dose_logits(low[None])[0].softmax(dim=0))
+    predictor.dose_estimate = "window"  # the head on each 12^3 window instead: its own (different) votes
+    assert not predictor.whole_volume_dose
+    by_window = predictor.predict(low)
+    assert not torch.allclose(by_window[1], by_volume[1])
 
 
 def test_lr_scale_puts_a_part_in_its_own_parameter_group() -> None:

@@ -283,7 +283,7 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
           batch_size: int | None, blending: str | None, device: str, precision: str, overwrite: bool,
           previews: bool = True, prefetch: bool = True, drf: int | None = None, skip_existing: bool = False,
           suv_factor: float | None = None, output_format: str | None = None, trust_torchscript: bool = False,
-          compile: bool = False) -> int:
+          compile: bool = False, dose_estimate: str = "volume") -> int:
     """Run the checkpoint's model over every input; returns the exit code (1 if any input failed).
 
     With ``previews``, ``OUT/previews/<name>.png`` shows coronal MIPs of each input and its output.
@@ -296,6 +296,8 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
     input gives a new series in ``OUT/<series folder>`` (:func:`lowdose_toolkit.data.dicom_out.save_dicom_like`).
     ``OUT`` is locked for the run; ``OUT/summary.csv`` is written whatever happens, Ctrl-C included.
     With ``compile``, a checkpoint's model runs through ``torch.compile`` (:attr:`Predictor.compiled`).
+    ``dose_estimate``: ``volume`` (the dose head classifies each whole volume, where it can) or ``window``
+    (:attr:`Predictor.dose_estimate`).
     """
     from rich.console import Console
     from rich.markup import escape
@@ -334,6 +336,8 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
     window = {"patch_size": patch_size, "overlap": None if overlap is None else (int(overlap) if overlap >= 1
                                                                                  else overlap),
               "batch_size": batch_size, "blending": blending}
+    if dose_estimate not in ("volume", "window"):
+        raise UserError(f"--dose-estimate {dose_estimate!r} is unknown; use volume or window")
     if ckpt is None and compile:
         raise UserError(f"--compile: {checkpoint} is an exported model, which runs as it was exported; leave "
                         "--compile out, or give the checkpoint it was exported from")
@@ -348,13 +352,15 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
     else:
         predictor, recipe = Predictor.from_checkpoint(ckpt, dev, precision.replace("none", "fp32"), compile=compile,
                                                       **window)
+        predictor.dose_estimate = dose_estimate
         derivation = Derivation(recipe["name"], recipe["model"]["generator"]["name"],
                                 f"{find_checkpoint(checkpoint).name} (epoch {ckpt.epoch})")
     runs_on = predictor.exported.runs_on if predictor.exported is not None else str(dev)
     drf_class = predictor.drf_class(drf)
     conditioned = None
     if predictor.guided and predictor.dose_head is not None:
-        conditioned = f"DRF {drf} (--drf)" if drf is not None else "dose head"
+        conditioned = f"DRF {drf} (--drf)" if drf is not None else \
+            "dose head on the whole volume" if predictor.whole_volume_dose else "dose head per window"
     assert predictor.normalization is not None
     method = predictor.normalization.method
     if suv_factor is not None and method != "suv":
@@ -376,7 +382,9 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
         meta = {"checkpoint": str(checkpoint), "model_format": predictor.exported.format
                 if predictor.exported is not None else "checkpoint", "normalization": method,
                 "precision": predictor.precision, "device": runs_on, "output_format": output_format or "input's",
-                "compiled": predictor.compiled}
+                "compiled": predictor.compiled,
+                "dose_estimate": None if predictor.dose_head is None else
+                "volume" if predictor.whole_volume_dose else "window"}
         try:
             denoise_all(predictor, [job for job, _ in todo], out, console, previews=previews, prefetch=prefetch,
                         drf_class=drf_class, conditioned_on=conditioned, rows=[row for _, row in todo],
@@ -435,8 +443,13 @@ def infer_cmd(
         False, "--compile", help="torch.compile the model (a checkpoint's): seconds to compile, then 1.3x faster in "
                                  "fp32 on a 2-core CPU; slower in bf16 there (docs/BENCHMARKS.md). For long batches."
     ),
+    dose_estimate: str = typer.Option(
+        "volume", "--dose-estimate", help="volume: the dose head estimates the DRF once per whole volume, which "
+                                          "conditions every window of a guided model; window: per window (as an "
+                                          "exported model does)."
+    ),
 ) -> None:
     """Denoise whole volumes with a trained model (sliding window, affine and header kept; NIfTI or DICOM out)."""
     raise typer.Exit(infer(checkpoint, inputs, out, patch_size, overlap, batch_size, blending, device, precision,
                            overwrite, previews, prefetch, drf, skip_existing, suv_factor, output_format,
-                           trust_torchscript, compile))
+                           trust_torchscript, compile, dose_estimate))

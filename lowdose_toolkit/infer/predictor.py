@@ -3,12 +3,15 @@
 Validation, ``ldt evaluate RUN_DIR``, ``ldt infer``, the study figure and the benchmarks all predict
 through it: the sliding window (``eval`` of the recipe, or overrides), one precision setting
 (:mod:`lowdose_toolkit.infer.precision`), the normalisation the model was trained under, the DRFs and the
-dose head. ``predict`` works in normalised units and returns the dose head's class probabilities
-averaged over the windows; ``denoise`` takes a volume in its own units and returns one in the same.
+dose head. ``predict`` works in normalised units and returns the dose head's class probabilities (on the
+whole volume, or averaged over the windows); :func:`lowdose_toolkit.infer.pipeline.denoise_all` applies it
+to volumes in their own units.
 
 The network behind it is a checkpoint's PyTorch model or a file written by ``ldt export``
 (:mod:`lowdose_toolkit.infer.export`): both compute :func:`forward_window` per window, and the sliding
-window, the normalisation and the vote over windows are this module's in both cases.
+window, the normalisation and the vote over windows are this module's in both cases. A guided checkpoint
+is conditioned on its dose head's estimate for the whole volume (:attr:`Predictor.dose_estimate`); an
+exported model's head runs inside its graph, per window.
 """
 
 from __future__ import annotations
@@ -53,17 +56,19 @@ def model_from_checkpoint(ckpt: Checkpoint, device: torch.device) -> tuple[LowDo
 
 
 def forward_window(model: LowDoseModel, x: torch.Tensor, use_refiner: bool = True,
-                   drf_class: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   drf_class: int | None = None, dose_logits: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One batch of windows ``[B, 1, d, h, w]`` -> ``(prediction, dose head softmax [B, K] or None)``.
 
     What the Predictor runs per window, and what ``ldt export`` traces (with ``drf_class=None``): a
-    guided model's head drives its conditioning inside this call.
+    guided model's head drives its conditioning inside this call, on the window, unless ``dose_logits``
+    (``[1, K]``, the head on the whole volume) are given.
     """
     head = model.dose_head
     if head is None:
         return model.predict(x, use_refiner), None
     cls = None if drf_class is None else torch.full((x.shape[0],), drf_class, device=x.device)
-    out = model(x, use_refiner=use_refiner, drf_class=cls)
+    out = model(x, use_refiner=use_refiner, drf_class=cls, dose_logits=dose_logits)
     return out["pred"], out[head].float().softmax(dim=1)
 
 
@@ -97,11 +102,16 @@ class Predictor:
         device: Where the model runs.
         precision: ``fp32``, ``bf16`` or ``fp16`` (resolved; see :func:`resolve_precision`).
         drfs: The DRFs the model was trained on (its dose classes, in order).
-        normalization: How inputs are normalised for :meth:`denoise`.
+        normalization: How inputs are normalised (``ldt infer``'s pipeline applies and inverts it).
         exported: A model file written by ``ldt export``, run instead of ``model``.
         compiled: Run ``model``'s per-window forward through ``torch.compile`` (static shapes; compiled on
             the first window, again for a smaller last batch). benchmarks/compile.py: 1.3x faster in fp32
             on a 2-core CPU, slower in bf16 (docs/BENCHMARKS.md), so it is asked for, never automatic.
+        dose_estimate: ``volume`` (default): a dose head that can classify a whole volume (``volume_logits``,
+            as ``noise_level``) does so once per volume, and every window of a guided model is conditioned
+            on that estimate; ``window``: the head runs on each window (the only way of an exported model
+            and of heads without ``volume_logits``). Windows smaller than the body make the per-window
+            estimate unreliable (docs/RESULTS.md, "Whole volumes larger than the window").
     """
 
     model: LowDoseModel | None
@@ -113,6 +123,7 @@ class Predictor:
     channels_last: bool = False
     exported: ExportedModel | None = None
     compiled: bool = False
+    dose_estimate: str = "volume"
     _compiled_window: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None = field(
         default=None, init=False, repr=False, compare=False)
 
@@ -202,13 +213,15 @@ class Predictor:
 
         ``drf_class`` conditions a guided model on that class (an oracle or the user's statement)
         instead of its head's prediction; ``use_refiner=False`` gives the coarse output. The
-        probabilities ``[num_classes]`` are the dose head's softmax averaged over the windows (None
-        without a dose head). The prediction is float32 on the CPU whatever the precision.
+        probabilities ``[num_classes]`` are the dose head's softmax on the whole volume (see
+        :attr:`dose_estimate`) or averaged over the windows (None without a dose head). The prediction
+        is float32 on the CPU whatever the precision.
         """
         from lowdose_toolkit.infer.sliding import infer_volume
 
         votes: list[torch.Tensor] = []
         exported, model = self.exported, self.model
+        logits = model.volume_dose_logits(low[None].float()) if model is not None and self.whole_volume_dose else None
         if exported is not None and (drf_class is not None or not use_refiner):
             raise UserError(f"{exported.path}: an exported model runs its whole forward (head-driven conditioning, "
                             "refiner); predict with the checkpoint for a stated DRF or the coarse output")
@@ -220,7 +233,7 @@ class Predictor:
                 pred, probs = exported(x)
             else:
                 assert model is not None
-                pred, probs = self._window()(model, x, use_refiner, drf_class)
+                pred, probs = self._window()(model, x, use_refiner, drf_class, logits)
             if probs is not None:
                 votes.append(probs.float().cpu())
             return pred
@@ -230,8 +243,21 @@ class Predictor:
             pred = infer_volume(low, run, patch_size=w["patch_size"], overlap=w["overlap"],
                                 batch_size=w["batch_size"], blending=w["blending"], device=self.device,
                                 amp=self.precision)
+        if logits is not None:
+            return pred, logits[0].float().softmax(dim=0).cpu()
         probs = torch.cat(votes).mean(dim=0) if votes else None
         return pred, probs
+
+    @property
+    def whole_volume_dose(self) -> bool:
+        """Whether the dose head classifies each whole volume once (:attr:`dose_estimate`), which then
+        conditions every window of a guided model, rather than each window on its own."""
+        if self.dose_estimate not in ("volume", "window"):
+            raise ValueError(f"dose_estimate={self.dose_estimate!r}: use 'volume' or 'window'")
+        if self.dose_estimate != "volume" or self.exported is not None or self.model is None:
+            return False
+        head = self.model.dose_head
+        return head is not None and callable(getattr(self.model.heads[head], "volume_logits", None))
 
     def _window(self) -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
         """:func:`forward_window`, compiled once if :attr:`compiled`."""

@@ -29,7 +29,9 @@ class LowDoseModel(nn.Module):
     With ``guidance``, the head it names (``guide_head``) runs on the features the generator hands over
     after its encoder, and the guidance part's conditioning modulates the decoder: the head's
     prediction reaches the image. ``drf_class`` (the true class) is used for teacher forcing in
-    training and as an oracle DRF in evaluation; without it the head alone decides.
+    training and as an oracle DRF in evaluation; without it the head alone decides. ``dose_logits``
+    (``[1 or B, K]``) are the guiding head's logits computed elsewhere, e.g. on the whole volume a window
+    belongs to (:meth:`volume_dose_logits`): the head is then not run on the window.
     """
 
     def __init__(
@@ -58,8 +60,16 @@ class LowDoseModel(nn.Module):
             return self.guide_head
         return next((n for n, t in self.head_targets.items() if t == "drf_class"), None)
 
+    def volume_dose_logits(self, volume: torch.Tensor) -> torch.Tensor | None:
+        """The dose head's class logits ``[1, K]`` for a whole volume ``[1, 1, X, Y, Z]`` when the head can give
+        them (``volume_logits``, see ``parts.py``), else None."""
+        name = self.dose_head
+        estimate = getattr(self.heads[name], "volume_logits", None) if name is not None else None
+        return None if estimate is None else estimate(volume)
+
     def forward(self, low: torch.Tensor, use_refiner: bool = True,
-                drf_class: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                drf_class: torch.Tensor | None = None,
+                dose_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
 
         def run_head(name: str, features: Mapping[str, torch.Tensor]) -> None:
@@ -71,7 +81,10 @@ class LowDoseModel(nn.Module):
             guidance, guide_head = self.guidance, self.guide_head
 
             def guide(features: dict[str, torch.Tensor]) -> Conditioning:
-                run_head(guide_head, features)
+                if dose_logits is None:
+                    run_head(guide_head, features)
+                else:
+                    out[guide_head] = dose_logits.to(low.device).expand(low.shape[0], -1)
                 conditions.update(guidance(guidance.code(out[guide_head], drf_class)))
                 out["guide_probs"] = conditions["generator"].probs
                 return conditions["generator"]

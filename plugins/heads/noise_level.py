@@ -25,6 +25,7 @@ without overlap between subjects (docs/RESULTS.md).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -143,12 +144,18 @@ class NoiseLevelHead(nn.Module):
     def statistics(self, image: torch.Tensor) -> torch.Tensor:
         """``[B, 7]``: per filter the median log noise energy per unit activity over the body voxels
         (Laplacian, Laplacian at half resolution, differences along x, y, z), the body fraction and the
-        log mean activity of the window. Fixed (no trained weights), so they can be cached."""
+        log mean activity of the window. Fixed (no trained weights), so they can be cached. Computed in float32
+        under any autocast: the zero-sum filters subtract nearly equal activities, which bf16's 8-bit mantissa
+        would round to noise of its own."""
         if image.ndim != 5 or image.shape[1] != 1:
             raise ValueError(f"NoiseLevelHead expects [B, 1, D, H, W], got {tuple(image.shape)}")
         if min(image.shape[2:]) < 10:
             raise ValueError(f"NoiseLevelHead needs windows of at least 10 voxels per side, got {tuple(image.shape)}")
-        x = image.float()
+        kind = image.device.type  # the meta device (the engine's dry run) has no autocast to switch off
+        with torch.autocast(kind, enabled=False) if kind in ("cpu", "cuda") else contextlib.nullcontext():
+            return self._statistics(image.float())  # fixed filters on raw activity: float32 always
+
+    def _statistics(self, x: torch.Tensor) -> torch.Tensor:
         local = self._local_mean(x)
         full = self._noise_medians(x, self.bank, local)
         half_x = F.avg_pool3d(x, 2)
@@ -160,11 +167,61 @@ class NoiseLevelHead(nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """Map an image ``[B, 1, D, H, W]`` (at least 10³) to DRF class logits ``[B, num_classes]``."""
         stats = self.statistics(image)
-        if not self.training:  # both branches, chosen by the flag: no data-dependent branch (torch.compile, export)
-            z = (stats - self.volume_mean) / self.volume_std
-            volume = z @ self.volume_weight.T + self.volume_bias
-            return torch.where(self.calibrated, volume, self._patch_logits(stats)).to(image.dtype)
+        if not self.training:
+            return self._eval_logits(stats).to(image.dtype)
         return self._patch_logits(stats).to(image.dtype)
+
+    def _eval_logits(self, stats: torch.Tensor) -> torch.Tensor:
+        """The calibrated whole-volume classifier once calibrated, else the patch MLP (both computed and
+        chosen by the flag: no data-dependent branch, for torch.compile and export)."""
+        z = (stats - self.volume_mean) / self.volume_std
+        volume = z @ self.volume_weight.T + self.volume_bias
+        return torch.where(self.calibrated, volume, self._patch_logits(stats))
+
+    @torch.no_grad()
+    def volume_logits(self, volume: torch.Tensor) -> torch.Tensor:
+        """DRF class logits ``[1, num_classes]`` of a whole volume ``[1, 1, X, Y, Z]`` of any size, in eval mode:
+        the calibrated classifier on :meth:`volume_statistics`. The Predictor conditions every sliding
+        window of a guided model on it: a window smaller than the body sees too few voxels, and a body
+        fraction and mean activity unlike the whole training volumes the classifier was calibrated on."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self._eval_logits(self.volume_statistics(volume))
+        finally:
+            self.train(was_training)
+
+    def volume_statistics(self, volume: torch.Tensor, max_voxels: int = 2**24, slab: int = 32) -> torch.Tensor:
+        """:meth:`statistics` ``[1, 7]`` of a whole volume ``[1, 1, X, Y, Z]`` in bounded memory.
+
+        Up to ``max_voxels`` voxels the volume goes through :meth:`statistics` at once (on this head's
+        device). A larger one (a whole-body scan) is read in slabs of ``slab`` planes along its last axis,
+        each moved to the head's device with the margin its filters need, and the medians are exact in two
+        passes: a histogram of each filter's values finds the bin that holds the median, the second pass
+        sorts that bin's values only. Float32 whatever the autocast, as :meth:`statistics`."""
+        if volume.ndim != 5 or volume.shape[:2] != (1, 1):
+            raise ValueError(f"volume_statistics expects [1, 1, X, Y, Z], got {tuple(volume.shape)}")
+        if min(volume.shape[2:]) < 10:
+            raise ValueError(f"NoiseLevelHead needs volumes of at least 10 voxels per side, got {tuple(volume.shape)}")
+        device = self.bank.device
+        if volume.numel() <= max_voxels:
+            return self.statistics(volume.to(device))
+        kind = device.type
+        with torch.autocast(kind, enabled=False) if kind in ("cpu", "cuda") else contextlib.nullcontext():
+            x = volume.float()
+            half_x = F.avg_pool3d(x, 2)
+            full = _slab_medians(x, self.bank, self.body_threshold, slab, device)
+            half = _slab_medians(half_x, self.bank[:1], self.body_threshold, slab, device)
+            body = activity = 0.0
+            for lo, hi in _partition(x.shape[-1], slab):
+                part = x[..., max(0, lo - 2):min(x.shape[-1], hi + 2)].to(device)
+                local = self._local_mean(part)[..., lo - max(0, lo - 2):hi - max(0, lo - 2)]
+                body += float((local > self.body_threshold).sum())
+                activity += float(part[..., lo - max(0, lo - 2):hi - max(0, lo - 2)].clamp(min=0).double().sum())
+            n = x[0, 0].numel()
+            fraction = torch.tensor([[body / n]], device=device)
+            log_activity = torch.log(torch.tensor([[activity / n]], device=device) + EPS)
+            return torch.cat([full[:, :1], half, full[:, 1:], fraction, log_activity], dim=1)
 
     def _patch_logits(self, stats: torch.Tensor) -> torch.Tensor:
         """The MLP trained on patches (by the recipe's cross-entropy) on the statistics ``[B, F]``."""
@@ -211,6 +268,64 @@ class NoiseLevelHead(nn.Module):
         return (f"in_channels={self.in_channels}, num_classes={self.num_classes}, hidden={self.hidden}, "
                 f"body_threshold={self.body_threshold}, lr_scale={self.lr_scale}, "
                 f"calibrated={bool(self.calibrated)}")
+
+
+def _partition(n: int, size: int) -> list[tuple[int, int]]:
+    """``[lo, hi)`` ranges of ``size`` (at least 3) covering ``0..n``; a last range under 3 joins the one before
+    (a slab with the filters' 2-plane margin then still holds the 5 planes of the local mean)."""
+    size = max(3, size)
+    ranges = [(lo, min(n, lo + size)) for lo in range(0, n, size)]
+    if len(ranges) > 1 and ranges[-1][1] - ranges[-1][0] < 3:
+        ranges[-2:] = [(ranges[-2][0], n)]
+    return ranges
+
+
+HISTOGRAM = (-60.0, 60.0, 1 << 16)  # range and bins of the first pass; values outside fall in the end bins
+
+
+def _slab_ratios(x: torch.Tensor, bank: torch.Tensor, threshold: float, slab: int, device: torch.device):
+    """Per slab of interior planes (the valid convolution's output), the ratios ``[filters, n]`` of
+    :meth:`NoiseLevelHead._noise_medians` at its body voxels, computed as on the whole volume."""
+    depth = x.shape[-1]
+    for a, b in _partition(depth - 2, slab):
+        a, b = a + 1, b + 1  # interior planes [a, b) of the volume
+        lo, hi = max(0, a - 2), min(depth, b + 2)
+        part = x[..., lo:hi].to(device)
+        local = NoiseLevelHead._local_mean(part)[:, :, 1:-1, 1:-1, a - lo:b - lo]
+        response = F.conv3d(part, bank)[..., a - lo - 1:b - lo - 1]
+        body = (local > threshold)[0, 0]
+        ratio = torch.log(response.square() + EPS) - torch.log(local + EPS)
+        yield ratio[0][:, body]
+
+
+def _slab_medians(x: torch.Tensor, bank: torch.Tensor, threshold: float, slab: int,
+                  device: torch.device) -> torch.Tensor:
+    """``[1, filters]``: the lower median of each filter's body ratios over the whole volume ``x``, exact, in
+    two passes over the slabs (a histogram, then the sorted values of the median's bin); 0 without body."""
+    lo, hi, bins = HISTOGRAM
+    filters = bank.shape[0]
+
+    def bin_of(values: torch.Tensor) -> torch.Tensor:
+        return ((values - lo) * (bins / (hi - lo))).floor().clamp(0, bins - 1).long()
+
+    counts = torch.zeros(filters, bins, dtype=torch.long, device=device)
+    for ratios in _slab_ratios(x, bank, threshold, slab, device):
+        for f in range(filters):
+            counts[f] += torch.bincount(bin_of(ratios[f]), minlength=bins)
+    total = counts[0].sum()
+    if int(total) == 0:
+        return torch.zeros(1, filters, device=device)
+    rank = (total - 1) // 2  # the lower median, as torch.nanmedian
+    cumulative = counts.cumsum(dim=1)
+    target = torch.searchsorted(cumulative, rank.expand(filters, 1).contiguous(), right=True)[:, 0]
+    below = torch.where(target > 0, cumulative.gather(1, (target - 1).clamp(min=0)[:, None])[:, 0],
+                        torch.zeros_like(target))
+    kept: list[list[torch.Tensor]] = [[] for _ in range(filters)]
+    for ratios in _slab_ratios(x, bank, threshold, slab, device):
+        for f in range(filters):
+            kept[f].append(ratios[f][bin_of(ratios[f]) == target[f]])
+    medians = [torch.cat(kept[f]).sort().values[int(rank - below[f])] for f in range(filters)]
+    return torch.stack(medians)[None]
 
 
 def calibrate_head(head: nn.Module, volumes: Sequence[torch.Tensor], classes: Sequence[int]) -> float:
