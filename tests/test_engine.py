@@ -70,6 +70,25 @@ def test_split_seed_fixes_the_subjects_while_the_training_seed_varies(tmp_path: 
     assert any(split(f"seed={s}") != base for s in (1, 2, 3))  # 5 subjects: some other seed moves one
 
 
+def test_a_resumed_auto_run_keeps_the_precision_it_started_in(tmp_path: Path, data_root: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run that auto started in fp32 (an older version, another machine) goes on in fp32 where auto now
+    picks bf16: its remaining steps stay like its first ones."""
+    from lowdose_toolkit.infer import precision
+
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    path = write(tmp_path / "recipe.yaml", tiny_recipe(data_root))
+    recipe = resolve_recipe(load_recipe(path, ("train.precision=auto",)), get_registry(), str(path))
+    fresh = Trainer(recipe, tmp_path / "fresh", get_registry())
+    fresh.close()
+    assert fresh.precision == fresh.scheme.precision == "bf16"
+    (tmp_path / "started").mkdir()
+    (tmp_path / "started" / "run.json").write_text(json.dumps({"precision": "fp32", "precision_setting": "auto"}))
+    resumed = Trainer(recipe, tmp_path / "started", get_registry(), resume=True)
+    resumed.close()
+    assert resumed.precision == resumed.scheme.precision == resumed.predictor.precision == "fp32"
+
+
 def test_gan_phases_step_the_right_parameters(tmp_path: Path, data_root: Path) -> None:
     text = tiny_gan_recipe(data_root)
     trainer = trainer_for(tmp_path, text)

@@ -394,9 +394,20 @@ def test_calibrated_head_classifies_whole_volumes_confidently() -> None:
     assert not torch.allclose(head(_poisson_like(4, seed=7)).softmax(dim=1), probs[:1])
 
 
+def test_noise_filters_by_shifted_differences_equal_the_convolution_bank() -> None:
+    from ldt_plugins.heads.noise_level import filter_bank, local_mean, responses
+
+    x = torch.rand(2, 1, 13, 17, 11, generator=torch.Generator().manual_seed(3)) * 3 - 0.5
+    torch.testing.assert_close(responses(x), torch.nn.functional.conv3d(x, filter_bank()), rtol=0, atol=1e-5)
+    torch.testing.assert_close(responses(x, 1), torch.nn.functional.conv3d(x, filter_bank()[:1]), rtol=0, atol=1e-5)
+    box = torch.nn.functional.avg_pool3d(x.clamp(min=0), 5, stride=1, padding=2, count_include_pad=False)
+    torch.testing.assert_close(local_mean(x), box, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("shape", [(40, 36, 50), (33, 41, 67)])
 def test_whole_volume_statistics_in_slabs_equal_the_statistics_of_the_volume(shape: tuple[int, int, int]) -> None:
-    """A whole-body scan is read in slabs (bounded memory); its medians are exact, whatever the slab."""
+    """A whole-body scan is read in slabs (bounded memory, one pass): its medians within a histogram bin
+    (6e-4) of the exact ones, whatever the slab; the body fraction and activity exact."""
     head = NoiseLevelHead(in_channels=1, num_classes=5)
     activity = torch.zeros(shape)
     activity[4:-4, 5:-5, 2:-2] = 1.5
@@ -405,9 +416,11 @@ def test_whole_volume_statistics_in_slabs_equal_the_statistics_of_the_volume(sha
     x = noisy[None, None]
     exact = head.statistics(x)
     for slab in (1, 4, 7, 32):
-        torch.testing.assert_close(head.volume_statistics(x, max_voxels=1, slab=slab), exact, rtol=0, atol=1e-6)
+        torch.testing.assert_close(head.volume_statistics(x, max_voxels=1, slab=slab), exact, rtol=0, atol=6.2e-4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        torch.testing.assert_close(head.volume_statistics(x, max_voxels=1, slab=9), exact, rtol=0, atol=1e-6)
+        torch.testing.assert_close(head.volume_statistics(x, max_voxels=1, slab=9), exact, rtol=0, atol=6.2e-4)
+    torch.testing.assert_close(head.volume_statistics(x, max_voxels=1)[:, 5:], exact[:, 5:], rtol=0, atol=1e-6)
+    torch.testing.assert_close(head.volume_statistics(x), exact, rtol=0, atol=0)  # small: statistics() itself
     assert torch.equal(head.volume_statistics(torch.zeros(1, 1, 12, 12, 30), max_voxels=1)[0, :5], torch.zeros(5))
     with pytest.raises(ValueError, match=r"expects \[1, 1, X, Y, Z\], got \(2, 1, 12, 12, 12\)"):
         head.volume_statistics(torch.zeros(2, 1, 12, 12, 12))

@@ -108,14 +108,16 @@ def make_subject(record: SubjectRecord, drf: int, drfs: Sequence[int]) -> tio.Su
 
 
 def pairs_dataset(records: Sequence[SubjectRecord], drfs: Sequence[int], normalization: str,
-                  sampling_map: bool = False, preload: bool = False) -> tio.SubjectsDataset:
-    """A SubjectsDataset with one item per (subject, DRF).
+                  sampling_map: bool = False, preload: bool = False,
+                  classes: Sequence[int] | None = None) -> tio.SubjectsDataset:
+    """A SubjectsDataset with one item per (subject, DRF), ``drf_class`` the DRF's index in ``classes``
+    (default ``drfs``; the model's DRF list when ``drfs`` is a subset of it).
 
     Images load lazily and are normalised each time a subject is drawn; with ``preload`` every pair
     is read and normalised once and kept in memory (fast patch queues for small data sets such as the
     phantom; a whole-body challenge set needs hundreds of GB, so the default is lazy).
     """
-    subjects = [make_subject(r, d, drfs) for r in records for d in drfs]
+    subjects = [make_subject(r, d, drfs if classes is None else classes) for r in records for d in drfs]
     transform = NormalizeByInput(normalization, sampling_map)
     if not preload:
         return tio.SubjectsDataset(subjects, transform=transform)

@@ -8,13 +8,18 @@ from typing import Any
 
 
 def subject_pairs(recipe: Mapping[str, Any], subjects: Iterable[str], drfs: Sequence[int] | None = None) -> Any:
-    """The pairs dataset (:func:`lowdose_toolkit.data.datasets.pairs_dataset`) of ``subjects`` at every DRF of
-    ``drfs`` (default the recipe's ``data.drfs``), from the recipe's data source and normalised as it
+    """The pairs dataset (:func:`lowdose_toolkit.data.datasets.pairs_dataset`) of ``subjects`` at the DRFs
+    ``drfs`` (default: all of the recipe's ``data.drfs``), from the recipe's data source and normalised as it
     trained; empty when none of ``subjects`` is in the source. ``recipe`` is resolved (e.g. a checkpoint's)."""
     from lowdose_toolkit.core.plugin_manager import get_registry
     from lowdose_toolkit.data.datasets import pairs_dataset
 
-    drfs = list(recipe["data"]["drfs"] if drfs is None else drfs)
-    source = get_registry().build("source", recipe["data"]["source"], "data.source", context={"drfs": drfs})
+    trained = list(recipe["data"]["drfs"])
+    drfs = trained if drfs is None else list(drfs)
+    if not set(drfs) <= set(trained):
+        raise ValueError(f"subject_pairs: DRFs {drfs} are not all among the run's data.drfs {trained}")
+    # The source is built for the run's DRFs (a phantom simulated for another list is another data set).
+    source = get_registry().build("source", recipe["data"]["source"], "data.source", context={"drfs": trained})
     wanted = set(subjects)
-    return pairs_dataset([r for r in source.records() if r.subject in wanted], drfs, recipe["data"]["normalization"])
+    return pairs_dataset([r for r in source.records() if r.subject in wanted], drfs, recipe["data"]["normalization"],
+                         classes=trained)

@@ -117,6 +117,7 @@ class Trainer:
         self.precision = training_precision(self.spec.precision, self.device, self.spec.precision_cuda_only)
         self.drfs: list[int] = list(self.spec.drfs)
         self.run_dir = self._claim_run_dir(run_dir)  # before any data is read: resumable from here on
+        self.precision = self._kept_precision(self.precision)
         try:
             self._build(recipe, registry, train)
         except BaseException:  # the lock is not kept by a trainer that could not be built
@@ -292,6 +293,22 @@ class Trainer:
             raise
         self._say(f"run directory: {run_dir}")
         return run_dir
+
+    def _kept_precision(self, precision: str) -> str:
+        """A resumed run keeps the precision it started in where ``train.precision: auto`` now picks another
+        (another machine, or a version whose ``auto`` chooses differently), so its steps stay alike."""
+        record = self.run_dir / "run.json"
+        if not self.resume or self.spec.precision != "auto" or not record.is_file():
+            return precision
+        try:
+            started = json.loads(record.read_text()).get("precision")
+        except (OSError, ValueError):
+            return precision
+        if started in ("fp32", "bf16", "fp16") and started != precision:
+            self._say(f"{self.run_dir}: started in {started} (train.precision: auto); it goes on in {started}, "
+                      f"not {precision}")
+            return started
+        return precision
 
     def close(self) -> None:
         """Release the run directory's lock (done by :meth:`fit`; for a trainer that is not fitted)."""
