@@ -19,6 +19,7 @@ from lowdose_toolkit.cli.app import main
 from lowdose_toolkit.core.checkpoint import load_checkpoint
 from lowdose_toolkit.core.plugin_manager import get_registry
 from lowdose_toolkit.core.recipe import load_recipe, resolve_recipe
+from lowdose_toolkit.errors import UserError
 from lowdose_toolkit.train.engine import Trainer
 
 
@@ -68,6 +69,21 @@ def test_split_seed_fixes_the_subjects_while_the_training_seed_varies(tmp_path: 
     base = split("seed=0")
     assert all(split(f"seed={s}", "data.split.seed=0") == base for s in (1, 2, 3))
     assert any(split(f"seed={s}") != base for s in (1, 2, 3))  # 5 subjects: some other seed moves one
+
+
+def test_subject_pairs_of_a_drf_subset_keep_the_models_classes(tmp_path: Path, data_root: Path) -> None:
+    from lowdose_toolkit.evaluation.subjects import subject_pairs
+
+    path = write(tmp_path / "recipe.yaml", tiny_recipe(data_root))
+    recipe = resolve_recipe(load_recipe(path), get_registry(), str(path))  # data.drfs [4, 100]
+    pairs = subject_pairs(recipe, ["sub01", "sub03", "nobody"], [100])
+    assert [(s["subject_id"], int(s["drf"]), int(s["drf_class"])) for s in pairs] == [("sub01", 100, 1),
+                                                                                      ("sub03", 100, 1)]
+    assert len(subject_pairs(recipe, ["sub01"])) == 2
+    with pytest.raises(UserError, match=r"none of the subjects \['nobody'\] is in the data source"):
+        subject_pairs(recipe, ["nobody"])
+    with pytest.raises(ValueError, match=r"DRFs \[10\] are not all among the run's data.drfs \[4, 100\]"):
+        subject_pairs(recipe, ["sub01"], [10])
 
 
 def test_a_resumed_auto_run_keeps_the_precision_it_started_in(tmp_path: Path, data_root: Path,

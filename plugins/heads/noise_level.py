@@ -26,7 +26,7 @@ without overlap between subjects (docs/RESULTS.md).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -214,7 +214,7 @@ class NoiseLevelHead(nn.Module):
         device). A larger one (a whole-body scan) is read in slabs of ``slab`` planes along its last axis,
         each moved to the head's device with the margin its filters need, in one pass: each filter's
         values go into a fine histogram (:data:`HISTOGRAM`) whose median is within a bin width (0.0006,
-        a thousandth of a DRF step) of the exact one; the body fraction and mean activity are exact.
+        about a thousandth of a DRF step) of the exact one; the body fraction and mean activity are exact.
         Float32 whatever the autocast, as :meth:`statistics`."""
         if volume.ndim != 5 or volume.shape[:2] != (1, 1):
             raise ValueError(f"volume_statistics expects [1, 1, X, Y, Z], got {tuple(volume.shape)}")
@@ -294,7 +294,8 @@ def _partition(n: int, size: int) -> list[tuple[int, int]]:
 HISTOGRAM = (-40.0, 40.0, 1 << 17)
 
 
-def _slabs(x: torch.Tensor, filters: int, threshold: float, slab: int, device: torch.device):
+def _slabs(x: torch.Tensor, filters: int, threshold: float, slab: int,
+           device: torch.device) -> Iterator[tuple[torch.Tensor, int, float]]:
     """Per slab of ``x``'s last axis: the ratios ``[filters, n]`` of :meth:`NoiseLevelHead._noise_medians` at
     its interior body voxels, and the body voxels and summed activity of its planes (a partition of the
     volume), each computed as on the whole volume."""
