@@ -1,7 +1,7 @@
 """Whole volumes larger than the sliding window: a guided model conditioned on its dose head per window
 against on the head's estimate for the whole volume (``Predictor.dose_estimate``), and on the true DRF
-(an oracle), on a split's subjects with windows smaller than the volume (docs/RESULTS.md, "Whole volumes
-larger than the window"). Prints, per window size and DRF, the mean PSNR gain over the input and the
+(an oracle), on a split's subjects with windows smaller than the volume (docs/RESULTS.md, "Windows smaller
+than the body"). Prints, per window size and DRF, the mean PSNR gain over the input and the
 share of volumes (whole-volume estimate) or windows (per-window estimate, their mean probability of the
 true DRF) the head names right. Usage:
 

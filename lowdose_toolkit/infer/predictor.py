@@ -111,7 +111,7 @@ class Predictor:
             as ``noise_level``) does so once per volume, and every window of a guided model is conditioned
             on that estimate; ``window``: the head runs on each window (the only way of an exported model
             and of heads without ``volume_logits``). Windows smaller than the body make the per-window
-            estimate unreliable (docs/RESULTS.md, "Whole volumes larger than the window").
+            estimate unreliable (docs/RESULTS.md, "Windows smaller than the body").
     """
 
     model: LowDoseModel | None
