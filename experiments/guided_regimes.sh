@@ -2,7 +2,7 @@
 # The quickstart (guided CG-3DSRGAN, CPU-sized) on both noise regimes of the phantom: low doses nested in
 # the full-dose events (list-mode subsets, as the challenge) and independent acquisitions; each run is
 # scored on its held-out subjects (results.md), then experiments/guidance_diagnostic.py splits its gain
-# into head-conditioned, oracle-conditioned and coarse. About 12 minutes on 2 CPU cores; run nothing else
+# into head-conditioned, oracle-conditioned and coarse. About 9 minutes on 2 CPU cores (bf16; 12 in fp32); run nothing else
 # meanwhile. Usage: bash experiments/guided_regimes.sh [OUT]   (default runs/guided-regimes)
 set -eu
 OUT=${1:-runs/guided-regimes}
