@@ -79,6 +79,14 @@ def check_part(kind: str, name: str, args: Mapping[str, Any] | None = None,
         out.float().sum().backward()
         if feature.grad is None:
             raise _fail(kind, name, "no gradient reaches the feature it reads")
+        if callable(getattr(part, "volume_logits", None)):  # the optional whole-volume estimate (parts.py)
+            was_training = part.training
+            whole = part.volume_logits(torch.rand(1, 1, 13, 18, 21))
+            if not isinstance(whole, torch.Tensor) or tuple(whole.shape) != (1, 5) or not whole.isfinite().all():
+                raise _fail(kind, name, f"volume_logits must return finite [1, num_classes] = [1, 5] logits, got "
+                                        f"{getattr(whole, 'shape', type(whole))}")
+            if part.training != was_training:
+                raise _fail(kind, name, "volume_logits must leave the head in the mode it found it in")
         return part
     if kind == "logger":
         return _check_logger(registry, spec, name)

@@ -31,6 +31,20 @@ def test_builtin_part_conforms(kind: str, name: str) -> None:
     check_part(kind, name)
 
 
+def test_a_heads_whole_volume_estimate_is_checked_when_it_has_one() -> None:
+    from ldt_plugins.heads.noise_level import NoiseLevelHead
+    from lowdose_toolkit.core.registry import Registry
+
+    class TwoLogits(NoiseLevelHead):
+        def volume_logits(self, volume: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(1, 2)  # not one per class
+
+    registry = Registry()
+    registry.add("head", "two_logits", TwoLogits, "test-plugin")
+    with pytest.raises(AssertionError, match=r"two_logits.*volume_logits must return finite \[1, num_classes\]"):
+        check_part("head", "two_logits", {}, registry)
+
+
 TRAINED = PARTS + [("guidance", n) for n in entries("guidance")]
 
 
