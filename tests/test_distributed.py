@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 import torch
 import torch.distributed as dist
+from lowdose_toolkit.train.distributed import leave_process
 from lowdose_toolkit.train.engine import Trainer
 from lowdose_toolkit.core.plugin_manager import get_registry
 from lowdose_toolkit.core.recipe import load_recipe, resolve_recipe
@@ -42,6 +43,8 @@ subjects = sorted({s["subject_id"] for s in trainer.train_set._subjects})
 trainer.fit()  # destroys the process group at the end
 state = {"model": trainer.model.state_dict(), "disc": trainer.discriminator.state_dict(), "subjects": subjects}
 torch.save(state, Path(out) / f"rank{info.rank}.pt")
+leave_process(info)  # as `ldt run` ends a distributed worker: no abort at interpreter exit (exit code 0)
+print("not reached")
 '''
 
 
@@ -80,7 +83,19 @@ def test_two_cpu_ranks_end_identical(tmp_path: Path) -> None:
            f"--master_port={free_port()}", str(script), str(recipe), str(tmp_path / "run"), str(tmp_path)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "not reached" not in done.stdout  # each rank left through leave_process
     check_identical_ranks(tmp_path)
+
+
+def test_leave_process_ends_only_a_distributed_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lowdose_toolkit.train import distributed
+
+    exits: list[int] = []
+    monkeypatch.setattr(distributed.os, "_exit", exits.append)
+    distributed.leave_process(DistInfo())  # one process: returns, the interpreter exits as usual
+    assert exits == []
+    distributed.leave_process(DistInfo(rank=1, world=2))
+    assert exits == [0]
 
 
 def test_two_nodes_on_localhost_end_identical(tmp_path: Path) -> None:

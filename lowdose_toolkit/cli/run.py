@@ -17,6 +17,7 @@ def run(recipe_path: Path | None, overrides: list[str], out: Path | None, resume
     from lowdose_toolkit.core.recipe import load_recipe, resolve_recipe, safe_load
     from lowdose_toolkit.evaluation.runeval import evaluate_run, print_dose_head
     from lowdose_toolkit.evaluation.summary import print_summary
+    from lowdose_toolkit.train.distributed import leave_process
     from lowdose_toolkit.train.engine import Trainer
     from lowdose_toolkit.train.rundir import first_difference
 
@@ -55,6 +56,7 @@ def run(recipe_path: Path | None, overrides: list[str], out: Path | None, resume
         print_summary(summary, Console(), title=f"{recipe['name']}: held-out test subjects")
         print_dose_head(run_dir / "results.json", Console())
         console.print(f"results: {run_dir / 'results.md'}")
+    leave_process(trainer.dist)  # a distributed worker ends here, its work written (see leave_process)
 
 
 def run_cmd(
