@@ -370,6 +370,8 @@ def test_infer_drf_conditions_a_guided_model_and_is_refused_otherwise(guided_run
     written = json.loads((tmp_path / "c" / "summary.json").read_text())
     assert written["volumes"][0]["conditioned_on"].startswith("dose head on the whole volume")
     assert written["dose_estimate"] == "volume"
+    assert main(["infer", str(guided_run), volume, "--out", str(tmp_path / "d"), "--dose-estimate", "slab"]) == 2
+    assert "--dose-estimate 'slab' is unknown; use volume or window" in capsys.readouterr().err
     assert main(["infer", str(guided_run), volume, "--out", str(tmp_path / "b"), "--drf", "7"]) == 2
     assert "--drf 7: the model was trained on DRFs [4, 100]" in capsys.readouterr().err
 

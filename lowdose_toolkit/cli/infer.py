@@ -319,7 +319,7 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
         summary_row,
         write_summary,
     )
-    from lowdose_toolkit.infer.predictor import Predictor
+    from lowdose_toolkit.infer.predictor import DOSE_ESTIMATES, Predictor
 
     console = Console(stderr=True)
     exported = is_exported(checkpoint)
@@ -336,8 +336,8 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
     window = {"patch_size": patch_size, "overlap": None if overlap is None else (int(overlap) if overlap >= 1
                                                                                  else overlap),
               "batch_size": batch_size, "blending": blending}
-    if dose_estimate not in ("volume", "window"):
-        raise UserError(f"--dose-estimate {dose_estimate!r} is unknown; use volume or window")
+    if dose_estimate not in DOSE_ESTIMATES:
+        raise UserError(f"--dose-estimate {dose_estimate!r} is unknown; use {' or '.join(DOSE_ESTIMATES)}")
     if ckpt is None and compile:
         raise UserError(f"--compile: {checkpoint} is an exported model, which runs as it was exported; leave "
                         "--compile out, or give the checkpoint it was exported from")

@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     from lowdose_toolkit.infer.export import ExportedModel
 
 WINDOW_KEYS = ("patch_size", "overlap", "batch_size", "blending")
+#: Where the dose head of a guided checkpoint is run: once per whole volume, or on each window.
+DOSE_ESTIMATES = ("volume", "window")
 #: Whether inference copies use channels_last_3d, per device type (benchmarks/conv3d.py, docs/BENCHMARKS.md).
 CHANNELS_LAST: dict[str, bool] = {"cpu": True, "cuda": True}
 
@@ -252,12 +254,11 @@ class Predictor:
     def whole_volume_dose(self) -> bool:
         """Whether the dose head classifies each whole volume once (:attr:`dose_estimate`), which then
         conditions every window of a guided model, rather than each window on its own."""
-        if self.dose_estimate not in ("volume", "window"):
-            raise ValueError(f"dose_estimate={self.dose_estimate!r}: use 'volume' or 'window'")
+        if self.dose_estimate not in DOSE_ESTIMATES:
+            raise ValueError(f"dose_estimate={self.dose_estimate!r}: use one of {DOSE_ESTIMATES}")
         if self.dose_estimate != "volume" or self.exported is not None or self.model is None:
             return False
-        head = self.model.dose_head
-        return head is not None and callable(getattr(self.model.heads[head], "volume_logits", None))
+        return self.model.classifies_volumes
 
     def _window(self) -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
         """:func:`forward_window`, compiled once if :attr:`compiled`."""

@@ -60,12 +60,19 @@ class LowDoseModel(nn.Module):
             return self.guide_head
         return next((n for n, t in self.head_targets.items() if t == "drf_class"), None)
 
-    def volume_dose_logits(self, volume: torch.Tensor) -> torch.Tensor | None:
-        """The dose head's class logits ``[1, K]`` for a whole volume ``[1, 1, X, Y, Z]`` when the head can give
-        them (``volume_logits``, see ``parts.py``), else None."""
+    @property
+    def classifies_volumes(self) -> bool:
+        """Whether the dose head can classify a whole volume (``volume_logits``, see ``parts.py``)."""
         name = self.dose_head
-        estimate = getattr(self.heads[name], "volume_logits", None) if name is not None else None
-        return None if estimate is None else estimate(volume)
+        return name is not None and callable(getattr(self.heads[name], "volume_logits", None))
+
+    def volume_dose_logits(self, volume: torch.Tensor) -> torch.Tensor | None:
+        """The dose head's class logits ``[1, K]`` for a whole volume ``[1, 1, X, Y, Z]`` when it can give them
+        (:attr:`classifies_volumes`), else None."""
+        if not self.classifies_volumes:
+            return None
+        assert self.dose_head is not None
+        return self.heads[self.dose_head].volume_logits(volume)
 
     def forward(self, low: torch.Tensor, use_refiner: bool = True,
                 drf_class: torch.Tensor | None = None,

@@ -167,8 +167,7 @@ class NoiseLevelHead(nn.Module):
             raise ValueError(f"NoiseLevelHead expects [B, 1, D, H, W], got {tuple(image.shape)}")
         if min(image.shape[2:]) < 10:
             raise ValueError(f"NoiseLevelHead needs windows of at least 10 voxels per side, got {tuple(image.shape)}")
-        kind = image.device.type  # the meta device (the engine's dry run) has no autocast to switch off
-        with torch.autocast(kind, enabled=False) if kind in ("cpu", "cuda") else contextlib.nullcontext():
+        with _no_autocast(image.device):
             return self._statistics(image.float())  # fixed filters on raw activity: float32 always
 
     def _statistics(self, x: torch.Tensor) -> torch.Tensor:
@@ -227,8 +226,7 @@ class NoiseLevelHead(nn.Module):
             return self.statistics(volume.to(device))
         if slab is None:
             slab = max(3, 2**22 // (volume.shape[2] * volume.shape[3]))
-        kind = device.type
-        with torch.autocast(kind, enabled=False) if kind in ("cpu", "cuda") else contextlib.nullcontext():
+        with _no_autocast(device):
             x = volume.float()
             full, body, activity = _histogram_medians(x, 4, self.body_threshold, slab, device)
             half, _, _ = _histogram_medians(F.avg_pool3d(x, 2), 1, self.body_threshold, slab, device)
@@ -282,6 +280,13 @@ class NoiseLevelHead(nn.Module):
         return (f"in_channels={self.in_channels}, num_classes={self.num_classes}, hidden={self.hidden}, "
                 f"body_threshold={self.body_threshold}, lr_scale={self.lr_scale}, "
                 f"calibrated={bool(self.calibrated)}")
+
+
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager[object]:
+    """Autocast switched off on ``device`` (the statistics are float32 always); the meta device of the
+    engine's dry run has no autocast to switch off."""
+    kind = device.type
+    return torch.autocast(kind, enabled=False) if kind in ("cpu", "cuda") else contextlib.nullcontext()
 
 
 def _partition(n: int, size: int) -> list[tuple[int, int]]:
