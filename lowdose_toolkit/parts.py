@@ -85,7 +85,7 @@ beside a large generator).
 
 CONTEXT_ARGS: dict[str, tuple[str, ...]] = {
     "generator": ("in_channels", "out_channels"),
-    "head": ("in_channels", "num_classes"),
+    "head": ("in_channels", "num_classes", "drfs"),
     "guidance": ("channels", "drfs", "num_classes"),
     "refiner": ("in_channels",),
     "discriminator": ("in_channels",),

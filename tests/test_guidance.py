@@ -287,6 +287,7 @@ def guided_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
                         " use_refiner: false}\n"
                         "    - {name: second, epochs: 1, trainable: [refiner]}\n"
                         "  scheduler: {monitor: val_gain}\n")
+    text = text.replace("val_subjects: 1}", "val_subjects: 1, fit_strength: true}")
     recipe = write(root / "recipe.yaml", text)
     assert main(["run", str(recipe), "--out", str(root / "run")]) == 0
     return root / "run"
@@ -348,6 +349,35 @@ def test_a_run_fits_the_drf_codes_on_validation_into_best_pt_once(guided_run: Pa
     assert main(["run", "--resume", str(guided_run)]) == 0  # finished, already fitted: nothing refitted
     assert (guided_run / "checkpoints" / "best.pt").stat().st_mtime_ns == before
     assert "DRF codes fitted" not in capsys.readouterr().err
+
+
+def test_a_run_fits_its_strength_on_every_validation_subject_and_inference_applies_it(
+        guided_run: Path, tmp_path: Path) -> None:
+    from lowdose_toolkit.core.checkpoint import load_checkpoint
+    from lowdose_toolkit.evaluation.metrics import psnr
+    from lowdose_toolkit.evaluation.subjects import subject_pairs
+    from lowdose_toolkit.infer.predictor import Predictor
+
+    fit = json.loads((guided_run / "strength_fit.json").read_text())
+    ckpt = load_checkpoint(guided_run / "checkpoints" / "best.pt")
+    assert fit["checkpoint"] == "best.pt" and fit["subjects"] == sorted(ckpt.split["val"])
+    assert len(fit["volumes"]) == 2 * len(ckpt.split["val"])  # every validation subject at both DRFs
+    assert bool(ckpt.model["strength.fitted"])
+    assert [round(float(a), 4) for a in ckpt.model["strength.alpha"]] == [fit["anchors"]["4"], fit["anchors"]["100"]]
+    assert not bool(load_checkpoint(guided_run / "checkpoints" / "last.pt").model["strength.fitted"])
+    # The recorded gain at the fitted strength is the one inference gives.
+    predictor, recipe = Predictor.from_checkpoint(ckpt, torch.device("cpu"), "fp32")
+    pairs = subject_pairs(recipe, ckpt.split["val"][:1], [4])
+    low, full = pairs[0]["low"].data.float(), pairs[0]["full"].data.float()
+    pred, _ = predictor.predict(low)
+    row = next(v for v in fit["volumes"] if v["subject"] == ckpt.split["val"][0] and v["drf"] == 4)
+    assert predictor.applied == {"dose_level": pytest.approx(row["dose_level"], abs=1e-3),
+                                 "strength": pytest.approx(row["strength"], abs=1e-4)}
+    assert psnr(full[0], pred[0]) - psnr(full[0], low[0]) == pytest.approx(row["gain_db_fitted"], abs=2e-3)
+    volume = str(guided_run.parent / "data" / "sub00" / "drf_004.nii.gz")
+    assert main(["infer", str(guided_run), volume, "--out", str(tmp_path / "out")]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())["volumes"][0]
+    assert 0.0 <= summary["strength"] <= 1.0 and summary["dose_level"] > 0
 
 
 def test_evaluate_prints_the_dose_heads_confusion(guided_run: Path, tmp_path: Path,
@@ -436,13 +466,13 @@ def test_every_window_is_conditioned_on_the_dose_heads_estimate_for_the_whole_vo
     model = predictor.model
     assert model is not None
     calls: list[tuple[int, ...]] = []
-    estimate = model.volume_dose_logits
+    estimate = model.volume_dose
 
     def sure_of(cls: int) -> None:
-        def logits(volume: torch.Tensor) -> torch.Tensor:
+        def logits(volume: torch.Tensor) -> tuple[torch.Tensor, None]:
             calls.append(tuple(volume.shape))
-            return torch.nn.functional.one_hot(torch.tensor([cls]), 2).float() * 30.0
-        model.volume_dose_logits = logits  # type: ignore[method-assign]
+            return torch.nn.functional.one_hot(torch.tensor([cls]), 2).float() * 30.0, None
+        model.volume_dose = logits  # type: ignore[method-assign]
 
     low = torch.rand(1, 20, 22, 18, generator=torch.Generator().manual_seed(2)) * 2
     for cls in (0, 1):
@@ -451,7 +481,7 @@ def test_every_window_is_conditioned_on_the_dose_heads_estimate_for_the_whole_vo
         assert calls[-1] == (1, 1, 20, 22, 18) and probs is not None and int(probs.argmax()) == cls
         torch.testing.assert_close(pred, predictor.predict(low, drf_class=cls)[0], rtol=0, atol=1e-5)
     assert len(calls) == 4  # once per volume, not per window
-    model.volume_dose_logits = estimate  # type: ignore[method-assign]
+    model.volume_dose = estimate  # type: ignore[method-assign]
     by_volume = predictor.predict(low)
     torch.testing.assert_close(by_volume[1], model.volume_dose_logits(low[None])[0].softmax(dim=0))
     predictor.dose_estimate = "window"  # the head on each 12^3 window instead: its own (different) votes

@@ -376,7 +376,7 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
             if job.skip:
                 kept = earlier.get(str(job.output), {})
                 row.update({k: kept[k] for k in ("shape", "predicted_drf", "drf_probability", "conditioned_on",
-                                                 "suv_factor") if k in kept})
+                                                 "dose_level", "strength", "suv_factor") if k in kept})
                 row.update(status=SKIPPED, error="output exists (--skip-existing)")
         todo = [(job, row) for job, row in zip(jobs, rows, strict=True) if not job.skip]
         meta = {"checkpoint": str(checkpoint), "model_format": predictor.exported.format

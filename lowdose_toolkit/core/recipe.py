@@ -149,6 +149,8 @@ SCHEMA: Schema = {
         "blending": Field(Literal["hann", "average", "crop"], "hann"),
         "ssim_range": Field(Literal["challenge", "standard"], "challenge"),
         "val_subjects": Field(int | None, 2, "validation volumes per epoch (None: all)", AT_LEAST_1),
+        "fit_strength": Field(bool, False, "after training, fit how much of its correction the model applies per "
+                                           "dose level on every validation subject (strength_fit.json)"),
     },
 }
 

@@ -29,7 +29,7 @@ from lowdose_toolkit.errors import DataError, UserError
 from lowdose_toolkit.infer.predictor import Predictor
 
 SUMMARY_FIELDS = ("input", "output", "status", "shape", "seconds", "predicted_drf", "drf_probability",
-                  "conditioned_on", "suv_factor", "error")
+                  "conditioned_on", "dose_level", "strength", "suv_factor", "error")
 OK, FAILED, SKIPPED, NOT_DONE = "ok", "failed", "skipped", "not done"
 _MAX_ERROR = 400
 
@@ -199,6 +199,7 @@ def denoise_all(predictor: Predictor, jobs: Sequence[Any], out: Path, console: A
             code = predictor.code_drf(cls)
             mapped = code is not None and code != predictor.drfs[cls]
             dose["conditioned_on"] = f"{conditioned_on} via the DRF {code} code" if mapped else conditioned_on
+        dose.update(predictor.applied)  # dose_level and strength, when the checkpoint's strength was fitted
         return pred, mips, dose
 
     def recover() -> None:
@@ -231,7 +232,7 @@ def denoise_all(predictor: Predictor, jobs: Sequence[Any], out: Path, console: A
                         del volume
                         row.update(shape="x".join(map(str, info.shape)), **dose)
                         title, note = nifti_stem(job.output), ""
-                        if dose:
+                        if "predicted_drf" in dose:
                             verdict = f"predicted DRF {dose['predicted_drf']} ({dose['drf_probability']:.0%})"
                             title += f" - {verdict}"
                             note = verdict + (f", conditioned on: {conditioned_on}" if conditioned_on else "")

@@ -126,6 +126,8 @@ class Predictor:
     exported: ExportedModel | None = None
     compiled: bool = False
     dose_estimate: str = "volume"
+    #: What the last :meth:`predict` applied: ``dose_level`` and ``strength`` (empty when no fitted strength).
+    applied: dict[str, Any] = field(default_factory=dict, init=False, compare=False)
     _compiled_window: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None = field(
         default=None, init=False, repr=False, compare=False)
 
@@ -217,13 +219,17 @@ class Predictor:
         instead of its head's prediction; ``use_refiner=False`` gives the coarse output. The
         probabilities ``[num_classes]`` are the dose head's softmax on the whole volume (see
         :attr:`dose_estimate`) or averaged over the windows (None without a dose head). The prediction
-        is float32 on the CPU whatever the precision.
+        is float32 on the CPU whatever the precision. A checkpoint whose strength was fitted after training
+        (:mod:`lowdose_toolkit.models.strength`) applies it to the final output at the input's dose level
+        (the head's continuous estimate, else its class's DRF, else the stated one); :attr:`applied` then
+        records both for the summary.
         """
         from lowdose_toolkit.infer.sliding import infer_volume
 
         votes: list[torch.Tensor] = []
         exported, model = self.exported, self.model
-        logits = model.volume_dose_logits(low[None].float()) if model is not None and self.whole_volume_dose else None
+        logits, level = model.volume_dose(low[None].float()) if model is not None and self.whole_volume_dose \
+            else (None, None)
         if exported is not None and (drf_class is not None or not use_refiner):
             raise UserError(f"{exported.path}: an exported model runs its whole forward (head-driven conditioning, "
                             "refiner); predict with the checkpoint for a stated DRF or the coarse output")
@@ -246,8 +252,17 @@ class Predictor:
                                 batch_size=w["batch_size"], blending=w["blending"], device=self.device,
                                 amp=self.precision)
         if logits is not None:
-            return pred, logits[0].float().softmax(dim=0).cpu()
-        probs = torch.cat(votes).mean(dim=0) if votes else None
+            probs = logits[0].float().softmax(dim=0).cpu()
+        else:
+            probs = torch.cat(votes).mean(dim=0) if votes else None
+        self.applied = {}
+        if model is not None and use_refiner and bool(model.strength.fitted):
+            if drf_class is not None:
+                level = float(self.drfs[drf_class])
+            elif level is None and probs is not None:
+                level = float(self.drfs[int(probs.argmax())])
+            pred, factor = model.strength.apply(low.to(pred.device, pred.dtype), pred, level)
+            self.applied = {"dose_level": None if level is None else round(level, 3), "strength": round(factor, 4)}
         return pred, probs
 
     @property

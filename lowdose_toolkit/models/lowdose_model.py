@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -12,6 +12,7 @@ from lowdose_toolkit.core.registry import Registry
 from lowdose_toolkit.core.spec import RunSpec
 from lowdose_toolkit.errors import RecipeError
 from lowdose_toolkit.guidance import Conditioning
+from lowdose_toolkit.models.strength import OutputStrength
 
 IMAGE_OUTPUTS = ("coarse", "refined", "pred")
 
@@ -43,6 +44,7 @@ class LowDoseModel(nn.Module):
         refiner: nn.Module | None = None,
         guidance: nn.Module | None = None,
         guide_head: str | None = None,
+        drfs: Sequence[int] = (),
     ) -> None:
         super().__init__()
         self.generator = generator
@@ -52,6 +54,9 @@ class LowDoseModel(nn.Module):
         self.refiner = refiner
         self.guidance = guidance
         self.guide_head = guide_head
+        #: How much of its correction the model applies to a whole volume (identity until fitted after
+        #: training on validation; :mod:`lowdose_toolkit.models.strength`). Inference applies it.
+        self.strength = OutputStrength(drfs)
 
     @property
     def dose_head(self) -> str | None:
@@ -69,10 +74,19 @@ class LowDoseModel(nn.Module):
     def volume_dose_logits(self, volume: torch.Tensor) -> torch.Tensor | None:
         """The dose head's class logits ``[1, K]`` for a whole volume ``[1, 1, X, Y, Z]`` when it can give them
         (:attr:`classifies_volumes`), else None."""
+        return self.volume_dose(volume)[0]
+
+    def volume_dose(self, volume: torch.Tensor) -> tuple[torch.Tensor | None, float | None]:
+        """``(class logits [1, K], continuous dose level)`` of a whole volume ``[1, 1, X, Y, Z]``: the head's
+        ``volume_estimate`` where it has one, else ``(volume_logits, None)``; ``(None, None)`` when the head
+        cannot classify whole volumes (see ``parts.py``)."""
         if not self.classifies_volumes:
-            return None
+            return None, None
         assert self.dose_head is not None
-        return self.heads[self.dose_head].volume_logits(volume)
+        head = self.heads[self.dose_head]
+        if callable(getattr(head, "volume_estimate", None)):
+            return head.volume_estimate(volume)
+        return head.volume_logits(volume), None
 
     def forward(self, low: torch.Tensor, use_refiner: bool = True,
                 drf_class: torch.Tensor | None = None,
@@ -158,7 +172,8 @@ def build_model(recipe: Mapping[str, Any], registry: Registry) -> tuple[LowDoseM
                 f"available: {', '.join(feature_channels)}"
             )
         heads[name] = registry.build("head", head_spec, where, engine_keys=("input", "target"),
-                                     context={"in_channels": feature_channels[feature], "num_classes": num_classes})
+                                     context={"in_channels": feature_channels[feature], "num_classes": num_classes,
+                                              "drfs": drfs})
         inputs[name] = feature
         targets[name] = head_spec["target"]
     refiner = None
@@ -190,7 +205,7 @@ def build_model(recipe: Mapping[str, Any], registry: Registry) -> tuple[LowDoseM
     if spec["discriminator"] is not None:
         discriminator = registry.build("discriminator", spec["discriminator"], "model.discriminator",
                                        context={"in_channels": 1})
-    return LowDoseModel(generator, heads, inputs, targets, refiner, guidance, guide_head), discriminator
+    return LowDoseModel(generator, heads, inputs, targets, refiner, guidance, guide_head, drfs), discriminator
 
 
 class LossTerm(nn.Module):

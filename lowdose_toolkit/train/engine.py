@@ -171,9 +171,9 @@ class Trainer:
             self.train_set = pairs_dataset([c.record() for c in train_cached], self.drfs, data_cfg["normalization"])
             self.stream = CachedPatchStream(cached_pairs(train_cached, self.drfs, data_cfg["normalization"]), data_cfg)
         n_val = recipe["eval"]["val_subjects"]
-        val_records = self.split.val if n_val is None else self.split.val[:n_val]
-        if cached is not None:
-            val_records = [cached[r.subject].record() for r in val_records]
+        all_val = self.split.val if cached is None else [cached[r.subject].record() for r in self.split.val]
+        val_records = all_val if n_val is None else all_val[:n_val]
+        self._all_val_records = all_val  # every validation subject: the strength fit uses them all
         self.val_set = pairs_dataset(val_records, self.drfs, data_cfg["normalization"], preload=data_cfg["preload"])
         self.val_subjects = [r.subject for r in val_records]
         self.steps_per_epoch = train["steps_per_epoch"] or self.stream.default_steps()
@@ -469,6 +469,7 @@ class Trainer:
                 self.stage_elapsed = time.monotonic() - self._stage_clock
                 record = self._after_epoch(losses, stage.name, t0)
         self._fit_codes()
+        self._fit_strength()
         return record
 
     def _fit_codes(self) -> None:
@@ -495,6 +496,45 @@ class Trainer:
         dataclasses.replace(ckpt, model=self.model.state_dict()).save(best)
         self._say("DRF codes fitted on the validation split (best.pt, code_fit.json): "
                   + ", ".join(f"DRF {d} -> {c}" for d, c in fit["code_of"].items()))
+
+    def _fit_strength(self) -> None:
+        """``eval.fit_strength``: fit how much of its correction the model applies per dose level
+        (:mod:`lowdose_toolkit.models.strength`) on every validation subject, after the DRF codes, in best.pt,
+        once; ``strength_fit.json`` records the anchors and each volume's gain at full and at fitted strength.
+        Written before best.pt, so a run stopped in between fits again when resumed."""
+        from lowdose_toolkit.train.validation import strength_psnr
+
+        best = self.run_dir / "checkpoints" / "best.pt"
+        if not self.dist.is_main or not self.recipe["eval"]["fit_strength"] or not best.is_file():
+            return
+        ckpt = load_checkpoint(best)
+        self.model.load_state_dict(ckpt.model)
+        strength = self.model.strength
+        if bool(strength.fitted):
+            return
+        strength.reset()
+        volumes = pairs_dataset(self._all_val_records, self.drfs, self.recipe["data"]["normalization"])
+        rows = self.validator.strength_terms(volumes)
+        if any(r["level"] is None for r in rows):  # no dose estimate: one strength for every volume
+            for r in rows:
+                r["level"] = None
+        alpha = strength.fit([r["level"] for r in rows], [r["dot"] for r in rows], [r["energy"] for r in rows])
+        per_volume = []
+        for r in rows:
+            a = strength.factor(r["level"])
+            base = strength_psnr(r, 0.0)
+            per_volume.append({"subject": r["subject"], "drf": r["drf"], "dose_level": r["level"],
+                               "strength": round(a, 4),
+                               "gain_db_full_strength": round(strength_psnr(r, 1.0) - base, 4),
+                               "gain_db_fitted": round(strength_psnr(r, a) - base, 4)})
+        fit = {"checkpoint": "best.pt", "epoch": ckpt.epoch, "subjects": sorted({r["subject"] for r in rows}),
+               "anchors": {str(int(k)): a for k, a in zip(strength.levels.tolist(), alpha, strict=True)},
+               "volumes": per_volume}
+        with atomic_path(self.run_dir / "strength_fit.json") as tmp:
+            tmp.write_text(json.dumps(fit, indent=2) + "\n")
+        dataclasses.replace(ckpt, model=self.model.state_dict()).save(best)
+        self._say("strength fitted on the validation split (best.pt, strength_fit.json): "
+                  + ", ".join(f"DRF {k} x{a:.2f}" for k, a in fit["anchors"].items()))
 
     def _non_finite(self, step: int, what: str) -> UserError:
         kept = (f"checkpoints/last.pt keeps epoch {self.saved_epoch}" if self.saved_epoch

@@ -136,6 +136,29 @@ class Validator:
         self.model.train()
         return sums / counts  # 0/0 = NaN for a class without validation volumes
 
+    @torch.no_grad()
+    def strength_terms(self, volumes: Any) -> list[dict[str, Any]]:
+        """What fitting the model's strength (:mod:`lowdose_toolkit.models.strength`) needs of each of
+        ``volumes`` (subjects with ``low``, ``full``, ``drf``), predicted at full strength: its dose level (the
+        head's continuous estimate on the whole volume, else its predicted class's DRF, else None), ``dot`` =
+        <pred - low, full - low>, ``energy`` = ||pred - low||², and for its PSNR at any strength ``a``
+        (:func:`strength_psnr`) ``residual`` = ||full - low||², ``voxels`` and ``peak`` = max(full)."""
+        rows = []
+        self.model.eval()
+        for i in range(len(volumes)):
+            subject = volumes[i]
+            low, full = subject["low"].data.float(), subject["full"].data.float()
+            pred, probs = self.predictor.predict(low)
+            _, level = self.model.volume_dose(low[None].to(self.predictor.device))
+            if level is None and probs is not None:
+                level = float(self.drfs[int(probs.argmax())])
+            d, r = (pred - low).double(), (full - low).double()
+            rows.append({"subject": subject["subject_id"], "drf": int(subject["drf"]), "level": level,
+                         "dot": float((d * r).sum()), "energy": float((d * d).sum()),
+                         "residual": float((r * r).sum()), "voxels": r.numel(), "peak": float(full.max())})
+        self.model.train()
+        return rows
+
     def _calibrate_dose_head(self) -> float | None:
         """Calibrate a dose head that can be (``calibrate(statistics, classes)``, see ``parts.py``) on whole
         training volumes; returns its training accuracy, or None. The statistics are computed once."""
@@ -177,3 +200,9 @@ class Validator:
         save_mips_png(panels, self.previews / f"epoch_{epoch:03d}.png", units=units, reference=len(panels) - 1,
                       difference_label="prediction − full dose",
                       title=f"{subject['subject_id']} · DRF {int(subject['drf'])} · epoch {epoch}")
+
+
+def strength_psnr(row: Mapping[str, Any], a: float) -> float:
+    """The PSNR against the full dose of ``low + a · (pred - low)`` from a :meth:`Validator.strength_terms` row."""
+    mse = max((row["residual"] - 2.0 * a * row["dot"] + a * a * row["energy"]) / row["voxels"], 1e-30)
+    return 20.0 * float(np.log10(row["peak"] / np.sqrt(mse)))

@@ -17,7 +17,12 @@ a noise statistic of the whole scan). This head does both:
 * for whole volumes (eval mode, once calibrated), a multinomial logistic regression on the same
   statistics of whole *training* volumes, fitted by :meth:`calibrate` (the engine calls it before each
   validation). Patch statistics are noisier and biased by what a patch holds, so a classifier trained
-  on them alone is soft on whole volumes (measured: top probability about 0.6 on the phantom).
+  on them alone is soft on whole volumes (measured: top probability about 0.6 on the phantom);
+* a continuous dose level for whole volumes (:meth:`volume_estimate`): ``ln DRF`` as a linear function of
+  the five noise statistics, fitted by least squares in :meth:`calibrate` on the same training volumes.
+  Unlike the classes it goes below the smallest training DRF for a cleaner scan (a full-dose one, the
+  challenge's DRF 2, a more sensitive scanner), which is what the model's fitted strength
+  (:mod:`lowdose_toolkit.models.strength`) needs to leave such a scan nearly as it is.
 
 On the phantom the full-resolution Laplacian's statistic alone orders every whole volume by DRF
 without overlap between subjects (docs/RESULTS.md).
@@ -105,6 +110,7 @@ class NoiseLevelHead(nn.Module):
         lr_scale: Factor on the learning rate of this head's parameters (a few hundred parameters beside
             a generator of millions; at the generator's rate it needs thousands of steps to leave chance).
         calibration_l2: L2 penalty of the whole-volume logistic regression (on standardised statistics).
+        drfs: The DRF of each class (context argument: ``data.drfs``), for the continuous dose level.
 
     Example:
         >>> head = NoiseLevelHead(in_channels=1, num_classes=5)
@@ -118,7 +124,7 @@ class NoiseLevelHead(nn.Module):
     reads_image: ClassVar[bool] = True
 
     def __init__(self, in_channels: int, num_classes: int, hidden: int = 32, body_threshold: float = 0.3,
-                 lr_scale: float = 10.0, calibration_l2: float = 1e-4) -> None:
+                 lr_scale: float = 10.0, calibration_l2: float = 1e-4, drfs: list[int] | None = None) -> None:
         super().__init__()
         if in_channels != 1:
             raise UserError(f"noise_level: reads the image (input: image, 1 channel), got a feature of {in_channels}")
@@ -128,6 +134,9 @@ class NoiseLevelHead(nn.Module):
             raise UserError(f"noise_level: hidden={hidden} must be positive")
         if not lr_scale > 0:
             raise UserError(f"noise_level: lr_scale={lr_scale} must be positive")
+        if drfs is not None and (len(drfs) != num_classes or min(drfs) < 1):
+            raise UserError(f"noise_level: drfs={list(drfs)} must be {num_classes} DRFs >= 1, one per class")
+        self.drfs = None if drfs is None else [int(d) for d in drfs]
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.hidden = hidden
@@ -144,6 +153,15 @@ class NoiseLevelHead(nn.Module):
         self.register_buffer("volume_weight", torch.zeros(num_classes, features))
         self.register_buffer("volume_bias", torch.zeros(num_classes))
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
+        # The continuous dose level: ln DRF = level_weight . z[:5] + level_bias (fitted by calibrate with drfs).
+        self.register_buffer("level_weight", torch.zeros(len(FILTERS)))
+        self.register_buffer("level_bias", torch.zeros(()))
+        self.register_buffer("level_fitted", torch.zeros((), dtype=torch.bool))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001, ANN002, ANN003
+        for name in ("level_weight", "level_bias", "level_fitted"):  # saved before the dose level existed: unfitted
+            state_dict.setdefault(prefix + name, getattr(self, name).clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _noise_medians(self, x: torch.Tensor, filters: int, local: torch.Tensor) -> torch.Tensor:
         """``[B, filters]`` medians over body voxels of log(response² / local mean) for the first ``filters``."""
@@ -199,12 +217,28 @@ class NoiseLevelHead(nn.Module):
         the calibrated classifier on :meth:`volume_statistics`. The Predictor conditions every sliding
         window of a guided model on it: a window smaller than the body sees too few voxels, and a body
         fraction and mean activity unlike the whole training volumes the classifier was calibrated on."""
+        return self.volume_estimate(volume)[0]
+
+    @torch.no_grad()
+    def volume_estimate(self, volume: torch.Tensor) -> tuple[torch.Tensor, float | None]:
+        """``(logits [1, num_classes], dose level)`` of a whole volume ``[1, 1, X, Y, Z]``, from one pass of
+        :meth:`volume_statistics`: :meth:`volume_logits`, and the DRF its noise corresponds to on the training
+        data's scale, continuous (None until calibrated with ``drfs``)."""
         was_training = self.training
         self.eval()
         try:
-            return self._eval_logits(self.volume_statistics(volume))
+            stats = self.volume_statistics(volume)
+            return self._eval_logits(stats), self._level(stats)
         finally:
             self.train(was_training)
+
+    def _level(self, stats: torch.Tensor) -> float | None:
+        """The continuous dose level of the first row of ``stats`` (None unless fitted)."""
+        if not bool(self.level_fitted):
+            return None
+        n = len(FILTERS)
+        z = (stats[0, :n].float() - self.volume_mean[:n]) / self.volume_std[:n]
+        return float(torch.exp(z @ self.level_weight + self.level_bias))
 
     def volume_statistics(self, volume: torch.Tensor, max_voxels: int = 2**24,
                           slab: int | None = None) -> torch.Tensor:
@@ -248,7 +282,8 @@ class NoiseLevelHead(nn.Module):
     @torch.enable_grad()
     def calibrate(self, statistics: torch.Tensor, classes: torch.Tensor, steps: int = 500) -> float:
         """Fit the whole-volume classifier on ``statistics`` ``[N, 7]`` of whole training volumes and their
-        ``classes`` ``[N]``; returns its training accuracy. Deterministic (full-batch L-BFGS from zero)."""
+        ``classes`` ``[N]``; returns its training accuracy. Deterministic (full-batch L-BFGS from zero). With
+        ``drfs`` known, also fits the continuous dose level (ridge least squares of ln DRF, closed form)."""
         if statistics.ndim != 2 or statistics.shape[0] != classes.shape[0] or statistics.shape[0] < 2:
             raise ValueError(f"calibrate: expected [N, {self.volume_mean.numel()}] statistics and N classes, "
                              f"got {tuple(statistics.shape)} and {tuple(classes.shape)}")
@@ -274,7 +309,21 @@ class NoiseLevelHead(nn.Module):
             self.volume_weight.copy_(weight.detach().to(device))
             self.volume_bias.copy_(bias.detach().to(device))
             self.calibrated.fill_(True)
+            if self.drfs is not None:
+                self._fit_level(z[:, :len(FILTERS)], torch.log(torch.tensor(self.drfs, dtype=torch.float32))[y])
             return float(((z @ weight.T + bias).argmax(dim=1) == y).float().mean())
+
+    def _fit_level(self, z: torch.Tensor, log_drf: torch.Tensor) -> None:
+        """Ridge least squares ``log_drf ≈ z @ w + b`` on standardised noise statistics (intercept free)."""
+        zd, yd = z.double(), log_drf.double()
+        zc, yc = zd - zd.mean(dim=0), yd - yd.mean()
+        gram = zc.T @ zc + self.calibration_l2 * zd.shape[0] * torch.eye(zd.shape[1], dtype=torch.float64)
+        w = torch.linalg.solve(gram, zc.T @ yc)
+        b = yd.mean() - zd.mean(dim=0) @ w
+        device = self.level_weight.device
+        self.level_weight.copy_(w.float().to(device))
+        self.level_bias.copy_(b.float().to(device))
+        self.level_fitted.fill_(True)
 
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_channels}, num_classes={self.num_classes}, hidden={self.hidden}, "

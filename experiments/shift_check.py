@@ -1,0 +1,66 @@
+"""A trained model on data it was never trained or selected on, and unlike it: new phantom subjects (another
+seed) at the training geometry, and the same under shifts a real scanner brings — finer voxels, a more or
+less sensitive scanner (counts per Bq), other units (kBq/mL), a post-filtered reconstruction. Prints, per
+shift and DRF, the mean PSNR gain of the model's output over its input against the full dose (whole
+volume, as the challenge scores) and the DRF the dose head names (docs/RESULTS.md, "Data unlike the
+training data"). Usage:
+
+    python experiments/shift_check.py RUN_DIR [SHIFT ...]   (default: every shift; --subjects N, default 2)
+"""
+import sys
+from pathlib import Path
+
+import torch
+
+from lowdose_toolkit.core.checkpoint import load_checkpoint
+from lowdose_toolkit.core.plugin_manager import get_registry
+from lowdose_toolkit.data.datasets import pairs_dataset
+from lowdose_toolkit.data.normalize import fit_normalization
+from lowdose_toolkit.evaluation.metrics import psnr
+from lowdose_toolkit.infer.predictor import Predictor
+
+SEED = 1000  # subjects no run has seen (the phantom's runs use seed 0)
+#: name -> (phantom source parameters, intensity factor applied to low and full)
+SHIFTS: dict[str, tuple[dict, float]] = {
+    "same": ({}, 1.0),
+    "drf2": ({"drfs": [2]}, 1.0),
+    "kBq/mL": ({}, 1e-3),
+    "4mm": ({"shape": [240, 120, 120], "spacing_mm": [4, 4, 4]}, 1.0),
+    "3mm": ({"shape": [320, 160, 160], "spacing_mm": [3, 3, 3]}, 1.0),
+    "counts/4": ({"counts_per_bq": 8.0}, 1.0),
+    "counts*4": ({"counts_per_bq": 128.0}, 1.0),
+}
+
+args = [a for a in sys.argv[1:] if not a.startswith("--")]
+subjects = int(next((a.split("=")[1] for a in sys.argv if a.startswith("--subjects=")), 2))
+run = Path(args[0])
+names = args[1:] or list(SHIFTS)
+ckpt = load_checkpoint(run / "checkpoints" / "best.pt")
+torch.set_grad_enabled(False)
+predictor, recipe = Predictor.from_checkpoint(ckpt, torch.device("cpu"), "auto")
+drfs = list(ckpt.drfs)
+for name in names:
+    params, factor = SHIFTS[name]
+    params = dict(params)
+    levels = params.pop("drfs", drfs)
+    spec = {"name": "phantom", "subjects": subjects, "seed": SEED, **params}
+    source = get_registry().build("source", spec, "data.source", context={"drfs": levels})
+    ds = pairs_dataset(source.records(), levels, "none")
+    rows: dict[int, list[list[float]]] = {}
+    for i in range(len(ds)):
+        s = ds[i]
+        low, full = s["low"].data.float() * factor, s["full"].data.float() * factor
+        norm = fit_normalization(low, ckpt.normalization.method, where=f"shift {name}",
+                                 quantile=ckpt.normalization.quantile)
+        pred, probs = predictor.predict(norm.apply(low))
+        pred = norm.invert(pred)
+        base = psnr(full[0], low[0])
+        rows.setdefault(int(s["drf"]), []).append(
+            [psnr(full[0], pred[0]) - base, float(drfs[int(probs.argmax())]) if probs is not None else float("nan")])
+    shape = tuple(low.shape[1:])
+    print(f"{run} · shift {name} ({params or 'training geometry'}, x{factor:g}) · {subjects} subjects, seed {SEED}, "
+          f"volumes {shape}")
+    print("DRF   gain (dB)  head's DRF per volume")
+    for drf, r in sorted(rows.items()):
+        gains = [g for g, _ in r]
+        print(f"{drf:3d}   {sum(gains) / len(gains):+8.2f}  {[int(d) for _, d in r]}", flush=True)

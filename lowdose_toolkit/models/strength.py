@@ -1,0 +1,142 @@
+"""How much of its correction a model applies to a whole volume, fitted on validation after training.
+
+A denoiser trained on patches with an L1 loss applies the correction its loss wants on patches of the
+training doses; whole held-out volumes scored by PSNR measured a weaker correction better at the cleanest
+DRF (DRF 4 on the phantom: 0.45-0.73 of it), and on inputs *cleaner* than any training dose (the
+challenge's DRF 2, a full-dose scan, a more sensitive scanner) the full correction makes the image
+worse than its input (-1.8 to -2.0 dB; docs/RESULTS.md, "Data unlike the training data"). So the
+output is ``low + a(k) · (pred - low)`` with ``a`` a function of the input's dose level ``k`` (the dose
+head's continuous estimate, else its class's DRF, else a stated ``--drf``):
+
+* one anchor ``a_j`` per training DRF, linear in ``ln k`` between them, constant above the largest;
+* below the smallest DRF ``k_1``, ``a_1 · (1 - 1/k) / (1 - 1/k_1)``: with list-mode data the target of a
+  scan at dose level ``k`` is ``E[full | low] = low / k + (1 - 1/k) E[truth | low]``, so the share of the
+  deviation a correction should remove falls as ``1 - 1/k``, to nothing for a full-dose input (k = 1);
+* the anchors minimise the squared error against the full dose over the validation volumes (the
+  prediction is fixed, so this is linear least squares, solved once), pulled slightly towards 1 where
+  the volumes say little, then kept in ``[0, 1]`` and non-decreasing in ``k`` (a noisier input never
+  gets less of the correction).
+
+Unfitted (every model until the trainer fits it, and checkpoints from before this existed) it is the
+identity: ``a = 1``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+#: Relative weight of the pull towards a = 1 (of the mean diagonal of the normal equations).
+RIDGE = 1e-3
+
+
+class OutputStrength(nn.Module):
+    """The fitted strength ``a(k)`` of a model's correction (see the module docstring).
+
+    Args:
+        drfs: The training DRFs (the model's dose classes), in class order; empty: one anchor, no
+            extrapolation (a model without DRF classes).
+
+    Example:
+        >>> s = OutputStrength([4, 100])
+        >>> s.fit([4.0, 100.0], [5.0, 9.0], [10.0, 10.0])  # least squares: 5/10 and 9/10, pulled towards 1
+        [0.5005, 0.9001]
+        >>> round(s.factor(2.0), 2)  # below DRF 4: 0.5 * (1 - 1/2) / (1 - 1/4)
+        0.33
+    """
+
+    def __init__(self, drfs: Sequence[int] = ()) -> None:
+        super().__init__()
+        levels = sorted(float(d) for d in drfs) or [1.0]
+        self.register_buffer("levels", torch.tensor(levels, dtype=torch.float64))
+        self.register_buffer("alpha", torch.ones(len(levels), dtype=torch.float64))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+    def weights(self, level: float | None) -> torch.Tensor:
+        """``[J]``: ``a(level) = weights(level) @ alpha`` (interpolation in ``ln k``, the list-mode factor below
+        the smallest DRF); no level (no dose estimate): the anchors' mean."""
+        levels = self.levels.cpu()
+        j = levels.numel()
+        w = torch.zeros(j, dtype=torch.float64)
+        if level is None or j == 1:
+            return w + 1.0 / j
+        if not math.isfinite(level) or level <= 0:
+            raise ValueError(f"OutputStrength: dose level {level!r} must be a positive number")
+        lowest = float(levels[0])
+        if level <= lowest:
+            w[0] = max(0.0, (1.0 - 1.0 / level) / (1.0 - 1.0 / lowest)) if lowest > 1 else 1.0
+            return w
+        if level >= float(levels[-1]):
+            w[-1] = 1.0
+            return w
+        logs = levels.log()
+        i = int((levels <= level).nonzero().max())
+        t = (math.log(level) - float(logs[i])) / float(logs[i + 1] - logs[i])
+        w[i], w[i + 1] = 1.0 - t, t
+        return w
+
+    def factor(self, level: float | None) -> float:
+        """The strength ``a`` for an input at dose level ``level`` (1.0 until fitted)."""
+        if not bool(self.fitted):
+            return 1.0
+        return float(self.weights(level) @ self.alpha.cpu())
+
+    def apply(self, low: torch.Tensor, pred: torch.Tensor, level: float | None) -> tuple[torch.Tensor, float]:
+        """``(low + a · (pred - low), a)``, computed in ``pred``'s memory (a whole-body volume needs no copy);
+        ``pred`` untouched while unfitted."""
+        a = self.factor(level)
+        if a == 1.0:
+            return pred, a
+        with torch.inference_mode(pred.is_inference()):  # a prediction made under inference mode stays one
+            return pred.sub_(low).mul_(a).add_(low), a
+
+    def fit(self, levels: Sequence[float | None], dot: Sequence[float], energy: Sequence[float]) -> list[float]:
+        """Fit the anchors from validation volumes: per volume its dose level (None: unknown, see
+        :meth:`weights`), ``<pred - low, full - low>`` and ``||pred - low||²`` (the prediction at full
+        strength). Returns the anchors, in DRF order."""
+        if not len(levels) == len(dot) == len(energy) or not levels:
+            raise ValueError(f"OutputStrength.fit: expected three equal non-empty lists, got {len(levels)}, "
+                             f"{len(dot)} and {len(energy)} values")
+        j = self.levels.numel()
+        a = torch.zeros(j, j, dtype=torch.float64)
+        b = torch.zeros(j, dtype=torch.float64)
+        for level, d, e in zip(levels, dot, energy, strict=True):
+            w = self.weights(level)
+            a += torch.outer(w, w) * e
+            b += w * d
+        ridge = RIDGE * max(float(a.diagonal().mean()), 1e-12)
+        alpha = torch.linalg.solve(a + ridge * torch.eye(j, dtype=torch.float64), b + ridge)
+        alpha = _non_decreasing(alpha.clamp(0.0, 1.0), a.diagonal() + ridge)
+        self.alpha.copy_(alpha.to(self.alpha.device))
+        self.fitted.fill_(True)
+        return [round(float(v), 4) for v in alpha]
+
+    def reset(self) -> None:
+        """Back to the identity (before a fit measures the unscaled prediction)."""
+        self.alpha.fill_(1.0)
+        self.fitted.fill_(False)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001, ANN002, ANN003
+        for name in ("levels", "alpha", "fitted"):  # a model saved before the strength existed: the identity
+            state_dict.setdefault(prefix + name, getattr(self, name).clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        anchors = ", ".join(f"{float(k):g}: {float(a):.3f}" for k, a in zip(self.levels, self.alpha, strict=True))
+        return f"fitted={bool(self.fitted)}, alpha={{{anchors}}}"
+
+
+def _non_decreasing(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The weighted least-squares non-decreasing sequence closest to ``values`` (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [mean, weight, count]
+    for v, w in zip(values.tolist(), weights.tolist(), strict=True):
+        blocks.append([v, w, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            v2, w2, n2 = blocks.pop()
+            v1, w1, n1 = blocks.pop()
+            total = w1 + w2
+            blocks.append([(v1 * w1 + v2 * w2) / total, total, n1 + n2])
+    return torch.tensor([v for v, _, n in blocks for _ in range(n)], dtype=values.dtype)
