@@ -2,8 +2,9 @@
 seed) at the training geometry, and the same under shifts a real scanner brings — finer voxels, a more or
 less sensitive scanner (counts per Bq), other units (kBq/mL), a post-filtered reconstruction. Prints, per
 shift and DRF, the mean PSNR gain of the model's output over its input against the full dose (whole
-volume, as the challenge scores) and the DRF the dose head names (docs/RESULTS.md, "Data unlike the
-training data"). Usage:
+volume, as the challenge scores) at full strength and at the strength fitted after training
+(lowdose_toolkit/models/strength.py), the DRF the dose head names, its continuous dose level and the
+strength applied (docs/RESULTS.md, "Data unlike the training data"). Usage:
 
     python experiments/shift_check.py RUN_DIR [SHIFT ...]   (default: every shift; --subjects N, default 2)
 """
@@ -23,7 +24,7 @@ SEED = 1000  # subjects no run has seen (the phantom's runs use seed 0)
 #: name -> (phantom source parameters, intensity factor applied to low and full)
 SHIFTS: dict[str, tuple[dict, float]] = {
     "same": ({}, 1.0),
-    "drf2": ({"drfs": [2]}, 1.0),
+    "drf2": ({"drfs": [2]}, 1.0),  # the challenge's cleanest low dose, below the phantom recipes' DRFs
     "kBq/mL": ({}, 1e-3),
     "4mm": ({"shape": [240, 120, 120], "spacing_mm": [4, 4, 4]}, 1.0),
     "3mm": ({"shape": [320, 160, 160], "spacing_mm": [3, 3, 3]}, 1.0),
@@ -38,6 +39,9 @@ names = args[1:] or list(SHIFTS)
 ckpt = load_checkpoint(run / "checkpoints" / "best.pt")
 torch.set_grad_enabled(False)
 predictor, recipe = Predictor.from_checkpoint(ckpt, torch.device("cpu"), "auto")
+assert predictor.model is not None
+strength = predictor.model.strength
+was_fitted = bool(strength.fitted)
 drfs = list(ckpt.drfs)
 for name in names:
     params, factor = SHIFTS[name]
@@ -52,15 +56,21 @@ for name in names:
         low, full = s["low"].data.float() * factor, s["full"].data.float() * factor
         norm = fit_normalization(low, ckpt.normalization.method, where=f"shift {name}",
                                  quantile=ckpt.normalization.quantile)
-        pred, probs = predictor.predict(norm.apply(low))
-        pred = norm.invert(pred)
         base = psnr(full[0], low[0])
-        rows.setdefault(int(s["drf"]), []).append(
-            [psnr(full[0], pred[0]) - base, float(drfs[int(probs.argmax())]) if probs is not None else float("nan")])
+        row = []
+        for fitted in (False, True):  # the model at full strength, then at its fitted strength (if any)
+            strength.fitted.fill_(fitted and was_fitted)
+            pred, probs = predictor.predict(norm.apply(low))
+            row.append(psnr(full[0], norm.invert(pred)[0]) - base)
+        applied = predictor.applied or {"dose_level": float("nan"), "strength": 1.0}
+        row += [float(drfs[int(probs.argmax())]) if probs is not None else float("nan"),
+                applied["dose_level"] or float("nan"), applied["strength"]]
+        rows.setdefault(int(s["drf"]), []).append(row)
     shape = tuple(low.shape[1:])
     print(f"{run} · shift {name} ({params or 'training geometry'}, x{factor:g}) · {subjects} subjects, seed {SEED}, "
           f"volumes {shape}")
-    print("DRF   gain (dB)  head's DRF per volume")
+    print("DRF  gain (dB): full strength  fitted | head's DRF  dose level  strength (per volume)")
     for drf, r in sorted(rows.items()):
-        gains = [g for g, _ in r]
-        print(f"{drf:3d}   {sum(gains) / len(gains):+8.2f}  {[int(d) for _, d in r]}", flush=True)
+        g1, g2 = (sum(x[i] for x in r) / len(r) for i in (0, 1))
+        print(f"{drf:3d}   {g1:+19.2f}  {g2:+6.2f} | {[int(x[2]) for x in r]}  {[round(x[3], 1) for x in r]}  "
+              f"{[round(x[4], 2) for x in r]}", flush=True)

@@ -70,8 +70,19 @@ def test_without_a_dose_estimate_one_strength_serves_every_volume() -> None:
     assert s.factor(None) == pytest.approx(0.7, abs=0.01)
     with pytest.raises(ValueError, match="dose level -1"):
         s.factor(-1.0)
-    with pytest.raises(ValueError, match="three equal non-empty lists"):
+    with pytest.raises(ValueError, match="expected equal non-empty lists, got 1, 2, 2 values"):
         s.fit([4.0], dot, energy)
+
+
+def test_each_subject_is_fitted_alone_and_an_anchor_keeps_the_weakest_reduction_they_ask_for() -> None:
+    a = _terms({4: 0.5, 10: 1.0, 20: 1.0, 50: 1.0, 100: 1.0}, seed=1)
+    b = _terms({4: 0.7, 10: 0.6, 20: 0.8, 50: 1.0, 100: 1.0}, seed=2)
+    s = OutputStrength(DRFS)
+    s.fit(a[0] + b[0], a[1] + b[1], a[2] + b[2], groups=["a"] * 5 + ["b"] * 5)
+    assert s.alpha.tolist() == pytest.approx([0.7, 1.0, 1.0, 1.0, 1.0], abs=0.01)
+    pooled = OutputStrength(DRFS)
+    pooled.fit(a[0] + b[0], a[1] + b[1], a[2] + b[2])
+    assert pooled.alpha[1] < 0.9  # pooled, subject b's DRF 10 would weaken subject a's correction too
 
 
 def test_a_state_dict_from_before_the_strength_loads_as_the_identity() -> None:

@@ -12,10 +12,11 @@ head's continuous estimate, else its class's DRF, else a stated ``--drf``):
 * below the smallest DRF ``k_1``, ``a_1 · (1 - 1/k) / (1 - 1/k_1)``: with list-mode data the target of a
   scan at dose level ``k`` is ``E[full | low] = low / k + (1 - 1/k) E[truth | low]``, so the share of the
   deviation a correction should remove falls as ``1 - 1/k``, to nothing for a full-dose input (k = 1);
-* the anchors minimise the squared error against the full dose over the validation volumes (the
-  prediction is fixed, so this is linear least squares, solved once), pulled slightly towards 1 where
-  the volumes say little, then kept in ``[0, 1]`` and non-decreasing in ``k`` (a noisier input never
-  gets less of the correction).
+* the anchors minimise the squared error against the full dose over each validation subject's volumes
+  (the prediction is fixed, so this is linear least squares, solved once), pulled slightly towards 1
+  where the volumes say little and kept in ``[0, 1]``; each anchor keeps the largest of the subjects'
+  values (the correction is weakened only as far as every subject asks), and the anchors are made
+  non-decreasing in ``k`` (a noisier input never gets less of the correction).
 
 Unfitted (every model until the trainer fits it, and checkpoints from before this existed) it is the
 identity: ``a = 1``.
@@ -93,26 +94,40 @@ class OutputStrength(nn.Module):
         with torch.inference_mode(pred.is_inference()):  # a prediction made under inference mode stays one
             return pred.sub_(low).mul_(a).add_(low), a
 
-    def fit(self, levels: Sequence[float | None], dot: Sequence[float], energy: Sequence[float]) -> list[float]:
+    def fit(self, levels: Sequence[float | None], dot: Sequence[float], energy: Sequence[float],
+            groups: Sequence[object] | None = None) -> list[float]:
         """Fit the anchors from validation volumes: per volume its dose level (None: unknown, see
         :meth:`weights`), ``<pred - low, full - low>`` and ``||pred - low||²`` (the prediction at full
-        strength). Returns the anchors, in DRF order."""
-        if not len(levels) == len(dot) == len(energy) or not levels:
-            raise ValueError(f"OutputStrength.fit: expected three equal non-empty lists, got {len(levels)}, "
-                             f"{len(dot)} and {len(energy)} values")
+        strength). With ``groups`` (the volumes' subjects) each group is fitted alone and every anchor keeps
+        the largest of the groups' values: the correction is weakened only as far as every subject asks
+        (fitted on one validation subject and applied to another, the pooled anchors above DRF 4 cost the
+        other up to 0.7 dB; docs/RESULTS.md). Returns the anchors, in DRF order."""
+        if not len(levels) == len(dot) == len(energy) or not levels or (groups is not None and
+                                                                         len(groups) != len(levels)):
+            raise ValueError(f"OutputStrength.fit: expected equal non-empty lists, got {len(levels)}, {len(dot)}, "
+                             f"{len(energy)} values" + ("" if groups is None else f" and {len(groups)} groups"))
+        rows = list(zip(levels, dot, energy, strict=True))
+        keys = [None] * len(rows) if groups is None else list(groups)
+        fits = [self._solve([r for r, k in zip(rows, keys, strict=True) if k == g]) for g in dict.fromkeys(keys)]
+        alpha = torch.stack([f for f, _ in fits]).max(dim=0).values
+        alpha = _non_decreasing(alpha, sum(w for _, w in fits))
+        self.alpha.copy_(alpha.to(self.alpha.device))
+        self.fitted.fill_(True)
+        return [round(float(v), 4) for v in alpha]
+
+    def _solve(self, rows: Sequence[tuple[float | None, float, float]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The least-squares anchors of ``rows`` (pulled towards 1 by :data:`RIDGE`), kept in ``[0, 1]``, and
+        each anchor's weight of evidence (the normal equations' diagonal)."""
         j = self.levels.numel()
         a = torch.zeros(j, j, dtype=torch.float64)
         b = torch.zeros(j, dtype=torch.float64)
-        for level, d, e in zip(levels, dot, energy, strict=True):
+        for level, d, e in rows:
             w = self.weights(level)
             a += torch.outer(w, w) * e
             b += w * d
         ridge = RIDGE * max(float(a.diagonal().mean()), 1e-12)
         alpha = torch.linalg.solve(a + ridge * torch.eye(j, dtype=torch.float64), b + ridge)
-        alpha = _non_decreasing(alpha.clamp(0.0, 1.0), a.diagonal() + ridge)
-        self.alpha.copy_(alpha.to(self.alpha.device))
-        self.fitted.fill_(True)
-        return [round(float(v), 4) for v in alpha]
+        return alpha.clamp(0.0, 1.0), a.diagonal() + ridge
 
     def reset(self) -> None:
         """Back to the identity (before a fit measures the unscaled prediction)."""

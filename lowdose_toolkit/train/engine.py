@@ -518,7 +518,8 @@ class Trainer:
         if any(r["level"] is None for r in rows):  # no dose estimate: one strength for every volume
             for r in rows:
                 r["level"] = None
-        alpha = strength.fit([r["level"] for r in rows], [r["dot"] for r in rows], [r["energy"] for r in rows])
+        alpha = strength.fit([r["level"] for r in rows], [r["dot"] for r in rows], [r["energy"] for r in rows],
+                             groups=[r["subject"] for r in rows])
         per_volume = []
         for r in rows:
             a = strength.factor(r["level"])
