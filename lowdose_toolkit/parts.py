@@ -41,6 +41,10 @@ Module contracts (all tensors are ``[B, C, D, H, W]``):
   volume* of any size, ``volume_logits(volume [1, 1, X, Y, Z]) -> [1, num_classes]`` (in bounded
   memory); inference then calls it once per volume and conditions every sliding window of a guided
   model on it (``Predictor.dose_estimate``; ``noise_level`` does), instead of the head on each window.
+  It may give a continuous dose level with them, ``volume_estimate(volume) -> (logits [1, K], level)``
+  (``level``: the DRF the volume's noise corresponds to, a positive float, below the smallest class for a
+  cleaner scan; None when unknown); the model's fitted strength (``eval.fit_strength``,
+  :mod:`lowdose_toolkit.models.strength`) then follows it. A head that wants the DRFs takes ``drfs``.
 * guidance: ``code(logits, drf_class=None) -> probs [B, num_classes]`` (the head's softmax; the true
   class where given: always in eval mode, for a fraction of samples in training) and
   ``forward(probs) -> {part: Conditioning}`` (:mod:`lowdose_toolkit.guidance`: per guided part,

@@ -17,6 +17,7 @@ keep these checks fast: ``example_args = {"channels": 4}``.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -70,7 +71,8 @@ def check_part(kind: str, name: str, args: Mapping[str, Any] | None = None,
     if kind == "head":
         factory = registry.get(kind, name).factory
         channels = 1 if getattr(factory, "reads_image", False) else 16
-        part = registry.build(kind, spec, name, context={"in_channels": channels, "num_classes": 5})
+        part = registry.build(kind, spec, name, context={"in_channels": channels, "num_classes": 5,
+                                                         "drfs": [4, 10, 20, 50, 100]})
         size = (12, 12, 12) if channels == 1 else (2, 2, 2)
         feature = torch.rand(3, channels, *size, requires_grad=True)
         out = part(feature)
@@ -87,6 +89,14 @@ def check_part(kind: str, name: str, args: Mapping[str, Any] | None = None,
                                         f"{getattr(whole, 'shape', type(whole))}")
             if part.training != was_training:
                 raise _fail(kind, name, "volume_logits must leave the head in the mode it found it in")
+        if callable(getattr(part, "volume_estimate", None)):  # logits and a continuous dose level (parts.py)
+            estimate = part.volume_estimate(torch.rand(1, 1, 13, 18, 21))
+            ok = isinstance(estimate, tuple) and len(estimate) == 2 and isinstance(estimate[0], torch.Tensor) \
+                and tuple(estimate[0].shape) == (1, 5) and (estimate[1] is None or (
+                    isinstance(estimate[1], float) and math.isfinite(estimate[1]) and estimate[1] > 0))
+            if not ok:
+                raise _fail(kind, name, "volume_estimate must return ([1, num_classes] = [1, 5] logits, a positive "
+                                        f"float dose level or None), got {estimate!r:.200}")
         return part
     if kind == "logger":
         return _check_logger(registry, spec, name)

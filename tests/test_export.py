@@ -48,9 +48,11 @@ def volume(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return 2.0 * torch.rand(shape, generator=torch.Generator().manual_seed(seed))
 
 
-def make_checkpoint(path: Path, recipe: dict, calibrate: bool = False, seed: int = 0) -> Path:
+def make_checkpoint(path: Path, recipe: dict, calibrate: bool = False, seed: int = 0,
+                    strength: list[float] | None = None) -> Path:
     """A checkpoint of ``recipe``'s model with every weight moved off its initialisation (the FiLM layers
-    start at zero, so an untrained guided model would ignore its head)."""
+    start at zero, so an untrained guided model would ignore its head), and ``strength`` as its fitted
+    output strength anchors."""
     torch.manual_seed(seed)
     resolved = resolve_recipe(recipe, get_registry())
     model, _ = build_model(resolved, get_registry())
@@ -60,6 +62,9 @@ def make_checkpoint(path: Path, recipe: dict, calibrate: bool = False, seed: int
     if calibrate:
         volumes = [volume((1, 20, 20, 20), s) * (1 + s % 2) for s in range(4)]
         calibrate_head(model.heads["noise_level"], volumes, [0, 1, 0, 1])
+    if strength is not None:
+        model.strength.alpha.copy_(torch.tensor(strength, dtype=torch.float64))
+        model.strength.fitted.fill_(True)
     Checkpoint(recipe=resolved, epoch=2, drfs=[4, 100], model=model.state_dict(),
                normalization=Normalization("robust", 0.99)).save(path)
     return path
@@ -69,7 +74,7 @@ def make_checkpoint(path: Path, recipe: dict, calibrate: bool = False, seed: int
 def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
     """A guided model with a calibrated noise-level head, exported to both formats by the command."""
     root = tmp_path_factory.mktemp("export")
-    ckpt = make_checkpoint(root / "guided.pt", GUIDED, calibrate=True)
+    ckpt = make_checkpoint(root / "guided.pt", GUIDED, calibrate=True, strength=[0.6, 0.9])
     files = {fmt: root / name for fmt, name in FILES.items()}
     for fmt, path in files.items():
         assert main(["export", str(ckpt), "--format", fmt, "--out", str(path)]) == 0
@@ -184,6 +189,7 @@ def test_ldt_infer_on_the_exported_file_writes_the_checkpoints_prediction(export
     (want, want_row, want_meta), (got, row, meta) = outputs["ckpt"], outputs["exported"]
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * float(np.abs(want).max()))
     assert row["predicted_drf"] == want_row["predicted_drf"] and row["conditioned_on"] == "dose head per window"
+    assert row["strength"] == want_row["strength"] == {"4": "0.6", "100": "0.9"}[row["predicted_drf"]]
     assert abs(float(row["drf_probability"]) - float(want_row["drf_probability"])) <= 1.5e-4
     assert meta["model_format"] == fmt and want_meta["model_format"] == "checkpoint"
     assert meta["precision"] == "fp32" and meta["normalization"] == "robust"

@@ -45,6 +45,20 @@ def test_a_heads_whole_volume_estimate_is_checked_when_it_has_one() -> None:
         check_part("head", "two_logits", {}, registry)
 
 
+def test_a_heads_continuous_dose_level_is_checked_when_it_has_one() -> None:
+    from ldt_plugins.heads.noise_level import NoiseLevelHead
+    from lowdose_toolkit.core.registry import Registry
+
+    class NegativeLevel(NoiseLevelHead):
+        def volume_estimate(self, volume: torch.Tensor) -> tuple[torch.Tensor, float | None]:
+            return super().volume_estimate(volume)[0], -1.0  # a dose level must be positive
+
+    registry = Registry()
+    registry.add("head", "negative_level", NegativeLevel, "test-plugin")
+    with pytest.raises(AssertionError, match=r"negative_level.*volume_estimate must return .*-1\.0"):
+        check_part("head", "negative_level", {}, registry)
+
+
 TRAINED = PARTS + [("guidance", n) for n in entries("guidance")]
 
 

@@ -219,6 +219,12 @@ def metadata(ckpt: Checkpoint, source: Path, recipe: dict[str, Any], model: LowD
                                  "a volume's verdict is their mean over its windows"} if head else {})},
         "conditioning": ("the dose head's per-window probabilities condition the network inside the graph"
                          if model.guidance is not None else "none"),
+        "strength": {"fitted": bool(model.strength.fitted), "drfs": model.strength.levels.tolist(),
+                     "alpha": model.strength.alpha.tolist(),
+                     "definition": "per volume, output = low + a * (pred - low) with a interpolated linearly in "
+                                   "ln k between the anchors (drfs -> alpha), the last anchor above them, and "
+                                   "alpha[0] * (1 - 1/k) / (1 - 1/drfs[0]) below; k = the DRF the volume's mean "
+                                   "probs name; a = 1 when not fitted"},
         "traced_window": list(traced),
         "checked_windows": [list(s) for s in checked],
         "tolerance": TOLERANCE,

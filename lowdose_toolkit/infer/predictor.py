@@ -27,6 +27,7 @@ from lowdose_toolkit.core.checkpoint import Checkpoint, Normalization, load_chec
 from lowdose_toolkit.errors import RecipeError, UserError
 from lowdose_toolkit.infer.precision import resolve_precision
 from lowdose_toolkit.models.lowdose_model import LowDoseModel
+from lowdose_toolkit.models.strength import OutputStrength
 
 if TYPE_CHECKING:
     from lowdose_toolkit.infer.export import ExportedModel
@@ -128,6 +129,7 @@ class Predictor:
     dose_estimate: str = "volume"
     #: What the last :meth:`predict` applied: ``dose_level`` and ``strength`` (empty when no fitted strength).
     applied: dict[str, Any] = field(default_factory=dict, init=False, compare=False)
+    _exported_strength: OutputStrength | None = field(default=None, init=False, repr=False, compare=False)
     _compiled_window: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None = field(
         default=None, init=False, repr=False, compare=False)
 
@@ -256,14 +258,27 @@ class Predictor:
         else:
             probs = torch.cat(votes).mean(dim=0) if votes else None
         self.applied = {}
-        if model is not None and use_refiner and bool(model.strength.fitted):
+        strength = self.strength
+        if strength is not None and use_refiner and bool(strength.fitted):
             if drf_class is not None:
                 level = float(self.drfs[drf_class])
             elif level is None and probs is not None:
                 level = float(self.drfs[int(probs.argmax())])
-            pred, factor = model.strength.apply(low.to(pred.device, pred.dtype), pred, level)
+            pred, factor = strength.apply(low.to(pred.device, pred.dtype), pred, level)
             self.applied = {"dose_level": None if level is None else round(level, 3), "strength": round(factor, 4)}
         return pred, probs
+
+    @property
+    def strength(self) -> OutputStrength | None:
+        """The model's fitted strength (a checkpoint's, or rebuilt from an exported file's metadata), or None."""
+        if self.model is not None:
+            return self.model.strength
+        if self._exported_strength is None and self.exported is not None and "strength" in self.exported.meta:
+            meta = self.exported.meta["strength"]
+            self._exported_strength = OutputStrength([int(k) for k in meta["drfs"]])
+            self._exported_strength.alpha.copy_(torch.tensor(meta["alpha"], dtype=torch.float64))
+            self._exported_strength.fitted.fill_(bool(meta["fitted"]))
+        return self._exported_strength
 
     @property
     def whole_volume_dose(self) -> bool:
