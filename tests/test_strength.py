@@ -120,3 +120,23 @@ def test_noise_level_drfs_must_match_the_classes() -> None:
 
     with pytest.raises(UserError, match=r"drfs=\[4, 10\] must be 3 DRFs >= 1"):
         NoiseLevelHead(in_channels=1, num_classes=3, drfs=[4, 10])
+
+
+def test_a_run_without_a_continuous_dose_level_fits_its_strength_at_the_heads_class(tmp_path) -> None:
+    """The tiny recipe's paper-style head (no whole-volume estimate): each validation volume's level is the DRF
+    its head names, and ldt evaluate applies the fitted strength."""
+    import json
+
+    from conftest import make_tiny_dataset, tiny_recipe, write
+
+    from lowdose_toolkit.cli.app import main
+    from lowdose_toolkit.core.checkpoint import load_checkpoint
+
+    data = make_tiny_dataset(tmp_path / "data")
+    text = tiny_recipe(data).replace("epochs: 3", "epochs: 1").replace("val_subjects: 1}",
+                                                                       "val_subjects: 1, fit_strength: true}")
+    assert main(["run", str(write(tmp_path / "recipe.yaml", text)), "--out", str(tmp_path / "run")]) == 0
+    fit = json.loads((tmp_path / "run" / "strength_fit.json").read_text())
+    assert {v["dose_level"] for v in fit["volumes"]} <= {4.0, 100.0}
+    assert all(0.0 <= a <= 1.0 for a in fit["anchors"].values()) and fit["anchors"]["4"] <= fit["anchors"]["100"]
+    assert bool(load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt").model["strength.fitted"])
