@@ -4,7 +4,8 @@ less sensitive scanner (counts per Bq), other units (kBq/mL), a post-filtered re
 shift and DRF, the mean PSNR gain of the model's output over its input against the full dose (whole
 volume, as the challenge scores) at full strength and at the strength fitted after training
 (lowdose_toolkit/models/strength.py), the DRF the dose head names, its continuous dose level and the
-strength applied (docs/RESULTS.md, "Data unlike the training data"). Usage:
+strength applied (docs/RESULTS.md, "Data unlike the training data"); for a full-dose input (``full``, DRF 1)
+the "gain" is the output's PSNR against that input (infinite: unchanged). Usage:
 
     python experiments/shift_check.py RUN_DIR [SHIFT ...]   (default: every shift; --subjects N, default 2)
 """
@@ -25,9 +26,12 @@ SEED = 1000  # subjects no run has seen (the phantom's runs use seed 0)
 SHIFTS: dict[str, tuple[dict, float]] = {
     "same": ({}, 1.0),
     "drf2": ({"drfs": [2]}, 1.0),  # the challenge's cleanest low dose, below the phantom recipes' DRFs
+    "full": ({"drfs": [2], "full_as_input": True}, 1.0),  # a full-dose scan given as input: PSNR against itself
     "kBq/mL": ({}, 1e-3),
     "4mm": ({"shape": [240, 120, 120], "spacing_mm": [4, 4, 4]}, 1.0),
     "3mm": ({"shape": [320, 160, 160], "spacing_mm": [3, 3, 3]}, 1.0),
+    "4x4x6mm": ({"shape": [160, 120, 120], "spacing_mm": [6, 4, 4]}, 1.0),  # finer in-plane than axially
+    "6x6x3mm": ({"shape": [320, 80, 80], "spacing_mm": [3, 6, 6]}, 1.0),  # finer axially than in-plane
     "counts/4": ({"counts_per_bq": 8.0}, 1.0),
     "counts*4": ({"counts_per_bq": 128.0}, 1.0),
 }
@@ -47,6 +51,7 @@ for name in names:
     params, factor = SHIFTS[name]
     params = dict(params)
     levels = params.pop("drfs", drfs)
+    full_as_input = params.pop("full_as_input", False)
     spec = {"name": "phantom", "subjects": subjects, "seed": SEED, **params}
     source = get_registry().build("source", spec, "data.source", context={"drfs": levels})
     ds = pairs_dataset(source.records(), levels, "none")
@@ -54,9 +59,11 @@ for name in names:
     for i in range(len(ds)):
         s = ds[i]
         low, full = s["low"].data.float() * factor, s["full"].data.float() * factor
+        if full_as_input:
+            low = full
         norm = fit_normalization(low, ckpt.normalization.method, where=f"shift {name}",
                                  quantile=ckpt.normalization.quantile)
-        base = psnr(full[0], low[0])
+        base = 0.0 if full_as_input else psnr(full[0], low[0])  # a full-dose input: the output's PSNR against it
         row = []
         for fitted in (False, True):  # the model at full strength, then at its fitted strength (if any)
             strength.fitted.fill_(fitted and was_fitted)
@@ -65,7 +72,7 @@ for name in names:
         applied = predictor.applied or {"dose_level": float("nan"), "strength": 1.0}
         row += [float(drfs[int(probs.argmax())]) if probs is not None else float("nan"),
                 applied["dose_level"] or float("nan"), applied["strength"]]
-        rows.setdefault(int(s["drf"]), []).append(row)
+        rows.setdefault(1 if full_as_input else int(s["drf"]), []).append(row)
     shape = tuple(low.shape[1:])
     print(f"{run} · shift {name} ({params or 'training geometry'}, x{factor:g}) · {subjects} subjects, seed {SEED}, "
           f"volumes {shape}")
