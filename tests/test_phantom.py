@@ -102,3 +102,18 @@ def test_bad_arguments_name_the_value() -> None:
         make_phantom(SHAPE, (15.0, -1.0, 12.0))
     with pytest.raises(UserError, match="supersample"):
         make_phantom(SHAPE, SPACING, supersample=0)
+
+
+def test_texture_keeps_the_mean_uptake_and_varies_it_by_sigma_at_its_scale(ph: Phantom) -> None:
+    from lowdose_toolkit.data.phantom import add_texture
+
+    flat = torch.ones(64, 64, 64)
+    textured = add_texture(flat, 0.2, 30.0, (6.0, 6.0, 6.0), seed=1)
+    assert float(textured.mean()) == pytest.approx(1.0, abs=0.03)  # exp(s G - s^2/2) has mean 1
+    assert float(textured.log().std()) == pytest.approx(0.2, rel=0.02)
+    assert float((textured[1:] - textured[:-1]).abs().mean()) < 0.1  # smooth (white noise of this spread: 0.32)
+    assert torch.equal(add_texture(textured, 0.2, 30.0, (6.0, 6.0, 6.0), seed=1),
+                       add_texture(textured, 0.2, 30.0, (6.0, 6.0, 6.0), seed=1))  # seeded
+    assert add_texture(ph.activity, 0.0, 15.0, SPACING) is ph.activity  # no texture: untouched
+    with pytest.raises(UserError, match="texture sigma -0.1 must be >= 0"):
+        add_texture(flat, -0.1, 15.0, SPACING)

@@ -271,6 +271,21 @@ def test_source_caches_under_ldt_cache_dir(tmp_path: Path, monkeypatch: pytest.M
     assert _small_source(counts_per_bq=10.0).path != src.path
     assert PhantomSource(subjects=1, drfs=[4, 10], shape=[64, 40, 40], spacing_mm=[15, 12, 12]).path != src.path
     assert [p.name for p in src.path.parent.iterdir()] == [src.key]  # no temp folders left
+    assert _small_source(texture=0.2).path != src.path and _small_source(texture=0.0).path == src.path
+
+
+def test_the_default_phantom_keeps_its_cache_key_and_texture_is_drawn_per_subject() -> None:
+    """Texture is off by default, and a config without it hashes as before the option existed (caches stay
+    valid); with it, each subject draws its own spread, recorded in its info, and its anatomy is unchanged."""
+    assert PhantomSource(drfs=[4, 10, 20, 50, 100]).key == "5c282968906aa505"
+    assert "texture" not in SimulationConfig().as_dict()
+    cfg = make_config(SimulationConfig(**SMALL), texture=0.3)
+    plain = sim._simulate_subject(0, 3, (4,), SimulationConfig(**SMALL))[0]
+    textured = sim._simulate_subject(0, 3, (4,), cfg)[0]
+    assert 0.0 <= textured.info["texture_sigma"] <= 0.3 and "texture_sigma" not in plain.info
+    assert torch.equal(textured.labels, plain.labels) and not torch.equal(textured.activity, plain.activity)
+    with pytest.raises(UserError, match=r"texture must be in \[0, 1\]"):
+        SimulationConfig(texture=2.0)
 
 
 def test_format_name_is_fixed_and_a_stale_cache_is_regenerated(tmp_path: Path,

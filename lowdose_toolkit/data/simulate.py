@@ -25,7 +25,7 @@ from lowdose_toolkit import __version__
 from lowdose_toolkit.core.atomic import atomic_path, temp_dir_beside
 from lowdose_toolkit.data.manifest import manifest_records, write_manifest
 from lowdose_toolkit.data.naming import dose_filename, nifti_stem
-from lowdose_toolkit.data.phantom import LABELS, Phantom, make_phantom
+from lowdose_toolkit.data.phantom import LABELS, Phantom, add_texture, make_phantom
 from lowdose_toolkit.data.scans import simulate_scans
 from lowdose_toolkit.data.simulation_config import SimulationConfig, check_drfs, make_config
 from lowdose_toolkit.errors import DataError, UserError
@@ -62,8 +62,13 @@ def _simulate_subject(
     i: int, seed: int, drfs: tuple[int, ...], config: SimulationConfig
 ) -> tuple[Phantom, dict[str | int, torch.Tensor], dict]:
     """Phantom and reconstructions of subject ``i`` (its seeds depend on ``(seed, i)`` only)."""
-    ss_phantom, ss_noise = np.random.SeedSequence([seed, i]).spawn(2)
+    ss_phantom, ss_noise, ss_texture = np.random.SeedSequence([seed, i]).spawn(3)  # the first two as before
     ph = make_phantom(config.shape, config.spacing_mm, ss_phantom, config.supersample)
+    if config.texture > 0:  # heterogeneous uptake, this subject's strength drawn in [0, texture]
+        rng = np.random.default_rng(ss_texture)
+        sigma = float(rng.uniform(0.0, config.texture))
+        ph.activity = add_texture(ph.activity, sigma, config.texture_fwhm_mm, config.spacing_mm, rng)
+        ph.info["texture_sigma"] = round(sigma, 4)
     stats: dict = {}
     images = simulate_scans(ph.activity, ph.mu, drfs, config, ss_noise, stats)
     return ph, images, stats

@@ -34,6 +34,10 @@ class SimulationConfig:
         counts_model: ``"listmode"`` (low dose = first 1/DRF of the full events) or
             ``"independent"`` (every dose level its own Poisson draw).
         supersample: Phantom sub-voxels per axis (partial-volume edges).
+        texture: Largest uptake heterogeneity: each subject's activity is multiplied by a smooth
+            log-normal field whose relative spread is drawn uniformly in ``[0, texture]``
+            (:func:`lowdose_toolkit.data.phantom.add_texture`); 0 (default): uniform organs.
+        texture_fwhm_mm: The field's correlation FWHM, mm.
     """
 
     shape: tuple[int, int, int] = (160, 80, 80)
@@ -48,6 +52,8 @@ class SimulationConfig:
     postfilter_fwhm_mm: float = 0.0
     counts_model: str = "listmode"
     supersample: int = 2
+    texture: float = 0.0
+    texture_fwhm_mm: float = 15.0
 
     def __post_init__(self) -> None:
         shape = tuple(int(v) for v in self.shape)
@@ -81,10 +87,19 @@ class SimulationConfig:
             raise UserError(f"counts_model must be one of {COUNTS_MODELS}, got {self.counts_model!r}")
         if self.supersample < 1:
             raise UserError(f"supersample must be >= 1, got {self.supersample}")
+        if not 0 <= self.texture <= 1:
+            raise UserError(f"texture must be in [0, 1] (a relative spread of uptake), got {self.texture}")
+        if not self.texture_fwhm_mm > 0:
+            raise UserError(f"texture_fwhm_mm must be > 0, got {self.texture_fwhm_mm}")
 
     def as_dict(self) -> dict:
-        """JSON-friendly dict of the fields (tuples as lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        """JSON-friendly dict of the fields (tuples as lists). Without texture the texture fields are left out, so
+        a data set simulated before they existed keeps its cache key."""
+        out = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        if not self.texture:
+            out.pop("texture")
+            out.pop("texture_fwhm_mm")
+        return out
 
 
 def make_config(config: SimulationConfig | None = None, **params: object) -> SimulationConfig:

@@ -51,6 +51,10 @@ class PhantomSource:
         counts_model: ``listmode`` (default: each low-dose scan is the first 1/DRF of the full-dose
             events, nested as in the challenge) or ``independent`` (every dose level its own Poisson
             acquisition). The two noise regimes a model is tested on.
+        texture: Largest heterogeneity of uptake (a subject's relative spread is drawn in ``[0, texture]``);
+            default 0, uniform organs. Real organs are not uniform, and a model trained without texture
+            takes it for noise (docs/RESULTS.md, "Data unlike the training data").
+        texture_fwhm_mm: Correlation FWHM of the texture, mm (default 15).
 
     Example:
         >>> src = PhantomSource(subjects=2, drfs=[4, 100], shape=[64, 40, 40],
@@ -70,6 +74,8 @@ class PhantomSource:
         counts_per_bq: float | None = None,
         iterations: int | None = None,
         counts_model: Literal["listmode", "independent"] | None = None,
+        texture: float | None = None,
+        texture_fwhm_mm: float | None = None,
     ) -> None:
         from lowdose_toolkit.data import simulate as sim
         from lowdose_toolkit.data.simulation_config import check_drfs, make_config
@@ -84,6 +90,8 @@ class PhantomSource:
             "counts_per_bq": counts_per_bq,
             "iterations": iterations,
             "counts_model": counts_model,
+            "texture": texture,
+            "texture_fwhm_mm": texture_fwhm_mm,
         }
         self.params = {k: (tuple(v) if isinstance(v, list) else v) for k, v in params.items() if v is not None}
         self.config = make_config(**self.params)
