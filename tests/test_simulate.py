@@ -356,6 +356,11 @@ def test_simulate_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert "42.49" in res.output and "58.72" in res.output  # the paper column of the table
     res = runner.invoke(app, ["--subjects", "1"])
     assert isinstance(res.exception, UserError) and "nothing to do" in str(res.exception)
+    res = runner.invoke(app, ["--out", str(tmp_path / "textured"), "--subjects", "1", "--texture", "0.2"])
+    assert res.exit_code == 0, res.output
+    assert '"texture_sigma"' in (tmp_path / "textured" / "simulation.json").read_text()
+    res = runner.invoke(app, ["--out", str(tmp_path / "bad"), "--subjects", "1", "--texture", "2"])
+    assert isinstance(res.exception, UserError) and "texture must be in [0, 1]" in str(res.exception)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "x.txt").write_text("x")
     res = runner.invoke(app, ["--out", str(tmp_path / "other"), "--subjects", "1"])
