@@ -199,7 +199,7 @@ def denoise_all(predictor: Predictor, jobs: Sequence[Any], out: Path, console: A
             code = predictor.code_drf(cls)
             mapped = code is not None and code != predictor.drfs[cls]
             dose["conditioned_on"] = f"{conditioned_on} via the DRF {code} code" if mapped else conditioned_on
-        dose.update(predictor.applied)  # dose_level and strength, when the checkpoint's strength was fitted
+        dose.update({k: round(v, 4) for k, v in predictor.applied.items()})  # dose_level; strength when fitted
         return pred, mips, dose
 
     def recover() -> None:

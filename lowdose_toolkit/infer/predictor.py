@@ -127,7 +127,8 @@ class Predictor:
     exported: ExportedModel | None = None
     compiled: bool = False
     dose_estimate: str = "volume"
-    #: What the last :meth:`predict` applied: ``dose_level`` and ``strength`` (empty when no fitted strength).
+    #: What the last :meth:`predict` read and applied: ``dose_level`` (with a dose head or a stated DRF) and
+    #: ``strength`` (with a fitted strength).
     applied: dict[str, Any] = field(default_factory=dict, init=False, compare=False)
     _exported_strength: OutputStrength | None = field(default=None, init=False, repr=False, compare=False)
     _compiled_window: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None = field(
@@ -221,10 +222,10 @@ class Predictor:
         instead of its head's prediction; ``use_refiner=False`` gives the coarse output. The
         probabilities ``[num_classes]`` are the dose head's softmax on the whole volume (see
         :attr:`dose_estimate`) or averaged over the windows (None without a dose head). The prediction
-        is float32 on the CPU whatever the precision. A checkpoint whose strength was fitted after training
-        (:mod:`lowdose_toolkit.models.strength`) applies it to the final output at the input's dose level
-        (the head's continuous estimate, else its class's DRF, else the stated one); :attr:`applied` then
-        records both for the summary.
+        is float32 on the CPU whatever the precision. :attr:`applied` records the input's dose level (the
+        stated DRF, else the head's continuous estimate, else its class's DRF) and, for a checkpoint whose
+        strength was fitted after training (:mod:`lowdose_toolkit.models.strength`), the strength applied to
+        the final output at that level.
         """
         from lowdose_toolkit.infer.sliding import infer_volume
 
@@ -257,15 +258,15 @@ class Predictor:
             probs = logits[0].float().softmax(dim=0).cpu()
         else:
             probs = torch.cat(votes).mean(dim=0) if votes else None
-        self.applied = {}
+        if drf_class is not None:
+            level = float(self.drfs[drf_class])
+        elif level is None and probs is not None:
+            level = float(self.drfs[int(probs.argmax())])
+        self.applied = {} if level is None else {"dose_level": level}
         strength = self.strength
         if strength is not None and use_refiner and bool(strength.fitted):
-            if drf_class is not None:
-                level = float(self.drfs[drf_class])
-            elif level is None and probs is not None:
-                level = float(self.drfs[int(probs.argmax())])
             pred, factor = strength.apply(low.to(pred.device, pred.dtype), pred, level)
-            self.applied = {"dose_level": None if level is None else round(level, 3), "strength": round(factor, 4)}
+            self.applied["strength"] = factor
         return pred, probs
 
     @property

@@ -148,10 +148,8 @@ class Validator:
         for i in range(len(volumes)):
             subject = volumes[i]
             low, full = subject["low"].data.float(), subject["full"].data.float()
-            pred, probs = self.predictor.predict(low)
-            _, level = self.model.volume_dose(low[None].to(self.predictor.device))
-            if level is None and probs is not None:
-                level = float(self.drfs[int(probs.argmax())])
+            pred, _ = self.predictor.predict(low)
+            level = self.predictor.applied.get("dose_level")
             d, r = (pred - low).double(), (full - low).double()
             rows.append({"subject": subject["subject_id"], "drf": int(subject["drf"]), "level": level,
                          "dot": float((d * r).sum()), "energy": float((d * d).sum()),
