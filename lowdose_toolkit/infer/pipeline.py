@@ -234,6 +234,8 @@ def denoise_all(predictor: Predictor, jobs: Sequence[Any], out: Path, console: A
                         title, note = nifti_stem(job.output), ""
                         if "predicted_drf" in dose:
                             verdict = f"predicted DRF {dose['predicted_drf']} ({dose['drf_probability']:.0%})"
+                            if "strength" in dose:  # a fitted strength: the level it followed and what it applied
+                                verdict += f", dose level {dose['dose_level']:.1f}, strength {dose['strength']:.2f}"
                             title += f" - {verdict}"
                             note = verdict + (f", conditioned on: {conditioned_on}" if conditioned_on else "")
                         if last_write is not None:
