@@ -27,6 +27,8 @@ SHIFTS: dict[str, tuple[dict, float]] = {
     "same": ({}, 1.0),
     "drf2": ({"drfs": [2]}, 1.0),  # the challenge's cleanest low dose, below the phantom recipes' DRFs
     "full": ({"drfs": [2], "full_as_input": True}, 1.0),  # a full-dose scan given as input: PSNR against itself
+    "head": ({"crop_top": 32}, 1.0),  # the top 32 slices (19 cm: head and neck), as a brain scan's field of view
+    "torso": ({"crop_middle": 64}, 1.0),  # 64 slices (38 cm) around the middle: one bed position
     "kBq/mL": ({}, 1e-3),
     "4mm": ({"shape": [240, 120, 120], "spacing_mm": [4, 4, 4]}, 1.0),
     "3mm": ({"shape": [320, 160, 160], "spacing_mm": [3, 3, 3]}, 1.0),
@@ -52,6 +54,7 @@ for name in names:
     params = dict(params)
     levels = params.pop("drfs", drfs)
     full_as_input = params.pop("full_as_input", False)
+    top, middle = params.pop("crop_top", None), params.pop("crop_middle", None)
     spec = {"name": "phantom", "subjects": subjects, "seed": SEED, **params}
     source = get_registry().build("source", spec, "data.source", context={"drfs": levels})
     ds = pairs_dataset(source.records(), levels, "none")
@@ -61,6 +64,10 @@ for name in names:
         low, full = s["low"].data.float() * factor, s["full"].data.float() * factor
         if full_as_input:
             low = full
+        if top or middle:  # a shorter field of view: axial slices are the last axis of [1, x, y, z]
+            depth = low.shape[-1]
+            lo, hi = (depth - top, depth) if top else ((depth - middle) // 2, (depth + middle) // 2)
+            low, full = low[..., lo:hi].contiguous(), full[..., lo:hi].contiguous()
         norm = fit_normalization(low, ckpt.normalization.method, where=f"shift {name}",
                                  quantile=ckpt.normalization.quantile)
         base = 0.0 if full_as_input else psnr(full[0], low[0])  # a full-dose input: the output's PSNR against it

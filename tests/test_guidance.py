@@ -490,6 +490,27 @@ def test_every_window_is_conditioned_on_the_dose_heads_estimate_for_the_whole_vo
     assert not torch.allclose(by_window[1], by_volume[1])
 
 
+def test_a_continuous_dose_level_conditions_on_the_codes_of_the_two_classes_around_it(guided_run: Path) -> None:
+    """DRF 20 lies halfway between DRF 4 and 100 in ln DRF: the guided model is conditioned on half of each
+    class's code, as if its head had given those probabilities; the summary names the codes."""
+    from lowdose_toolkit.infer.predictor import Predictor
+
+    predictor = Predictor.from_checkpoint(guided_run, torch.device("cpu"), "fp32")[0]
+    model = predictor.model
+    assert model is not None
+    model.strength.fitted.fill_(False)  # the conditioning alone (the strength follows the level too)
+    low = torch.rand(1, 20, 22, 18, generator=torch.Generator().manual_seed(3)) * 2
+    model.volume_dose = lambda volume: (torch.tensor([[5.0, -5.0]]), 20.0)  # type: ignore[method-assign]
+    by_level, probs = predictor.predict(low)
+    assert int(probs.argmax()) == 0 and predictor.applied["dose_level"] == 20.0  # the classifier is still reported
+    codes = [predictor.code_drf(0), predictor.code_drf(1)]
+    assert predictor.code_used == f"DRF {codes[0]} and {codes[1]} codes (0.50 / 0.50)"
+    model.volume_dose = lambda volume: (torch.zeros(1, 2), None)  # type: ignore[method-assign]
+    by_halves, _ = predictor.predict(low)  # a head that gives each class half
+    torch.testing.assert_close(by_level, by_halves, rtol=0, atol=1e-5)
+    assert predictor.code_used is None
+
+
 def test_lr_scale_puts_a_part_in_its_own_parameter_group() -> None:
     from lowdose_toolkit.train.build import build_training
 

@@ -194,7 +194,10 @@ def denoise_all(predictor: Predictor, jobs: Sequence[Any], out: Path, console: A
             except Exception as exc:  # noqa: BLE001
                 no_preview(row, job, exc)
         dose = predictor.verdict(probs)
-        if dose and conditioned_on:
+        if dose and conditioned_on and predictor.code_used is not None:  # the head's continuous dose level
+            dose["conditioned_on"] = f"{conditioned_on}: dose level {predictor.applied['dose_level']:.1f} via the " \
+                                     f"{predictor.code_used}"
+        elif dose and conditioned_on:
             cls = drf_class if drf_class is not None else predictor.drfs.index(dose["predicted_drf"])
             code = predictor.code_drf(cls)
             mapped = code is not None and code != predictor.drfs[cls]

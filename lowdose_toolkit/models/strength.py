@@ -70,14 +70,7 @@ class OutputStrength(nn.Module):
         if level <= lowest:
             w[0] = max(0.0, (1.0 - 1.0 / level) / (1.0 - 1.0 / lowest)) if lowest > 1 else 1.0
             return w
-        if level >= float(levels[-1]):
-            w[-1] = 1.0
-            return w
-        logs = levels.log()
-        i = int((levels <= level).nonzero().max())
-        t = (math.log(level) - float(logs[i])) / float(logs[i + 1] - logs[i])
-        w[i], w[i + 1] = 1.0 - t, t
-        return w
+        return log_interpolation(levels.tolist(), level)
 
     def factor(self, level: float | None) -> float:
         """The strength ``a`` for an input at dose level ``level`` (1.0 until fitted)."""
@@ -142,6 +135,25 @@ class OutputStrength(nn.Module):
     def extra_repr(self) -> str:
         anchors = ", ".join(f"{float(k):g}: {float(a):.3f}" for k, a in zip(self.levels, self.alpha, strict=True))
         return f"fitted={bool(self.fitted)}, alpha={{{anchors}}}"
+
+
+def log_interpolation(levels: Sequence[float], level: float) -> torch.Tensor:
+    """``[J]`` weights of ``level`` on ``levels`` (any order): linear in ``ln`` between the two that enclose it,
+    all on the nearest one outside their range; they sum to 1. The strength's anchors use it, and a guided
+    model's conditioning on a continuous dose level (:class:`lowdose_toolkit.infer.predictor.Predictor`)."""
+    if not math.isfinite(level) or level <= 0:
+        raise ValueError(f"dose level {level!r} must be a positive number")
+    order = sorted(range(len(levels)), key=lambda i: levels[i])
+    logs = [math.log(levels[i]) for i in order]
+    w = torch.zeros(len(levels), dtype=torch.float64)
+    x = min(max(math.log(level), logs[0]), logs[-1])
+    j = max(k for k in range(len(logs)) if logs[k] <= x)
+    if j == len(logs) - 1:
+        w[order[j]] = 1.0
+        return w
+    t = (x - logs[j]) / (logs[j + 1] - logs[j])
+    w[order[j]], w[order[j + 1]] = 1.0 - t, t
+    return w
 
 
 def _non_decreasing(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
