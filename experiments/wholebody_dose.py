@@ -52,7 +52,7 @@ for i in range(len(ds)):
         seconds = time.perf_counter() - t0
         row += [predictor.drfs[int(probs.argmax())], psnr(full[0], pred[0]) - base, seconds]
     t0 = time.perf_counter()
-    predictor.model.volume_dose_logits(low[None])
+    predictor.model.volume_dose(low[None])
     row.append(time.perf_counter() - t0)
     print(f"{s['subject_id']:12s} {drf:4d} | {row[0]:20d} {row[1]:+5.2f} {row[2]:4.0f} | "
           f"{row[3]:22d} {row[4]:+5.2f} {row[5]:4.0f} | {row[6]:10.1f}", flush=True)

@@ -43,8 +43,9 @@ Module contracts (all tensors are ``[B, C, D, H, W]``):
   model on it (``Predictor.dose_estimate``; ``noise_level`` does), instead of the head on each window.
   It may give a continuous dose level with them, ``volume_estimate(volume) -> (logits [1, K], level)``
   (``level``: the DRF the volume's noise corresponds to, a positive float, below the smallest class for a
-  cleaner scan; None when unknown); the model's fitted strength (``eval.fit_strength``,
-  :mod:`lowdose_toolkit.models.strength`) then follows it. A head that wants the DRFs takes ``drfs``.
+  cleaner scan; None when unknown); a guided model is then conditioned on it (between the codes of the
+  two DRF classes around it) and its fitted strength (``eval.fit_strength``,
+  :mod:`lowdose_toolkit.models.strength`) follows it. A head that wants the DRFs takes ``drfs``.
 * guidance: ``code(logits, drf_class=None) -> probs [B, num_classes]`` (the head's softmax; the true
   class where given: always in eval mode, for a fraction of samples in training) and
   ``forward(probs) -> {part: Conditioning}`` (:mod:`lowdose_toolkit.guidance`: per guided part,

@@ -483,7 +483,7 @@ def test_every_window_is_conditioned_on_the_dose_heads_estimate_for_the_whole_vo
     assert len(calls) == 4  # once per volume, not per window
     model.volume_dose = estimate  # type: ignore[method-assign]
     by_volume = predictor.predict(low)
-    torch.testing.assert_close(by_volume[1], model.volume_dose_logits(low[None])[0].softmax(dim=0))
+    torch.testing.assert_close(by_volume[1], model.volume_dose(low[None])[0][0].softmax(dim=0))
     predictor.dose_estimate = "window"  # the head on each 12^3 window instead: its own (different) votes
     assert not predictor.whole_volume_dose
     by_window = predictor.predict(low)

@@ -32,7 +32,7 @@ class LowDoseModel(nn.Module):
     prediction reaches the image. ``drf_class`` (the true class) is used for teacher forcing in
     training and as an oracle DRF in evaluation; without it the head alone decides. ``dose_logits``
     (``[1 or B, K]``) are the guiding head's logits computed elsewhere, e.g. on the whole volume a window
-    belongs to (:meth:`volume_dose_logits`): the head is then not run on the window.
+    belongs to (:meth:`volume_dose`): the head is then not run on the window.
     """
 
     def __init__(
@@ -70,11 +70,6 @@ class LowDoseModel(nn.Module):
         """Whether the dose head can classify a whole volume (``volume_logits``, see ``parts.py``)."""
         name = self.dose_head
         return name is not None and callable(getattr(self.heads[name], "volume_logits", None))
-
-    def volume_dose_logits(self, volume: torch.Tensor) -> torch.Tensor | None:
-        """The dose head's class logits ``[1, K]`` for a whole volume ``[1, 1, X, Y, Z]`` when it can give them
-        (:attr:`classifies_volumes`), else None."""
-        return self.volume_dose(volume)[0]
 
     def volume_dose(self, volume: torch.Tensor) -> tuple[torch.Tensor | None, float | None]:
         """``(class logits [1, K], continuous dose level)`` of a whole volume ``[1, 1, X, Y, Z]``: the head's
