@@ -45,9 +45,6 @@ names = args[1:] or list(SHIFTS)
 ckpt = load_checkpoint(run / "checkpoints" / "best.pt")
 torch.set_grad_enabled(False)
 predictor, recipe = Predictor.from_checkpoint(ckpt, torch.device("cpu"), "auto")
-assert predictor.model is not None
-strength = predictor.model.strength
-was_fitted = bool(strength.fitted)
 drfs = list(ckpt.drfs)
 for name in names:
     params, factor = SHIFTS[name]
@@ -73,12 +70,11 @@ for name in names:
         base = 0.0 if full_as_input else psnr(full[0], low[0])  # a full-dose input: the output's PSNR against it
         row = []
         for fitted in (False, True):  # the model at full strength, then at its fitted strength (if any)
-            strength.fitted.fill_(fitted and was_fitted)
-            pred, probs = predictor.predict(norm.apply(low))
+            pred, probs = predictor.predict(norm.apply(low), strength=fitted)
             row.append(psnr(full[0], norm.invert(pred)[0]) - base)
-        applied = predictor.applied or {"dose_level": float("nan"), "strength": 1.0}
+        applied = predictor.applied
         row += [float(drfs[int(probs.argmax())]) if probs is not None else float("nan"),
-                applied["dose_level"] or float("nan"), applied["strength"]]
+                applied.get("dose_level") or float("nan"), applied.get("strength", 1.0)]
         rows.setdefault(1 if full_as_input else int(s["drf"]), []).append(row)
     shape = tuple(low.shape[1:])
     print(f"{run} · shift {name} ({params or 'training geometry'}, x{factor:g}) · {subjects} subjects, seed {SEED}, "

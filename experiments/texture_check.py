@@ -32,9 +32,6 @@ sigmas = [float(s) for s in args[1:]] or [0.1, 0.2]
 ckpt = load_checkpoint(run / "checkpoints" / "best.pt")
 torch.set_grad_enabled(False)
 predictor, recipe = Predictor.from_checkpoint(ckpt, torch.device("cpu"), "auto")
-assert predictor.model is not None
-strength = predictor.model.strength
-was_fitted = bool(strength.fitted)
 drfs = list(ckpt.drfs)
 config = SimulationConfig()
 for sigma in sigmas:
@@ -53,9 +50,8 @@ for sigma in sigmas:
             norm = fit_normalization(low, ckpt.normalization.method, quantile=ckpt.normalization.quantile)
             base = psnr(full[0], low[0])
             row = []
-            for fitted in (False, True):
-                strength.fitted.fill_(fitted and was_fitted)
-                pred, _ = predictor.predict(norm.apply(low))
+            for fitted in (False, True):  # at full strength, then at the fitted strength (if any)
+                pred, _ = predictor.predict(norm.apply(low), strength=fitted)
                 row.append(psnr(full[0], norm.invert(pred)[0]) - base)
             row += [predictor.applied.get("dose_level") or float("nan"), predictor.applied.get("strength", 1.0)]
             rows.setdefault(drf, []).append(row)

@@ -498,15 +498,14 @@ def test_a_continuous_dose_level_conditions_on_the_codes_of_the_two_classes_arou
     predictor = Predictor.from_checkpoint(guided_run, torch.device("cpu"), "fp32")[0]
     model = predictor.model
     assert model is not None
-    model.strength.fitted.fill_(False)  # the conditioning alone (the strength follows the level too)
     low = torch.rand(1, 20, 22, 18, generator=torch.Generator().manual_seed(3)) * 2
     model.volume_dose = lambda volume: (torch.tensor([[5.0, -5.0]]), 20.0)  # type: ignore[method-assign]
-    by_level, probs = predictor.predict(low)
+    by_level, probs = predictor.predict(low, strength=False)  # the conditioning alone (the strength follows too)
     assert int(probs.argmax()) == 0 and predictor.applied["dose_level"] == 20.0  # the classifier is still reported
     codes = [predictor.code_drf(0), predictor.code_drf(1)]
     assert predictor.code_used == f"DRF {codes[0]} and {codes[1]} codes (0.50 / 0.50)"
     model.volume_dose = lambda volume: (torch.zeros(1, 2), None)  # type: ignore[method-assign]
-    by_halves, _ = predictor.predict(low)  # a head that gives each class half
+    by_halves, _ = predictor.predict(low, strength=False)  # a head that gives each class half
     torch.testing.assert_close(by_level, by_halves, rtol=0, atol=1e-5)
     assert predictor.code_used is None
 

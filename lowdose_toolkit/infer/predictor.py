@@ -216,8 +216,8 @@ class Predictor:
                             "inside the graph; leave --drf out, or use the checkpoint it was exported from")
         return self.drfs.index(drf)
 
-    def predict(self, low: torch.Tensor, drf_class: int | None = None,
-                use_refiner: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def predict(self, low: torch.Tensor, drf_class: int | None = None, use_refiner: bool = True,
+                strength: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Predict a normalised volume ``[1, X, Y, Z]``; returns ``(prediction, dose probabilities)``.
 
         ``drf_class`` conditions a guided model on that class (an oracle or the user's statement)
@@ -227,7 +227,7 @@ class Predictor:
         is float32 on the CPU whatever the precision. :attr:`applied` records the input's dose level (the
         stated DRF, else the head's continuous estimate, else its class's DRF) and, for a checkpoint whose
         strength was fitted after training (:mod:`lowdose_toolkit.models.strength`), the strength applied to
-        the final output at that level.
+        the final output at that level (``strength=False``: the prediction at full strength).
         """
         from lowdose_toolkit.infer.sliding import infer_volume
 
@@ -269,9 +269,9 @@ class Predictor:
         elif level is None and probs is not None:
             level = float(self.drfs[int(probs.argmax())])
         self.applied = {} if level is None else {"dose_level": level}
-        strength = self.strength
-        if strength is not None and use_refiner and bool(strength.fitted):
-            pred, factor = strength.apply(low.to(pred.device, pred.dtype), pred, level)
+        fitted = self.strength
+        if strength and fitted is not None and use_refiner and bool(fitted.fitted):
+            pred, factor = fitted.apply(low.to(pred.device, pred.dtype), pred, level)
             self.applied["strength"] = factor
         return pred, probs
 
