@@ -13,11 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from lowdose_toolkit.core.checkpoint import load_checkpoint
 from lowdose_toolkit.data.normalize import fit_normalization
-from lowdose_toolkit.data.phantom import make_phantom
+from lowdose_toolkit.data.phantom import add_texture, make_phantom
 from lowdose_toolkit.data.scans import simulate_scans
 from lowdose_toolkit.data.simulation_config import SimulationConfig
 from lowdose_toolkit.evaluation.metrics import psnr
@@ -39,10 +38,7 @@ for sigma in sigmas:
     for i in range(subjects):
         ss_phantom, ss_noise, ss_texture = np.random.SeedSequence([SEED, i]).spawn(3)
         ph = make_phantom(config.shape, config.spacing_mm, ss_phantom, config.supersample)
-        field = ndimage.gaussian_filter(np.random.default_rng(ss_texture).standard_normal(config.shape),
-                                        [fwhm / 2.3548 / s for s in config.spacing_mm])
-        field /= field.std()
-        activity = ph.activity * torch.from_numpy(np.exp(sigma * field - sigma**2 / 2).astype(np.float32))
+        activity = add_texture(ph.activity, sigma, fwhm, config.spacing_mm, ss_texture)  # one fixed spread
         images = simulate_scans(activity, ph.mu, drfs, config, ss_noise)
         full = images["full"][None]
         for drf in drfs:
