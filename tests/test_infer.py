@@ -705,3 +705,26 @@ def test_suv_checkpoint_takes_the_factor_from_each_input(trained: tuple[Path, Pa
     out = tmp_path / "manifest"
     assert main(["infer", str(suv_checkpoint), str(manifest), "--out", str(out)]) == 0
     assert summary(out)["drf_100.nii.gz"]["suv_factor"] == "0.0002"
+
+
+def test_consistency_guard_follows_the_recipe_unless_told(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    """--consistency applies the guard (the summary gives the share of body voxels it changed, the summary's
+    meta its settings); the default follows the checkpoint's eval.consistency (null here: off)."""
+    run, data = trained
+    source = data / "sub00" / "drf_100.nii.gz"
+    assert main(["infer", str(run), str(source), "--out", str(tmp_path / "plain"), "--no-previews"]) == 0
+    assert main(["infer", str(run), str(source), "--out", str(tmp_path / "guarded"), "--no-previews",
+                 "--consistency"]) == 0
+    plain, guarded = summary(tmp_path / "plain"), summary(tmp_path / "guarded")
+    assert plain["drf_100.nii.gz"]["consistency"] == ""
+    assert 0 <= float(guarded["drf_100.nii.gz"]["consistency"]) <= 1
+    import json
+
+    meta = json.loads((tmp_path / "guarded" / "summary.json").read_text())
+    assert meta["consistency"] == {"z": 3.0, "sigma_vox": 0.5}
+    assert json.loads((tmp_path / "plain" / "summary.json").read_text())["consistency"] is None
+    a = nib.load(tmp_path / "plain" / "drf_100.nii.gz").get_fdata()
+    b = nib.load(tmp_path / "guarded" / "drf_100.nii.gz").get_fdata()
+    low = nib.load(source).get_fdata()
+    # The guard moves local means back towards the input: the guarded output is no farther from it.
+    assert np.abs(b - low).mean() <= np.abs(a - low).mean() + 1e-6

@@ -49,6 +49,16 @@ def evaluate(
     allow_misaligned: bool = typer.Option(
         False, "--allow-misaligned", help="Score a prediction whose affine differs from its reference's (as arrays)."
     ),
+    lesions: str | None = typer.Option(
+        None, "--lesions",
+        help="Also quantify lesions (SUVmean/SUVmax bias against the full dose): 'phantom' (the label maps "
+             "`ldt simulate` writes) or a folder of lesion masks named <subject>.nii.gz.",
+    ),  # fmt: skip
+    consistency: bool | None = typer.Option(
+        None, "--consistency/--no-consistency",
+        help="RUN_DIR: apply the local-consistency guard to the predictions, or not (default: the recipe's "
+             "eval.consistency).",
+    ),  # fmt: skip
 ) -> None:
     """Score predictions against full-dose references: PSNR, SSIM, NRMSE per subject and DRF."""
     if ssim_range is not None and ssim_range not in SSIM_RANGES:
@@ -63,17 +73,18 @@ def evaluate(
                             "inputs; drop --low")
         run_directory(run_dir, out=out, method=None if method == "model" else method, ssim_range=ssim_range,
                       mask=mask, mask_threshold=mask_threshold, checkpoint=checkpoint, device=device,
-                      save_predictions=save_predictions)  # fmt: skip
+                      save_predictions=save_predictions, lesions=lesions, consistency=consistency)  # fmt: skip
         return
     if pred is None or ref is None:
         raise UserError("give a RUN_DIR, or both --pred and --ref (folders of NIfTI files or manifest CSVs)")
     for flag, value, default in (("--checkpoint", checkpoint, "best"), ("--device", device, "auto"),
-                                 ("--save-predictions", save_predictions, False)):  # fmt: skip
+                                 ("--save-predictions", save_predictions, False),
+                                 ("--consistency", consistency, None)):  # fmt: skip
         if value != default:
             raise UserError(f"{flag} is for RUN_DIR (it runs inference); with --pred/--ref the predictions exist")
     _, failures = run_pairs(pred, ref, low=low, out=out or _default_out(pred), method=method,
                             ssim_range=ssim_range or "challenge", mask=mask, mask_threshold=mask_threshold,
-                            allow_misaligned=allow_misaligned)
+                            allow_misaligned=allow_misaligned, lesions=lesions)
     if failures:
         raise typer.Exit(1)
 
@@ -82,6 +93,9 @@ def run_directory(run_dir: Path, console: Any = None, **options: Any) -> list[di
     """Evaluate a run directory on its test split, print the summary and where it was written."""
     from rich.console import Console
 
+    from lowdose_toolkit.evaluation.lesions import CASES_CSV as LESIONS_CSV
+    from lowdose_toolkit.evaluation.lesions import print_summary as print_lesions
+    from lowdose_toolkit.evaluation.results import read_results
     from lowdose_toolkit.evaluation.runeval import evaluate_run, print_dose_head, results_dir
     from lowdose_toolkit.evaluation.summary import print_summary
     from lowdose_toolkit.train.rundir import RunLock
@@ -99,7 +113,11 @@ def run_directory(run_dir: Path, console: Any = None, **options: Any) -> list[di
     region = "inside a body mask" if options.get("mask") else "whole volume"
     print_summary(summary, console, title=f"{run_dir}: held-out test subjects ({region})")
     print_dose_head(Path(out) / "results.json", console)
-    console.print(f"wrote {Path(out) / 'results.csv'}, results.json, results.md")
+    record = read_results(Path(out) / "results.json").extra.get("lesions")
+    if record:
+        print_lesions(record["summary"], console, title="lesions: bias against the full dose (%)")
+    console.print(f"wrote {Path(out) / 'results.csv'}, results.json, results.md"
+                  + (f", {LESIONS_CSV}" if record else ""))
     return summary
 
 
@@ -114,29 +132,34 @@ def run_pairs(
     console: Any = None,
     mask_threshold: float = 0.01,
     allow_misaligned: bool = False,
+    lesions: str | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """Pair, evaluate, write ``results.json``/``cases.csv``/``summary.csv``/``summary.md`` and print a summary.
 
     A pair that fails (unreadable file, another grid) is one printed line and one entry of
-    ``results.json``'s ``failures``; the others are scored and written.
+    ``results.json``'s ``failures``; the others are scored and written. With ``lesions`` (``"phantom"`` or a
+    folder of masks) every pair's lesions are quantified too: ``lesions.csv`` and ``lesions.md``.
 
     Returns:
         The per-case rows (predictions first, then the Low-Dose rows when ``low`` is given) and the failures.
     """
     from rich.console import Console
 
+    from lowdose_toolkit.evaluation import lesions as lesion_eval
     from lowdose_toolkit.evaluation.pairing import pair_by_filename
     from lowdose_toolkit.evaluation.paper import LOW_DOSE
     from lowdose_toolkit.evaluation.scoring import evaluate_pairs
     from lowdose_toolkit.evaluation.summary import aggregate, print_summary, write_results
 
     console = console or Console()
+    masks = None if lesions is None else lesion_eval.LesionMasks(lesions)
     pairs = pair_by_filename(pred, ref, method=method)
     if low is not None:
         pairs += pair_by_filename(low, ref, method=LOW_DOSE)
     failures: list[dict[str, str]] = []
+    lesion_cases: list[dict[str, Any]] = []
     rows = evaluate_pairs(pairs, ssim_range=ssim_range, mask=mask, mask_threshold=mask_threshold, failures=failures,
-                          allow_misaligned=allow_misaligned)
+                          allow_misaligned=allow_misaligned, lesions=masks, lesion_cases=lesion_cases)
     for failure in failures:
         console.print(f"[red]failed[/] {failure['error']}", soft_wrap=True)
     settings = {"ssim_range": ssim_range, "mask": mask, "pred": str(pred), "ref": str(ref), "low": str(low or "")}
@@ -144,7 +167,18 @@ def run_pairs(
         settings["mask_threshold"] = mask_threshold
     paths = write_results(rows, out, settings, failures=failures)
     print_summary(aggregate(rows), console, title=f"{method}: {len(rows)} case(s)")
+    lesion_files = ""
+    if masks is not None:
+        from lowdose_toolkit.core.atomic import atomic_path
+
+        lesion_summary = lesion_eval.summarize(lesion_cases)
+        lesion_eval.print_summary(lesion_summary, console, title="lesions: bias against the full dose (%)")
+        lesion_eval.write_cases(lesion_cases, out / lesion_eval.CASES_CSV)
+        with atomic_path(out / "lesions.md") as tmp:
+            tmp.write_text(lesion_eval.markdown(lesion_summary))
+        lesion_files = f", {lesion_eval.CASES_CSV}, lesions.md"
     console.print(f"wrote {paths['json']}, {paths['cases'].name}, {paths['summary'].name}, {paths['md'].name}"
+                  + lesion_files
                   + (f"; {len(failures)} pair(s) failed (listed in results.json)" if failures else ""))
     return rows, failures
 

@@ -283,7 +283,7 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
           batch_size: int | None, blending: str | None, device: str, precision: str, overwrite: bool,
           previews: bool = True, prefetch: bool = True, drf: int | None = None, skip_existing: bool = False,
           suv_factor: float | None = None, output_format: str | None = None, trust_torchscript: bool = False,
-          compile: bool = False, dose_estimate: str = "volume") -> int:
+          compile: bool = False, dose_estimate: str = "volume", consistency: bool | None = None) -> int:
     """Run the checkpoint's model over every input; returns the exit code (1 if any input failed).
 
     With ``previews``, ``OUT/previews/<name>.png`` shows coronal MIPs of each input and its output.
@@ -297,7 +297,8 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
     ``OUT`` is locked for the run; ``OUT/summary.csv`` is written whatever happens, Ctrl-C included.
     With ``compile``, a checkpoint's model runs through ``torch.compile`` (:attr:`Predictor.compiled`).
     ``dose_estimate``: ``volume`` (the dose head classifies each whole volume, where it can) or ``window``
-    (:attr:`Predictor.dose_estimate`).
+    (:attr:`Predictor.dose_estimate`). ``consistency``: None keeps the model's recipe setting
+    (``eval.consistency``), True applies the guard (the recipe's settings, else the defaults), False leaves it off.
     """
     from rich.console import Console
     from rich.markup import escape
@@ -355,6 +356,10 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
         predictor.dose_estimate = dose_estimate
         derivation = Derivation(recipe["name"], recipe["model"]["generator"]["name"],
                                 f"{find_checkpoint(checkpoint).name} (epoch {ckpt.epoch})")
+    if consistency is not None:
+        from lowdose_toolkit.infer.consistency import Consistency
+
+        predictor.consistency = (predictor.consistency or Consistency()) if consistency else None
     runs_on = predictor.exported.runs_on if predictor.exported is not None else str(dev)
     drf_class = predictor.drf_class(drf)
     conditioned = None
@@ -376,13 +381,14 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
             if job.skip:
                 kept = earlier.get(str(job.output), {})
                 row.update({k: kept[k] for k in ("shape", "predicted_drf", "drf_probability", "conditioned_on",
-                                                 "dose_level", "strength", "suv_factor") if k in kept})
+                                                 "dose_level", "strength", "consistency", "suv_factor") if k in kept})
                 row.update(status=SKIPPED, error="output exists (--skip-existing)")
         todo = [(job, row) for job, row in zip(jobs, rows, strict=True) if not job.skip]
         meta = {"checkpoint": str(checkpoint), "model_format": predictor.exported.format
                 if predictor.exported is not None else "checkpoint", "normalization": method,
                 "precision": predictor.precision, "device": runs_on, "output_format": output_format or "input's",
                 "compiled": predictor.compiled,
+                "consistency": None if predictor.consistency is None else predictor.consistency.as_dict(),
                 "dose_estimate": None if predictor.dose_head is None else
                 "volume" if predictor.whole_volume_dose else "window"}
         try:
@@ -448,8 +454,13 @@ def infer_cmd(
                                           "conditions every window of a guided model; window: per window (as an "
                                           "exported model does)."
     ),
+    consistency: bool | None = typer.Option(
+        None, "--consistency/--no-consistency", help="Give back the local means a prediction changed beyond the "
+                                                     "input's noise (small hot lesions; default: as the model's "
+                                                     "recipe says, eval.consistency)."
+    ),
 ) -> None:
     """Denoise whole volumes with a trained model (sliding window, affine and header kept; NIfTI or DICOM out)."""
     raise typer.Exit(infer(checkpoint, inputs, out, patch_size, overlap, batch_size, blending, device, precision,
                            overwrite, previews, prefetch, drf, skip_existing, suv_factor, output_format,
-                           trust_torchscript, compile, dose_estimate))
+                           trust_torchscript, compile, dose_estimate, consistency))

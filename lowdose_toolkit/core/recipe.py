@@ -151,6 +151,9 @@ SCHEMA: Schema = {
         "val_subjects": Field(int | None, 2, "validation volumes per epoch (None: all)", AT_LEAST_1),
         "fit_strength": Field(bool, False, "after training, fit how much of its correction the model applies per "
                                            "dose level on every validation subject (strength_fit.json)"),
+        "consistency": Field(dict | bool | None, None, "at inference, give back the local means a prediction "
+                                                       "changed beyond its input's noise: true, or {z, sigma_vox} "
+                                                       "(lowdose_toolkit/infer/consistency.py); null: off"),
     },
 }
 

@@ -232,6 +232,12 @@ def run_spec(recipe: Mapping[str, Any]) -> RunSpec:
     if not _DEVICE.fullmatch(device):
         raise RecipeError(f"train.device: {device!r} is not a device; use auto, cpu, cuda or cuda:N")
     precision, cuda_only = canonical_precision(train)
+    from lowdose_toolkit.infer.consistency import Consistency
+
+    try:
+        Consistency.from_spec(recipe["eval"].get("consistency"))
+    except UserError as exc:
+        raise RecipeError(str(exc)) from None
     sched = train["scheduler"]
     schedule = ScheduleSpec(sched["name"], sched["factor"], sched["patience"], sched["monitor"],
                             monitor_mode(sched["monitor"], drfs), train["stop_when_lr_below"])

@@ -69,6 +69,18 @@ def results_dir(run_dir: Path, out: Path | None = None, mask: bool = False) -> P
     return Path(run_dir) / MASK_DIR if mask else Path(run_dir)
 
 
+def _lesion_cases(masks: Any, subject: Any, images: Mapping[str, torch.Tensor]) -> list[dict[str, Any]]:
+    """Lesion rows of one test volume (every image in ``images``), with its subject and DRF."""
+    from lowdose_toolkit.evaluation.lesions import lesion_rows, voxel_ml
+
+    full = subject["full"]
+    affine = full.affine
+    components, _ = masks.components(subject["subject_id"], full.path, tuple(full.shape[1:]), affine)
+    rows = lesion_rows(full.data[0].numpy(), {k: v[0].numpy() for k, v in images.items()}, components,
+                       voxel_ml(affine))
+    return [{"subject": subject["subject_id"], "drf": int(subject["drf"]), **row} for row in rows]
+
+
 def evaluate_run(
     run_dir: Path,
     method: str | None = None,
@@ -80,6 +92,8 @@ def evaluate_run(
     ssim_range: str | None = None,
     mask: bool = False,
     mask_threshold: float = 0.01,
+    lesions: str | None = None,
+    consistency: bool | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate ``run_dir``'s checkpoint on its test split; write and return the per-DRF summary.
 
@@ -98,6 +112,11 @@ def evaluate_run(
         mask: Score inside a body mask of the full-dose reference (voxels above ``mask_threshold``
             times its maximum, see :func:`lowdose_toolkit.evaluation.metrics.body_mask`), for both rows.
         mask_threshold: Fraction of the reference maximum for the body mask.
+        lesions: Also quantify lesions (:mod:`lowdose_toolkit.evaluation.lesions`): ``"phantom"`` (the
+            phantom's own label maps) or a folder of lesion masks; writes ``lesions.csv`` and a ``lesions``
+            summary in ``results.json`` and ``results.md``.
+        consistency: None: as the run's recipe says (``eval.consistency``); True: the guard on (the recipe's
+            settings, else the defaults); False: off (:mod:`lowdose_toolkit.infer.consistency`).
     """
     from rich.progress import Progress
 
@@ -126,6 +145,10 @@ def evaluate_run(
     predictor, recipe = Predictor.from_checkpoint(ckpt, dev, "fp32")
     spec = run_spec(recipe)
     predictor.precision = training_precision(spec.precision, dev, spec.precision_cuda_only)
+    if consistency is not None:
+        from lowdose_toolkit.infer.consistency import Consistency
+
+        predictor.consistency = (predictor.consistency or Consistency()) if consistency else None
     model = predictor.model
     method = method or recipe["name"]
     cfg = recipe["eval"]
@@ -136,6 +159,12 @@ def evaluate_run(
     if not ckpt.split["test"]:
         raise UserError(f"{run_dir}: the run has no test subjects (data.split.test is 0)")
     dataset = subject_pairs(recipe, ckpt.split["test"], drfs)
+    masks = None
+    if lesions is not None:
+        from lowdose_toolkit.evaluation.lesions import LesionMasks
+
+        masks = LesionMasks(lesions)
+    lesion_cases: list[dict[str, Any]] = []
     rows: list[dict[str, Any]] = []
     dose_true: list[int] = []
     dose_pred: list[int] = []
@@ -154,6 +183,8 @@ def evaluate_run(
                 m = compute_all(full[0], image[0], ssim_range=ssim_range, mask=region)
                 rows.append({"method": name, "subject": sid, "drf": drf, "psnr": m["psnr"], "ssim": m["ssim"],
                              "nrmse": m["nrmse"], "ssim_range": ssim_range, "masked": mask})
+            if masks is not None:
+                lesion_cases += _lesion_cases(masks, subject, {LOW_DOSE: low, method: pred})
             if save_predictions:
                 from lowdose_toolkit.data.io import save_like
 
@@ -162,6 +193,8 @@ def evaluate_run(
             progress.advance(task)
     summary = by_drf(aggregate(rows))
     settings: dict[str, Any] = {"ssim_range": ssim_range, "mask": mask}
+    if predictor.consistency is not None:
+        settings["consistency"] = predictor.consistency.as_dict()
     if mask:
         settings["mask_threshold"] = mask_threshold
     facts: dict[str, Any] = {"method": method, "checkpoint": str(path), "epoch": ckpt.epoch,
@@ -174,6 +207,12 @@ def evaluate_run(
         facts["dose_head"] = {"head": head, "guides": model.guidance is not None, "drfs": drfs,
                               "accuracy": accuracy, "volumes": len(dose_true), "confusion": matrix}
         text += "\n" + dose_head_markdown(facts["dose_head"])
+    if masks is not None:
+        from lowdose_toolkit.evaluation import lesions as lesion_eval
+
+        facts["lesions"] = {"masks": lesions, "summary": lesion_eval.summarize(lesion_cases)}
+        text += ("\n### Lesions: bias against the full dose\n\n" + lesion_eval.markdown(facts["lesions"]["summary"]))
+        lesion_eval.write_cases(lesion_cases, out / lesion_eval.CASES_CSV)
     with atomic_path(out / "results.md") as tmp:
         tmp.write_text(text)
     write_results(out, "run", rows, summary, settings, **facts)  # results.json, results.csv

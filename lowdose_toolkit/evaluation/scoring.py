@@ -50,6 +50,15 @@ def _load(path: Path) -> np.ndarray:
     return data
 
 
+def _lesion_cases(lesions: Any, pair: Pair, ref: np.ndarray, image: np.ndarray, affine: np.ndarray
+                  ) -> list[dict[str, Any]]:
+    from lowdose_toolkit.evaluation.lesions import lesion_rows, voxel_ml
+
+    components, _ = lesions.components(pair.subject, pair.ref, ref.shape, affine)
+    rows = lesion_rows(ref, {pair.method: image}, components, voxel_ml(affine))
+    return [{"subject": pair.subject, "drf": pair.drf, **row} for row in rows]
+
+
 def evaluate_pairs(
     pairs: Sequence[Pair],
     ssim_range: str = "challenge",
@@ -58,6 +67,8 @@ def evaluate_pairs(
     progress: bool = True,
     failures: list[dict[str, str]] | None = None,
     allow_misaligned: bool = False,
+    lesions: Any = None,
+    lesion_cases: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Compute PSNR, SSIM and NRMSE for every pair, on the whole volume as the challenge does.
 
@@ -73,6 +84,8 @@ def evaluate_pairs(
             (:func:`lowdose_toolkit.evaluation.metrics.body_mask` at ``mask_threshold``).
         mask_threshold: Fraction of the reference maximum for the body mask.
         progress: Show a rich progress bar.
+        lesions: A :class:`~lowdose_toolkit.evaluation.lesions.LesionMasks`: every pair's lesions are also
+            quantified, their rows (with ``subject`` and ``drf``) appended to ``lesion_cases``.
 
     Returns:
         One dict per pair, in the pairs' order: ``method, subject, drf, psnr, ssim, nrmse`` (fraction),
@@ -134,7 +147,10 @@ def evaluate_pairs(
                     ref = torch.from_numpy(_load(pair.ref))
                     cached_ref = (pair.ref, ref, body_mask(ref, mask_threshold) if mask else None)
                 _, ref, ref_mask = cached_ref
-                m = compute_all(ref, torch.from_numpy(_load(pair.pred)), ssim_range=ssim_range, mask=ref_mask)
+                image = _load(pair.pred)
+                m = compute_all(ref, torch.from_numpy(image), ssim_range=ssim_range, mask=ref_mask)
+                if lesions is not None and lesion_cases is not None:
+                    lesion_cases += _lesion_cases(lesions, pair, ref.numpy(), image, shapes[pair.ref][1])  # type: ignore[index]
             except Exception as exc:  # noqa: BLE001 - a truncated or corrupt file fails its pair, not the rest
                 detail = str(exc) if isinstance(exc, DataError) else f"cannot read: {type(exc).__name__}: {exc}"
                 fail(pair, f"{pair.pred} vs {pair.ref}: {detail}")

@@ -29,7 +29,7 @@ from lowdose_toolkit.errors import DataError, UserError
 from lowdose_toolkit.infer.predictor import Predictor
 
 SUMMARY_FIELDS = ("input", "output", "status", "shape", "seconds", "predicted_drf", "drf_probability",
-                  "conditioned_on", "dose_level", "strength", "suv_factor", "error")
+                  "conditioned_on", "dose_level", "strength", "consistency", "suv_factor", "error")
 OK, FAILED, SKIPPED, NOT_DONE = "ok", "failed", "skipped", "not done"
 _MAX_ERROR = 400
 
@@ -202,7 +202,7 @@ def denoise_all(predictor: Predictor, jobs: Sequence[Any], out: Path, console: A
             code = predictor.code_drf(cls)
             mapped = code is not None and code != predictor.drfs[cls]
             dose["conditioned_on"] = f"{conditioned_on} via the DRF {code} code" if mapped else conditioned_on
-        dose.update({k: round(v, 4) for k, v in predictor.applied.items()})  # dose_level; strength when fitted
+        dose.update({k: round(v, 4) for k, v in predictor.applied.items()})  # dose level, strength, consistency
         return pred, mips, dose
 
     def recover() -> None:

@@ -25,6 +25,7 @@ import torch
 
 from lowdose_toolkit.core.checkpoint import Checkpoint, Normalization, load_checkpoint
 from lowdose_toolkit.errors import RecipeError, UserError
+from lowdose_toolkit.infer.consistency import Consistency
 from lowdose_toolkit.infer.precision import resolve_precision
 from lowdose_toolkit.models.lowdose_model import LowDoseModel
 from lowdose_toolkit.models.strength import OutputStrength, log_interpolation
@@ -127,6 +128,8 @@ class Predictor:
     exported: ExportedModel | None = None
     compiled: bool = False
     dose_estimate: str = "volume"
+    #: The local-consistency guard applied to every prediction (:mod:`lowdose_toolkit.infer.consistency`), or None.
+    consistency: Consistency | None = None
     #: What the last :meth:`predict` read and applied: ``dose_level`` (with a dose head or a stated DRF) and
     #: ``strength`` (with a fitted strength).
     applied: dict[str, Any] = field(default_factory=dict, init=False, compare=False)
@@ -158,7 +161,8 @@ class Predictor:
             raise TypeError(f"unknown window keys {sorted(unknown)}; use {WINDOW_KEYS}")
         merged = checked_window({k: recipe["eval"][k] if window.get(k) is None else window[k] for k in WINDOW_KEYS})
         return cls(model, merged, device, resolve_precision(precision, device), tuple(ckpt.drfs),
-                   ckpt.normalization, channels_last, compiled=compile), recipe
+                   ckpt.normalization, channels_last, compiled=compile,
+                   consistency=Consistency.from_spec(recipe["eval"].get("consistency"))), recipe
 
     @classmethod
     def from_exported(cls, path: Path, device: torch.device, precision: str = "auto", trust_torchscript: bool = False,
@@ -176,7 +180,8 @@ class Predictor:
             raise TypeError(f"unknown window keys {sorted(unknown)}; use {WINDOW_KEYS}")
         merged = checked_window({k: meta["window"][k] if window.get(k) is None else window[k] for k in WINDOW_KEYS})
         norm = Normalization(meta["normalization"]["method"], float(meta["normalization"]["quantile"]))
-        return cls(None, merged, exported.device, meta["precision"], tuple(meta["drfs"]), norm, exported=exported)
+        return cls(None, merged, exported.device, meta["precision"], tuple(meta["drfs"]), norm, exported=exported,
+                   consistency=Consistency.from_spec(meta["recipe"].get("eval", {}).get("consistency")))
 
     @classmethod
     def from_file(cls, path: Path, device: torch.device, precision: str = "auto", trust_torchscript: bool = False,
@@ -227,7 +232,8 @@ class Predictor:
         is float32 on the CPU whatever the precision. :attr:`applied` records the input's dose level (the
         stated DRF, else the head's continuous estimate, else its class's DRF) and, for a checkpoint whose
         strength was fitted after training (:mod:`lowdose_toolkit.models.strength`), the strength applied to
-        the final output at that level (``strength=False``: the prediction at full strength).
+        the final output at that level (``strength=False``: the prediction at full strength), and with
+        :attr:`consistency` the share of body voxels the guard changed (``consistency``), applied last.
         """
         from lowdose_toolkit.infer.sliding import infer_volume
 
@@ -273,6 +279,9 @@ class Predictor:
         if strength and fitted is not None and use_refiner and bool(fitted.fitted):
             pred, factor = fitted.apply(low.to(pred.device, pred.dtype), pred, level)
             self.applied["strength"] = factor
+        if self.consistency is not None:
+            pred, changed = self.consistency.apply_with_share(low.to(pred.device), pred)
+            self.applied["consistency"] = changed
         return pred, probs
 
     def _level_code(self, level: float) -> tuple[torch.Tensor, str]:

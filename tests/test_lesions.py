@@ -1,0 +1,191 @@
+"""Lesion quantification (evaluation/lesions.py) and the local-consistency guard (infer/consistency.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from lowdose_toolkit.cli.app import main
+from lowdose_toolkit.errors import DataError, UserError
+from lowdose_toolkit.evaluation.lesions import (
+    PHANTOM_LESION_LABEL,
+    LesionMasks,
+    label_components,
+    lesion_rows,
+    markdown,
+    summarize,
+    voxel_ml,
+)
+from lowdose_toolkit.infer.consistency import Consistency
+
+AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
+
+
+def _ball(shape: tuple[int, int, int], centre: tuple[int, int, int], radius: float) -> np.ndarray:
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1)
+    return ((grid - np.array(centre)) ** 2).sum(-1) <= radius**2
+
+
+def test_components_are_26_connected_and_numbered() -> None:
+    mask = np.zeros((6, 6, 6), bool)
+    mask[1, 1, 1] = mask[2, 2, 2] = True  # touching at a corner: one lesion
+    mask[4, 4, 4] = True
+    components, n = label_components(mask)
+    assert n == 2 and components[1, 1, 1] == components[2, 2, 2] != components[4, 4, 4]
+
+
+def test_lesion_rows_give_the_bias_of_mean_and_max() -> None:
+    ref = np.ones((10, 10, 10), np.float32)
+    ref[2:4, 2:4, 2:4] = 5.0
+    ref[7, 7, 7] = 8.0
+    image = ref.copy()
+    image[2:4, 2:4, 2:4] = 4.0  # -20 % everywhere in the first lesion
+    image[7, 7, 7] = 10.0  # +25 % in the second
+    components, n = label_components(ref > 2)
+    rows = lesion_rows(ref, {"model": image, "Low-Dose": ref}, components, voxel_ml(AFFINE))
+    assert n == 2 and len(rows) == 4
+    model = [r for r in rows if r["method"] == "model"]
+    assert [r["voxels"] for r in model] == [8, 1] and model[0]["volume_ml"] == pytest.approx(0.064)
+    assert model[0]["mean_bias_pct"] == pytest.approx(-20.0) and model[0]["max_bias_pct"] == pytest.approx(-20.0)
+    assert model[1]["mean_bias_pct"] == pytest.approx(25.0) and model[1]["ref_max"] == pytest.approx(8.0)
+    assert all(r["mean_bias_pct"] == 0 for r in rows if r["method"] == "Low-Dose")
+    summary = summarize([{"drf": 4, **r} for r in rows])
+    assert [s["method"] for s in summary] == ["Low-Dose", "model"]  # the input first, as the paper's tables
+    s = summary[1]
+    assert s["lesions"] == 2 and s["mean_bias_pct"] == pytest.approx(2.5)
+    assert s["abs_mean_bias_pct"] == pytest.approx(22.5)
+    assert "| 4 | model | 2 | +2.5 ±" in markdown(summary)
+    with pytest.raises(DataError, match=r"lesion mask is \(9, 10, 10\)"):
+        lesion_rows(ref, {"model": image}, components[1:], 1.0)
+
+
+def _save(path: Path, data: np.ndarray, affine: np.ndarray = AFFINE) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+    return path
+
+
+def test_lesion_masks_find_read_and_check(tmp_path: Path) -> None:
+    labels = np.zeros((8, 8, 8), np.uint8)
+    labels[1:3, 1:3, 1:3] = PHANTOM_LESION_LABEL
+    labels[5:7, 5:7, 5:7] = 9  # liver: not a lesion
+    full = tmp_path / "sim" / "s1" / "full.nii.gz"
+    _save(tmp_path / "sim" / "s1" / "labels.nii.gz", labels)
+    components, n = LesionMasks("phantom").components("s1", full, (8, 8, 8), AFFINE)
+    assert n == 1 and components[1, 1, 1] == 1 and components[5, 5, 5] == 0
+    with pytest.raises(DataError, match="no phantom label map beside"):
+        LesionMasks("phantom").components("s2", tmp_path / "other" / "full.nii.gz", (8, 8, 8))
+    masks = tmp_path / "masks"
+    _save(masks / "s1.nii.gz", (labels > 0).astype(np.uint8))  # own masks: every nonzero voxel
+    assert LesionMasks(masks).components("s1", full, (8, 8, 8), AFFINE)[1] == 2
+    with pytest.raises(DataError, match=r"s1.nii.gz is \(8, 8, 8\) but s1's reference is \(8, 8, 9\)"):
+        LesionMasks(masks).components("s1", full, (8, 8, 9))
+    with pytest.raises(DataError, match="different affines"):
+        LesionMasks(masks).components("s1", full, (8, 8, 8), np.diag([3.0, 3.0, 3.0, 1.0]))
+    with pytest.raises(DataError, match=r"no lesion mask for subject 's9' \(looked for s9.nii.gz"):
+        LesionMasks(masks).components("s9", full, (8, 8, 8))
+    with pytest.raises(UserError, match=r"--lesions \S+/nowhere: not a folder; give a folder"):
+        LesionMasks(tmp_path / "nowhere")
+
+
+def test_evaluate_pairs_with_lesion_masks(tmp_path: Path, capsys) -> None:
+    shape = (16, 16, 16)
+    rng = np.random.default_rng(0)
+    ref = np.ones(shape, np.float32)
+    hot = _ball(shape, (8, 8, 8), 2.0)
+    ref[hot] = 6.0
+    _save(tmp_path / "ref" / "sub01.nii.gz", ref)
+    _save(tmp_path / "masks" / "sub01.nii.gz", hot.astype(np.uint8))
+    low = ref + 0.05 * rng.standard_normal(shape).astype(np.float32)
+    pred = ref.copy()
+    pred[hot] = 4.5  # the lesion's uptake lowered by a quarter
+    _save(tmp_path / "low" / "sub01_drf_4.nii.gz", low.astype(np.float32))
+    _save(tmp_path / "pred" / "sub01_drf_4.nii.gz", pred)
+    out = tmp_path / "eval"
+    code = main(["evaluate", "--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "ref"), "--low",
+                 str(tmp_path / "low"), "--out", str(out), "--lesions", str(tmp_path / "masks")])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "lesions: bias against the full dose" in printed and "lesions.csv" in printed
+    rows = {r.split(",")[0]: r.split(",") for r in (out / "lesions.csv").read_text().splitlines()[1:]}
+    assert float(rows["model"][10]) == pytest.approx(-25.0) and abs(float(rows["Low-Dose"][10])) < 1
+    assert "| 4 | model | 1 | -25.0" in (out / "lesions.md").read_text()
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "ref"), "--lesions",
+                 str(tmp_path / "nowhere")]) != 0
+    assert "--lesions" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ guard
+
+
+def _scene(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """A warm body with a hot 3-voxel-radius lesion, and its noisy low-dose scan (Poisson-like noise)."""
+    shape = (32, 32, 32)
+    truth = np.zeros(shape, np.float32)
+    truth[4:28, 4:28, 4:28] = 1.0
+    lesion = _ball(shape, (16, 16, 16), 2.5)
+    truth[lesion] = 4.0
+    rng = np.random.default_rng(seed)
+    low = truth + 0.15 * np.sqrt(truth + 0.05) * rng.standard_normal(shape).astype(np.float32)
+    return torch.from_numpy(truth)[None], torch.from_numpy(low.astype(np.float32))[None], lesion
+
+
+def test_guard_gives_back_a_flattened_lesion_and_leaves_noise_removal_alone() -> None:
+    truth, low, lesion = _scene()
+    guard = Consistency(z=3.0, sigma_vox=0.5)
+    good, share = guard.apply_with_share(low, truth)  # a perfect denoiser: removed pure noise only
+    assert share < 0.01
+    assert float((good - truth).abs().mean()) < 0.2 * float((low - truth).abs().mean())
+    flat = truth.clone()
+    flat[0][torch.from_numpy(lesion)] = 2.0  # the lesion's uptake halved
+    fixed = guard.apply(low, flat)
+    before = float(flat[0][torch.from_numpy(lesion)].mean()) / 4 - 1
+    after = float(fixed[0][torch.from_numpy(lesion)].mean()) / 4 - 1
+    assert before == pytest.approx(-0.5) and -0.25 < after < 0.0  # mostly given back
+    outside = ~torch.from_numpy(_ball(truth.shape[1:], (16, 16, 16), 5.0))
+    changed = (fixed != flat)[0]
+    assert float(changed[outside].float().mean()) < 0.01  # away from the lesion, (nearly) nothing changed
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ({"z": 0}, r"eval.consistency: z=0.0 must be positive"),
+    ({"sigma_vox": -1}, r"eval.consistency: sigma_vox=-1.0 must be positive"),
+    ({"width": 2}, r"eval.consistency: \{'width': 2\}; use null"),
+    ({"z": "high"}, r"z and sigma_vox must be numbers"),
+])
+def test_guard_settings_are_checked(spec: dict, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        Consistency.from_spec(spec)
+
+
+def test_guard_spec_values() -> None:
+    assert Consistency.from_spec(None) is None and Consistency.from_spec(False) is None
+    assert Consistency.from_spec(True) == Consistency()
+    assert Consistency.from_spec({"z": 2, "sigma_vox": 1}).as_dict() == {"z": 2.0, "sigma_vox": 1.0}
+
+
+def test_run_dir_evaluation_with_the_guard_and_lesion_masks(tmp_path: Path, capsys) -> None:
+    """A tiny trained run: --consistency is recorded in results.json, and --lesions scores the blobs."""
+    from conftest import make_tiny_dataset, tiny_recipe, write
+
+    data = make_tiny_dataset(tmp_path / "data", subjects=3)
+    recipe = write(tmp_path / "recipe.yaml", tiny_recipe(data).replace("epochs: 3", "epochs: 1"))
+    assert main(["run", str(recipe), "--out", str(tmp_path / "run")]) == 0
+    test = json.loads((tmp_path / "run" / "results.json").read_text())["test_subjects"][0]
+    full = nib.load(str(data / test / "full.nii.gz"))
+    hot = (np.asarray(full.dataobj) > 400).astype(np.uint8)
+    _save(tmp_path / "masks" / f"{test}.nii.gz", hot, full.affine)
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "run"), "--consistency", "--lesions", str(tmp_path / "masks"),
+                 "--out", str(tmp_path / "eval")]) == 0
+    doc = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert doc["settings"]["consistency"] == {"z": 3.0, "sigma_vox": 0.5}
+    summary = doc["lesions"]["summary"]
+    assert {s["method"] for s in summary} == {"Low-Dose", "tiny"} and all(s["lesions"] >= 1 for s in summary)
+    assert "### Lesions" in (tmp_path / "eval" / "results.md").read_text()
+    assert (tmp_path / "eval" / "lesions.csv").read_text().startswith("method,subject,drf,lesion")
