@@ -189,3 +189,24 @@ def test_run_dir_evaluation_with_the_guard_and_lesion_masks(tmp_path: Path, caps
     assert {s["method"] for s in summary} == {"Low-Dose", "tiny"} and all(s["lesions"] >= 1 for s in summary)
     assert "### Lesions" in (tmp_path / "eval" / "results.md").read_text()
     assert (tmp_path / "eval" / "lesions.csv").read_text().startswith("method,subject,drf,lesion")
+
+
+def test_study_lesion_table_takes_each_runs_summary_and_the_input_once(tmp_path: Path) -> None:
+    from lowdose_toolkit.evaluation.results import write_results
+    from lowdose_toolkit.evaluation.study import lesion_table
+
+    case = {"method": "m", "subject": "s", "drf": 4, "psnr": 40.0, "ssim": 0.9, "nrmse": 0.1,
+            "ssim_range": "challenge", "masked": False}
+    dirs = {}
+    for name, bias in (("A", -10.0), ("B", -5.0)):
+        rows = [{"method": "Low-Dose", "drf": 4, "mean_bias_pct": 1.0, "max_bias_pct": 3.0},
+                {"method": name, "drf": 4, "mean_bias_pct": bias, "max_bias_pct": bias}]
+        dirs[name] = tmp_path / name
+        write_results(dirs[name], "run", [{**case, "method": name}], [], {"ssim_range": "challenge", "mask": False},
+                      lesions={"masks": "phantom", "summary": summarize(rows)})
+    dirs["untrained"] = tmp_path / "untrained"
+    table = lesion_table(dirs)
+    lines = [line for line in table.splitlines() if line.startswith("| 4 |")]
+    assert [line.split(" | ")[1] for line in lines] == ["Low-Dose", "A", "B"]
+    assert "| 4 | A | 1 | -10.0 ± 0.0 | 10.0 |" in table
+    assert lesion_table({"untrained": tmp_path / "untrained"}) == ""

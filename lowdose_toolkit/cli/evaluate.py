@@ -52,7 +52,8 @@ def evaluate(
     lesions: str | None = typer.Option(
         None, "--lesions",
         help="Also quantify lesions (SUVmean/SUVmax bias against the full dose): 'phantom' (the label maps "
-             "`ldt simulate` writes) or a folder of lesion masks named <subject>.nii.gz.",
+             "`ldt simulate` writes) or a folder of lesion masks named <subject>.nii.gz; 'none': no lesions "
+             "(default: RUN_DIR of a phantom run, its phantom's lesions; otherwise none).",
     ),  # fmt: skip
     consistency: bool | None = typer.Option(
         None, "--consistency/--no-consistency",
@@ -65,6 +66,10 @@ def evaluate(
         raise UserError(f"--ssim-range {ssim_range!r} is unknown; use challenge or standard")
     if not 0 < mask_threshold < 1:
         raise UserError(f"--mask-threshold must be in (0, 1) (a fraction of the reference max), got {mask_threshold}")
+    if lesions == "none":
+        lesions = None
+    elif lesions is None and run_dir is not None:
+        lesions = "auto"
     if run_dir is not None:
         if pred is not None or ref is not None:
             raise UserError("give either RUN_DIR or --pred/--ref, not both")
@@ -94,9 +99,7 @@ def run_directory(run_dir: Path, console: Any = None, **options: Any) -> list[di
     from rich.console import Console
 
     from lowdose_toolkit.evaluation.lesions import CASES_CSV as LESIONS_CSV
-    from lowdose_toolkit.evaluation.lesions import print_summary as print_lesions
-    from lowdose_toolkit.evaluation.results import read_results
-    from lowdose_toolkit.evaluation.runeval import evaluate_run, print_dose_head, results_dir
+    from lowdose_toolkit.evaluation.runeval import evaluate_run, print_dose_head, print_lesions, results_dir
     from lowdose_toolkit.evaluation.summary import print_summary
     from lowdose_toolkit.train.rundir import RunLock
 
@@ -113,11 +116,9 @@ def run_directory(run_dir: Path, console: Any = None, **options: Any) -> list[di
     region = "inside a body mask" if options.get("mask") else "whole volume"
     print_summary(summary, console, title=f"{run_dir}: held-out test subjects ({region})")
     print_dose_head(Path(out) / "results.json", console)
-    record = read_results(Path(out) / "results.json").extra.get("lesions")
-    if record:
-        print_lesions(record["summary"], console, title="lesions: bias against the full dose (%)")
+    lesions = print_lesions(Path(out) / "results.json", console)
     console.print(f"wrote {Path(out) / 'results.csv'}, results.json, results.md"
-                  + (f", {LESIONS_CSV}" if record else ""))
+                  + (f", {LESIONS_CSV}" if lesions else ""))
     return summary
 
 

@@ -15,7 +15,7 @@ def run(recipe_path: Path | None, overrides: list[str], out: Path | None, resume
 
     from lowdose_toolkit.core.plugin_manager import get_registry
     from lowdose_toolkit.core.recipe import load_recipe, resolve_recipe, safe_load
-    from lowdose_toolkit.evaluation.runeval import evaluate_run, print_dose_head
+    from lowdose_toolkit.evaluation.runeval import evaluate_run, print_dose_head, print_lesions
     from lowdose_toolkit.evaluation.summary import print_summary
     from lowdose_toolkit.train.distributed import leave_process
     from lowdose_toolkit.train.engine import Trainer
@@ -55,6 +55,7 @@ def run(recipe_path: Path | None, overrides: list[str], out: Path | None, resume
         summary = evaluate_run(run_dir, console=console)
         print_summary(summary, Console(), title=f"{recipe['name']}: held-out test subjects")
         print_dose_head(run_dir / "results.json", Console())
+        print_lesions(run_dir / "results.json", Console())
         console.print(f"results: {run_dir / 'results.md'}")
     leave_process(trainer.dist)  # a distributed worker ends here, its work written (see leave_process)
 

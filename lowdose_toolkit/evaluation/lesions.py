@@ -96,7 +96,13 @@ def summarize(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
             entry[f"{measure}_std"] = float(v.std(ddof=1)) if v.size > 1 else 0.0
             entry[f"abs_{measure}"] = float(np.abs(v).mean())
         out.append(entry)
-    return sorted(out, key=lambda e: (e["drf"] is None, e["drf"] or 0, e["method"] != "Low-Dose", e["method"]))
+    return ordered(out)
+
+
+def ordered(summary: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Summary rows by DRF, the Low-Dose input first within each (the paper's layout), then by method."""
+    return sorted((dict(s) for s in summary),
+                  key=lambda e: (e["drf"] is None, e["drf"] or 0, e["method"] != "Low-Dose", e["method"]))
 
 
 def markdown(summary: list[Mapping[str, Any]]) -> str:

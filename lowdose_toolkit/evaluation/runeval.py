@@ -57,6 +57,17 @@ def print_dose_head(results: Path, console: Any) -> None:
     console.print(table)
 
 
+def print_lesions(results: Path, console: Any) -> bool:
+    """Print the lesion summary of ``results`` (a results.json), if it has one; whether it had."""
+    from lowdose_toolkit.evaluation.lesions import print_summary
+    from lowdose_toolkit.evaluation.results import read_results
+
+    record = read_results(results).extra.get("lesions")
+    if record:
+        print_summary(record["summary"], console, title="lesions: bias against the full dose (%)")
+    return bool(record)
+
+
 def by_drf(summary: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     """Summary rows ordered by DRF, the Low-Dose input first within each DRF (the paper's layout)."""
     return sorted(summary, key=lambda s: (s["drf"], s["method"] != LOW_DOSE, s["method"]))
@@ -92,7 +103,7 @@ def evaluate_run(
     ssim_range: str | None = None,
     mask: bool = False,
     mask_threshold: float = 0.01,
-    lesions: str | None = None,
+    lesions: str | None = "auto",
     consistency: bool | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate ``run_dir``'s checkpoint on its test split; write and return the per-DRF summary.
@@ -113,8 +124,9 @@ def evaluate_run(
             times its maximum, see :func:`lowdose_toolkit.evaluation.metrics.body_mask`), for both rows.
         mask_threshold: Fraction of the reference maximum for the body mask.
         lesions: Also quantify lesions (:mod:`lowdose_toolkit.evaluation.lesions`): ``"phantom"`` (the
-            phantom's own label maps) or a folder of lesion masks; writes ``lesions.csv`` and a ``lesions``
-            summary in ``results.json`` and ``results.md``.
+            phantom's own label maps), a folder of lesion masks, ``"auto"`` (the phantom's when the run trained
+            on the phantom source, else none) or None; writes ``lesions.csv`` and a ``lesions`` summary in
+            ``results.json`` and ``results.md``.
         consistency: None: as the run's recipe says (``eval.consistency``); True: the guard on (the recipe's
             settings, else the defaults); False: off (:mod:`lowdose_toolkit.infer.consistency`).
     """
@@ -159,6 +171,8 @@ def evaluate_run(
     if not ckpt.split["test"]:
         raise UserError(f"{run_dir}: the run has no test subjects (data.split.test is 0)")
     dataset = subject_pairs(recipe, ckpt.split["test"], drfs)
+    if lesions == "auto":
+        lesions = "phantom" if recipe["data"]["source"].get("name") == "phantom" else None
     masks = None
     if lesions is not None:
         from lowdose_toolkit.evaluation.lesions import LesionMasks

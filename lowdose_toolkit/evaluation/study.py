@@ -159,6 +159,10 @@ def run_study(path: Path, out: Path, docs: Path | None = None, only: Sequence[st
         write_table_chart(table, out / stem)
     print_table(table_i)
     print_table(table_ii)
+    lesions = lesion_table(run_dirs)
+    if lesions:
+        with atomic_path(out / "table_iii.md") as tmp:
+            tmp.write_text(lesions)
     _write_summary_csv(summary, out / "results.csv")
     figure = out / "figure2.png"
     make_figure(study, recipes, run_dirs, figure, console)
@@ -173,8 +177,29 @@ def run_study(path: Path, out: Path, docs: Path | None = None, only: Sequence[st
     with atomic_path(prior) as tmp:
         tmp.write_text(json.dumps(record, indent=2))
     if docs is not None:
-        write_docs(study, record, table_i, table_ii, summary, figure, docs)
+        write_docs(study, record, table_i, table_ii, summary, figure, docs, lesions)
     return summary
+
+
+def lesion_table(run_dirs: Mapping[str, Path]) -> str:
+    """Table III (ours): every evaluated method's lesion bias (its run's ``results.json``), the Low-Dose input
+    once per DRF; empty when no run quantified lesions (:mod:`lowdose_toolkit.evaluation.lesions`)."""
+    from lowdose_toolkit.evaluation.lesions import markdown, ordered
+    from lowdose_toolkit.evaluation.results import read_results
+    from lowdose_toolkit.evaluation.runeval import LOW_DOSE
+
+    rows: list[Mapping[str, Any]] = []
+    seen: set[Any] = set()
+    for run_dir in run_dirs.values():
+        path = run_dir / "results.json"
+        record = read_results(path).extra.get("lesions") if (run_dir / "results.csv").is_file() else None
+        for entry in (record or {}).get("summary", []):
+            if entry["method"] == LOW_DOSE:  # the same test volumes in every run: the input's row once
+                if entry["drf"] in seen:
+                    continue
+                seen.add(entry["drf"])
+            rows.append(entry)
+    return markdown(ordered(rows)) if rows else ""
 
 
 def _write_summary_csv(summary: Sequence[Mapping[str, Any]], path: Path) -> None:
@@ -274,7 +299,7 @@ def make_figure(study: Mapping[str, Any], recipes: Mapping[str, Any], run_dirs: 
 
 
 def write_docs(study: Mapping[str, Any], record: Mapping[str, Any], table_i: Any, table_ii: Any,
-               summary: Sequence[Mapping[str, Any]], figure: Path, docs: Path) -> None:
+               summary: Sequence[Mapping[str, Any]], figure: Path, docs: Path, lesions: str = "") -> None:
     """RESULTS.md (generated tables + the kept reading), results.csv and figure2.png in ``docs``."""
     import shutil
 
@@ -298,6 +323,11 @@ def write_docs(study: Mapping[str, Any], record: Mapping[str, Any], table_i: Any
         "",
         table_markdown(table_i),
         table_markdown(table_ii),
+        *(["### Table III (ours): lesion uptake against the full dose", "",
+            "Each test lesion's mean and maximum activity in the method's output against the full dose's, in "
+            "percent (mean ± std over lesions, and the mean of their absolute values; "
+            "lowdose_toolkit/evaluation/lesions.py). The paper reports no lesion measure.", "", lesions]
+           if lesions else []),
         "![Coronal MIPs at DRF 100](figure2.png)",
         "",
         "Per-method training time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in record["seconds_per_method"].items()),
