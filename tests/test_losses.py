@@ -289,3 +289,17 @@ def test_perceptual_argument_errors() -> None:
     assert shallow(torch.rand(1, 1, 8, 8, 2), torch.rand(1, 1, 8, 8, 2)).item() > 0
     with pytest.raises(ValueError, match=r"got \(1, 2, 8, 8, 8\)"):
         loss(torch.rand(1, 2, 8, 8, 8), torch.rand(1, 2, 8, 8, 8))
+
+
+def test_l1_emphasis_weights_voxels_by_their_full_dose_activity() -> None:
+    target = torch.ones(1, 1, 2, 2, 2)
+    target[0, 0, 0, 0, 0] = 9.0  # one hot voxel: weights 9/16*8 = 4.5 there, 0.5 elsewhere (mean 1)
+    pred = target.clone()
+    pred[0, 0, 0, 0, 0] -= 1.0  # an error of 1 on the hot voxel only
+    assert float(L1Loss()(pred, target)) == pytest.approx(1 / 8)
+    assert float(L1Loss(emphasis=1.0)(pred, target)) == pytest.approx(4.5 / 8)
+    cold = target.clone()
+    cold[0, 0, 1, 1, 1] -= 1.0  # the same error on a background voxel counts less
+    assert float(L1Loss(emphasis=1.0)(cold, target)) == pytest.approx(0.5 / 8)
+    with pytest.raises(UserError, match=r"l1: emphasis=-1 must be in \[0, 4\]"):
+        L1Loss(emphasis=-1)
