@@ -7,7 +7,8 @@ volume, as the challenge scores) at full strength and at the strength fitted aft
 strength applied (docs/RESULTS.md, "Data unlike the training data"); for a full-dose input (``full``, DRF 1)
 the "gain" is the output's PSNR against that input (infinite: unchanged). Usage:
 
-    python experiments/shift_check.py RUN_DIR [SHIFT ...]   (default: every shift; --subjects N, default 2)
+    python experiments/shift_check.py RUN_DIR [SHIFT ...]   (default: every shift; --subjects=N, default 2;
+        --consistency=on|off: the local-consistency guard on or off, default: as the run's recipe says)
 """
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from lowdose_toolkit.core.plugin_manager import get_registry
 from lowdose_toolkit.data.datasets import pairs_dataset
 from lowdose_toolkit.data.normalize import fit_normalization
 from lowdose_toolkit.evaluation.metrics import psnr
+from lowdose_toolkit.infer.consistency import Consistency
 from lowdose_toolkit.infer.predictor import Predictor
 
 SEED = 1000  # subjects no run has seen (the phantom's runs use seed 0)
@@ -45,6 +47,9 @@ names = args[1:] or list(SHIFTS)
 ckpt = load_checkpoint(run / "checkpoints" / "best.pt")
 torch.set_grad_enabled(False)
 predictor, recipe = Predictor.from_checkpoint(ckpt, torch.device("cpu"), "auto")
+guard = next((a.split("=")[1] for a in sys.argv if a.startswith("--consistency=")), None)
+if guard is not None:
+    predictor.consistency = (predictor.consistency or Consistency()) if guard == "on" else None
 drfs = list(ckpt.drfs)
 for name in names:
     params, factor = SHIFTS[name]
@@ -78,7 +83,7 @@ for name in names:
         rows.setdefault(1 if full_as_input else int(s["drf"]), []).append(row)
     shape = tuple(low.shape[1:])
     print(f"{run} · shift {name} ({params or 'training geometry'}, x{factor:g}) · {subjects} subjects, seed {SEED}, "
-          f"volumes {shape}")
+          f"volumes {shape}, guard {predictor.consistency.as_dict() if predictor.consistency else 'off'}")
     print("DRF  gain (dB): full strength  fitted | head's DRF  dose level  strength (per volume)")
     for drf, r in sorted(rows.items()):
         g1, g2 = (sum(x[i] for x in r) / len(r) for i in (0, 1))

@@ -486,6 +486,8 @@ def test_memory_is_checked_from_the_header_before_reading(trained: tuple[Path, P
     run, data = trained
     volume = data / "sub00" / "drf_004.nii.gz"  # 24^3 float32: 54 KiB stored, 4 x 54 KiB needed
     assert memory.memory_needed(volume)[0] == 4 * 24**3 * 4
+    assert memory.memory_needed(volume, extra_copies=5) == (9 * 24**3 * 4, "24x24x24 float32 voxels: 54 KiB to "
+                                                            "read plus 8 float32 working copies of 54 KiB")
     series = good_series(tmp_path / "series")
     assert io.declared_volume(series)[0] == io.load_array(series)[2].shape
     assert memory.available_memory() > 0 and memory.format_bytes(1536) == "1.5 KiB"

@@ -84,20 +84,30 @@ def gaussian(volume: torch.Tensor, sigma_vox: float | Sequence[float]) -> torch.
     if len(sigmas) != 3 or any(not math.isfinite(s) or s < 0 for s in sigmas):
         raise UserError(f"gaussian: sigma_vox must be one or three finite values >= 0 (voxels), got {sigma_vox!r}")
     v = _as_3d(volume)
-    x = v[None, None]
+    x = v if v.is_floating_point() else v.float()
     for axis, sigma in enumerate(sigmas):
-        size = x.shape[2 + axis]
+        size = x.shape[axis]
         if sigma == 0 or size == 1:
             continue
         radius = min(int(TRUNCATE * sigma + 0.5), size - 1)
         if radius == 0:
             continue
-        k = _kernel(sigma, radius, x.dtype, x.device)
-        shape = [1, 1, 1, 1, 1]
-        shape[2 + axis] = k.numel()
-        pad = [0, 0, 0, 0, 0, 0]
-        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius  # F.pad lists the last axis first
-        x = F.conv3d(F.pad(x, pad, mode="reflect"), k.view(shape))
+        k = _kernel(sigma, radius, torch.float64, torch.device("cpu")).tolist()
+        # Shifted, weighted sums of views along the axis, the `offset` planes at each end reflected about the edge
+        # voxel: one new copy of the volume per axis, where a 1-D conv3d allocated many (a whole-body
+        # 360x360x673 volume: 24 s and 19 copies; benchmarks/consistency.py).
+        out = x * k[radius]
+        for offset in range(1, radius + 1):
+            w, inner = k[radius + offset], size - offset
+            out.narrow(axis, offset, inner).add_(x.narrow(axis, 0, inner), alpha=w)  # x[i - offset]
+            out.narrow(axis, 0, inner).add_(x.narrow(axis, offset, inner), alpha=w)  # x[i + offset]
+            left = torch.arange(offset, 0, -1, device=x.device)  # i < offset: x[offset - i]
+            right = torch.arange(size - 2, size - 2 - offset, -1, device=x.device)  # i >= inner, reflected
+            out.narrow(axis, 0, offset).add_(x.index_select(axis, left), alpha=w)
+            out.narrow(axis, inner, offset).add_(x.index_select(axis, right), alpha=w)
+        x = out
+    if x is v:
+        x = x.clone()
     return x.reshape(volume.shape)
 
 

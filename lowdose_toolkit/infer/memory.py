@@ -53,11 +53,12 @@ def format_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def memory_needed(path: str | os.PathLike[str]) -> tuple[int, str] | None:
+def memory_needed(path: str | os.PathLike[str], extra_copies: int = 0) -> tuple[int, str] | None:
     """Bytes denoising one volume needs, from its header, and how they add up (``None``: unknown).
 
     The data as stored (shape x on-disk type: the reader's buffer) plus :data:`WORKING_COPIES` float32
-    copies of the volume.
+    copies of the volume, plus ``extra_copies`` (the local-consistency guard's,
+    :data:`lowdose_toolkit.infer.consistency.WORKING_COPIES`, when it runs).
     """
     from lowdose_toolkit.data.io import declared_volume
 
@@ -66,18 +67,20 @@ def memory_needed(path: str | os.PathLike[str]) -> tuple[int, str] | None:
         return None
     shape, dtype, stored = declared
     copy = 4 * shape[0] * shape[1] * shape[2]
-    need = stored + WORKING_COPIES * copy
-    how = (f"{'x'.join(map(str, shape))} {dtype} voxels: {format_bytes(stored)} to read plus {WORKING_COPIES} "
+    copies = WORKING_COPIES + extra_copies
+    need = stored + copies * copy
+    how = (f"{'x'.join(map(str, shape))} {dtype} voxels: {format_bytes(stored)} to read plus {copies} "
            f"float32 working copies of {format_bytes(copy)}")
     return need, how
 
 
-def check_memory(path: str | os.PathLike[str], available: int | None = None) -> None:
+def check_memory(path: str | os.PathLike[str], available: int | None = None, extra_copies: int = 0) -> None:
     """Raise :class:`DataError` with the numbers if ``path``'s volume needs more memory than is available.
 
     ``available`` defaults to :func:`available_memory` now; when the system does not say, nothing is checked.
+    ``extra_copies``: see :func:`memory_needed`.
     """
-    needed = memory_needed(path)
+    needed = memory_needed(path, extra_copies)
     free = available_memory() if available is None else available
     if needed is None or free is None or needed[0] <= free:
         return

@@ -117,6 +117,7 @@ def denoise_all(predictor: Predictor, jobs: Sequence[Any], out: Path, console: A
     from lowdose_toolkit.data import dicom_out
     from lowdose_toolkit.data.io import load_array, save_like
     from lowdose_toolkit.data.normalize import fit_normalization
+    from lowdose_toolkit.infer.consistency import WORKING_COPIES as GUARD_COPIES
     from lowdose_toolkit.infer.memory import check_memory
     from lowdose_toolkit.infer.predictor import check_finite
     from lowdose_toolkit.infer.preview import SUV, Panel, input_units, ras_mip, save_mips_png
@@ -133,7 +134,7 @@ def denoise_all(predictor: Predictor, jobs: Sequence[Any], out: Path, console: A
     def read(job: Any, row: dict[str, Any]) -> tuple[torch.Tensor, Any, Any, Any, float]:
         """Reader thread: check the memory, load, fit the normalisation (nibabel/zlib release the GIL meanwhile)."""
         t0 = time.monotonic()
-        check_memory(job.source)
+        check_memory(job.source, extra_copies=0 if predictor.consistency is None else GUARD_COPIES)
         factor = None
         if norm_cfg.method == "suv":
             factor, row["suv_source"] = suv_factor_for(job, suv_factor)
