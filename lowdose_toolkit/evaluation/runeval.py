@@ -80,7 +80,7 @@ def results_dir(run_dir: Path, out: Path | None = None, mask: bool = False) -> P
     return Path(run_dir) / MASK_DIR if mask else Path(run_dir)
 
 
-def _lesion_cases(masks: Any, subject: Any, images: Mapping[str, torch.Tensor]) -> list[dict[str, Any]]:
+def lesion_cases_of(masks: Any, subject: Any, images: Mapping[str, torch.Tensor]) -> list[dict[str, Any]]:
     """Lesion rows of one test volume (every image in ``images``), with its subject and DRF."""
     from lowdose_toolkit.evaluation.lesions import lesion_rows, voxel_ml
 
@@ -198,7 +198,7 @@ def evaluate_run(
                 rows.append({"method": name, "subject": sid, "drf": drf, "psnr": m["psnr"], "ssim": m["ssim"],
                              "nrmse": m["nrmse"], "ssim_range": ssim_range, "masked": mask})
             if masks is not None:
-                lesion_cases += _lesion_cases(masks, subject, {LOW_DOSE: low, method: pred})
+                lesion_cases += lesion_cases_of(masks, subject, {LOW_DOSE: low, method: pred})
             if save_predictions:
                 from lowdose_toolkit.data.io import save_like
 

@@ -159,7 +159,7 @@ def run_study(path: Path, out: Path, docs: Path | None = None, only: Sequence[st
         write_table_chart(table, out / stem)
     print_table(table_i)
     print_table(table_ii)
-    lesions = lesion_table(run_dirs)
+    lesions = lesion_table({**run_dirs, "classical": classical_dir})
     if lesions:
         with atomic_path(out / "table_iii.md") as tmp:
             tmp.write_text(lesions)
@@ -226,9 +226,10 @@ def evaluate_classical(recipe: Mapping[str, Any], run_dir: Path, study: Mapping[
     from rich.progress import Progress
 
     from lowdose_toolkit.evaluation.classical import bm4d_denoise, gaussian, tune_gaussian_sigma
+    from lowdose_toolkit.evaluation.lesions import CASES_CSV, LesionMasks, summarize, write_cases
     from lowdose_toolkit.evaluation.metrics import compute_all
     from lowdose_toolkit.evaluation.results import write_results
-    from lowdose_toolkit.evaluation.runeval import LOW_DOSE
+    from lowdose_toolkit.evaluation.runeval import LOW_DOSE, lesion_cases_of
     from lowdose_toolkit.evaluation.summary import aggregate
 
     val = _test_dataset(recipe, run_dir, "val")
@@ -247,6 +248,8 @@ def evaluate_classical(recipe: Mapping[str, Any], run_dir: Path, study: Mapping[
             console.print("[yellow]BM4D skipped: pip install 'lowdose-toolkit[bm4d]' to include it[/]")
             use_bm4d = False
     ssim_range = recipe["eval"]["ssim_range"]
+    masks = LesionMasks("phantom") if recipe["data"]["source"].get("name") == "phantom" else None
+    lesion_cases: list[dict[str, Any]] = []
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("classical references", total=len(test))
         for i in range(len(test)):
@@ -259,9 +262,15 @@ def evaluate_classical(recipe: Mapping[str, Any], run_dir: Path, study: Mapping[
                 m = compute_all(full[0], image[0], ssim_range=ssim_range)
                 rows.append({"method": name, "subject": s["subject_id"], "drf": drf, "psnr": m["psnr"],
                              "ssim": m["ssim"], "nrmse": m["nrmse"], "ssim_range": ssim_range, "masked": False})
+            if masks is not None:
+                lesion_cases += lesion_cases_of(masks, s, dict(outputs))
             progress.advance(task)
     settings = {"ssim_range": ssim_range, "mask": False}
-    write_results(out, "classical", rows, aggregate(rows), settings, gaussian_sigma_vox=sigmas)
+    facts: dict[str, Any] = {"gaussian_sigma_vox": sigmas}
+    if masks is not None:
+        facts["lesions"] = {"masks": "phantom", "summary": summarize(lesion_cases)}
+        write_cases(lesion_cases, out / CASES_CSV)
+    write_results(out, "classical", rows, aggregate(rows), settings, **facts)
 
 
 def make_figure(study: Mapping[str, Any], recipes: Mapping[str, Any], run_dirs: Mapping[str, Path], path: Path,
