@@ -39,7 +39,7 @@ GUIDED = {
               "guidance": {"name": "film", "head": "noise_level"},
               "refiner": {"name": "contextual_net", "channels": 4, "num_blocks": 1}},
     "losses": [{"name": "l1", "on": "pred"}],
-    "eval": {"patch_size": 16, "overlap": 4, "batch_size": 2},
+    "eval": {"patch_size": 16, "overlap": 4, "batch_size": 2, "consistency": {"z": 2.0, "sigma_vox": 0.5}},
 }
 FILES = {"onnx": "model.onnx", "torchscript": "model.ts"}
 
@@ -135,6 +135,7 @@ def test_metadata_in_onnx_props_and_torchscript_extra_files(exported) -> None:
         assert meta["dose_head"] == "noise_level" and meta["guided"] is True and meta["refiner"] is True
         assert meta["checkpoint"]["epoch"] == 2 and len(meta["checkpoint"]["sha256"]) == 64
         assert set(meta["outputs"]) == {"pred", "probs"} and meta["recipe"]["name"] == "tiny-guided"
+        assert meta["consistency"]["settings"] == {"z": 2.0, "sigma_vox": 0.5}
     assert props["exported_as"] == "onnx opset 17"
 
 
@@ -195,6 +196,8 @@ def test_ldt_infer_on_the_exported_file_writes_the_checkpoints_prediction(export
     assert meta["precision"] == "fp32" and meta["normalization"] == "robust"
     assert want_meta["compiled"] is bool(compiled) and meta["compiled"] is False
     assert want_meta["dose_estimate"] == meta["dose_estimate"] == "window"
+    assert meta["consistency"] == want_meta["consistency"] == {"z": 2.0, "sigma_vox": 0.5}  # the recipe's guard
+    assert row["consistency"] == want_row["consistency"] != ""
 
 
 def test_an_exported_model_writes_dicom_naming_itself(exported, tmp_path: Path) -> None:
