@@ -8,7 +8,7 @@ output under each guard setting in ``--guards=z:sigma,...`` (lowdose_toolkit/inf
 run's own). Usage:
 
     python experiments/lesion_check.py RUN_DIR [--split=val|test | --seed=S --subjects=N --texture=T]
-        [--guards=3:1,4:1]
+        [--counts-model=listmode|independent] [--guards=3:1,4:1]
 """
 import sys
 from pathlib import Path
@@ -34,11 +34,16 @@ if "seed" in opts:
     spec = {**recipe["data"]["source"], "subjects": int(opts.get("subjects", 4)), "seed": int(opts["seed"])}
     if "texture" in opts:
         spec["texture"] = float(opts["texture"])
+    if "counts-model" in opts:
+        spec["counts_model"] = opts["counts-model"]
     records = get_registry().build("source", spec, "data.source", context={"drfs": drfs}).records()
     where = f"new subjects {spec}"
 else:
     split = opts.get("split", "val")
-    source = get_registry().build("source", recipe["data"]["source"], "data.source", context={"drfs": drfs})
+    spec = dict(recipe["data"]["source"])
+    if "counts-model" in opts:
+        spec["counts_model"] = opts["counts-model"]
+    source = get_registry().build("source", spec, "data.source", context={"drfs": drfs})
     records = [r for r in source.records() if r.subject in set(ckpt.split[split])]
     where = f"{split} subjects {[r.subject for r in records]}"
 guards = [(float(z), float(s)) for z, s in (g.split(":") for g in opts.get("guards", "3:1").split(","))]
