@@ -115,6 +115,8 @@ def test_evaluate_pairs_with_lesion_masks(tmp_path: Path, capsys) -> None:
     rows = {r.split(",")[0]: r.split(",") for r in (out / "lesions.csv").read_text().splitlines()[1:]}
     assert float(rows["model"][10]) == pytest.approx(-25.0) and abs(float(rows["Low-Dose"][10])) < 1
     assert "| 4 | model | 1 | -25.0" in (out / "lesions.md").read_text()
+    summary = json.loads((out / "results.json").read_text())["lesions"]["summary"]
+    assert {(s["method"], s["lesions"]) for s in summary} == {("model", 1), ("Low-Dose", 1)}
     assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "ref"), "--lesions",
                  str(tmp_path / "nowhere")]) != 0
     assert "--lesions" in capsys.readouterr().err

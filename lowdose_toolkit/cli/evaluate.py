@@ -166,13 +166,14 @@ def run_pairs(
     settings = {"ssim_range": ssim_range, "mask": mask, "pred": str(pred), "ref": str(ref), "low": str(low or "")}
     if mask:
         settings["mask_threshold"] = mask_threshold
-    paths = write_results(rows, out, settings, failures=failures)
+    extra = {} if masks is None else {"lesions": {"masks": lesions, "summary": lesion_eval.summarize(lesion_cases)}}
+    paths = write_results(rows, out, settings, failures=failures, **extra)
     print_summary(aggregate(rows), console, title=f"{method}: {len(rows)} case(s)")
     lesion_files = ""
     if masks is not None:
         from lowdose_toolkit.core.atomic import atomic_path
 
-        lesion_summary = lesion_eval.summarize(lesion_cases)
+        lesion_summary = extra["lesions"]["summary"]
         lesion_eval.print_summary(lesion_summary, console, title="lesions: bias against the full dose (%)")
         lesion_eval.write_cases(lesion_cases, out / lesion_eval.CASES_CSV)
         with atomic_path(out / "lesions.md") as tmp:

@@ -182,6 +182,15 @@ class LesionMasks:
         return self._cache[subject]
 
 
+def volume_cases(masks: LesionMasks, subject: str, drf: int | None, full: Path, ref: np.ndarray,
+                 images: Mapping[str, np.ndarray], affine: np.ndarray) -> list[dict[str, Any]]:
+    """:func:`lesion_rows` of one volume (``subject``'s lesions from ``masks``, checked against the reference
+    ``full``'s grid), each row with its ``subject`` and ``drf``."""
+    components, _ = masks.components(subject, full, tuple(ref.shape), affine)
+    rows = lesion_rows(ref, images, components, voxel_ml(affine))
+    return [{"subject": subject, "drf": drf, **row} for row in rows]
+
+
 def voxel_ml(affine: np.ndarray) -> float:
     """The volume of one voxel of ``affine`` in mL."""
     return float(abs(np.linalg.det(np.asarray(affine, np.float64)[:3, :3]))) / 1000.0

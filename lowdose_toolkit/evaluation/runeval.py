@@ -81,15 +81,12 @@ def results_dir(run_dir: Path, out: Path | None = None, mask: bool = False) -> P
 
 
 def lesion_cases_of(masks: Any, subject: Any, images: Mapping[str, torch.Tensor]) -> list[dict[str, Any]]:
-    """Lesion rows of one test volume (every image in ``images``), with its subject and DRF."""
-    from lowdose_toolkit.evaluation.lesions import lesion_rows, voxel_ml
+    """Lesion rows of one test volume (a pairs dataset's subject; every image in ``images``)."""
+    from lowdose_toolkit.evaluation.lesions import volume_cases
 
     full = subject["full"]
-    affine = full.affine
-    components, _ = masks.components(subject["subject_id"], full.path, tuple(full.shape[1:]), affine)
-    rows = lesion_rows(full.data[0].numpy(), {k: v[0].numpy() for k, v in images.items()}, components,
-                       voxel_ml(affine))
-    return [{"subject": subject["subject_id"], "drf": int(subject["drf"]), **row} for row in rows]
+    return volume_cases(masks, subject["subject_id"], int(subject["drf"]), full.path, full.data[0].numpy(),
+                        {k: v[0].numpy() for k, v in images.items()}, full.affine)
 
 
 def evaluate_run(

@@ -50,15 +50,6 @@ def _load(path: Path) -> np.ndarray:
     return data
 
 
-def _lesion_cases(lesions: Any, pair: Pair, ref: np.ndarray, image: np.ndarray, affine: np.ndarray
-                  ) -> list[dict[str, Any]]:
-    from lowdose_toolkit.evaluation.lesions import lesion_rows, voxel_ml
-
-    components, _ = lesions.components(pair.subject, pair.ref, ref.shape, affine)
-    rows = lesion_rows(ref, {pair.method: image}, components, voxel_ml(affine))
-    return [{"subject": pair.subject, "drf": pair.drf, **row} for row in rows]
-
-
 def evaluate_pairs(
     pairs: Sequence[Pair],
     ssim_range: str = "challenge",
@@ -97,9 +88,12 @@ def evaluate_pairs(
     import torch
     from rich.progress import Progress
 
+    from lowdose_toolkit.evaluation.lesions import volume_cases
     from lowdose_toolkit.evaluation.metrics import body_mask, check_ssim_range, compute_all
 
     check_ssim_range(ssim_range)
+    if lesions is not None and lesion_cases is None:
+        raise ValueError("evaluate_pairs: lesions given without a lesion_cases list to append their rows to")
 
     def fail(pair: Pair, error: str) -> None:
         if failures is None:
@@ -149,8 +143,9 @@ def evaluate_pairs(
                 _, ref, ref_mask = cached_ref
                 image = _load(pair.pred)
                 m = compute_all(ref, torch.from_numpy(image), ssim_range=ssim_range, mask=ref_mask)
-                if lesions is not None and lesion_cases is not None:
-                    lesion_cases += _lesion_cases(lesions, pair, ref.numpy(), image, shapes[pair.ref][1])  # type: ignore[index]
+                if lesions is not None:
+                    lesion_cases += volume_cases(lesions, pair.subject, pair.drf, pair.ref, ref.numpy(),
+                                                 {pair.method: image}, shapes[pair.ref][1])  # type: ignore[index]
             except Exception as exc:  # noqa: BLE001 - a truncated or corrupt file fails its pair, not the rest
                 detail = str(exc) if isinstance(exc, DataError) else f"cannot read: {type(exc).__name__}: {exc}"
                 fail(pair, f"{pair.pred} vs {pair.ref}: {detail}")

@@ -90,11 +90,13 @@ def _settings_note(settings: Mapping[str, Any]) -> str:
 def write_results(
     rows: Sequence[Mapping[str, Any]], out_dir: str | Path, settings: Mapping[str, Any] | None = None,
     failures: Sequence[Mapping[str, str]] = (),
+    **extra: Any,
 ) -> dict[str, Path]:
     """Write ``results.json`` (:mod:`lowdose_toolkit.evaluation.results`, kind ``pairs``), ``cases.csv``,
     ``summary.csv`` and ``summary.md``.
 
-    Every file is written atomically. Returns the paths by kind (``json``, ``cases``, ``summary``, ``md``).
+    Every file is written atomically; ``extra`` are further facts for ``results.json`` (e.g. ``lesions``).
+    Returns the paths by kind (``json``, ``cases``, ``summary``, ``md``).
     """
     out_dir = Path(out_dir)
     settings = dict(settings or {})
@@ -103,7 +105,7 @@ def write_results(
         settings.setdefault("mask", bool(rows[0]["masked"]))
     summary = aggregate(rows)
     paths = {
-        "json": write_results_json(out_dir, "pairs", rows, summary, settings, failures=list(failures)),
+        "json": write_results_json(out_dir, "pairs", rows, summary, settings, failures=list(failures), **extra),
         "cases": out_dir / CASES_CSV["pairs"],
         "summary": out_dir / "summary.csv",
         "md": out_dir / "summary.md",
