@@ -6,7 +6,8 @@ count-based simulation; prints per DRF the model's PSNR gain over its input agai
 and at fitted strength, and the dose level the head reads (docs/RESULTS.md, "Data unlike the training
 data"). Usage:
 
-    python experiments/texture_check.py RUN_DIR [SIGMA ...]   (default 0.1 0.2; --fwhm=15, --subjects=2)
+    python experiments/texture_check.py RUN_DIR [SIGMA ...]   (default 0.1 0.2; --fwhm=15, --subjects=2,
+        --consistency=on|off: the local-consistency guard on or off, default: as the run's recipe says)
 """
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from lowdose_toolkit.data.phantom import add_texture, make_phantom
 from lowdose_toolkit.data.scans import simulate_scans
 from lowdose_toolkit.data.simulation_config import SimulationConfig
 from lowdose_toolkit.evaluation.metrics import psnr
+from lowdose_toolkit.infer.consistency import Consistency
 from lowdose_toolkit.infer.predictor import Predictor
 
 SEED = 1000
@@ -31,6 +33,8 @@ sigmas = [float(s) for s in args[1:]] or [0.1, 0.2]
 ckpt = load_checkpoint(run / "checkpoints" / "best.pt")
 torch.set_grad_enabled(False)
 predictor, recipe = Predictor.from_checkpoint(ckpt, torch.device("cpu"), "auto")
+if "consistency" in options:
+    predictor.consistency = (predictor.consistency or Consistency()) if options["consistency"] == "on" else None
 drfs = list(ckpt.drfs)
 config = SimulationConfig()
 for sigma in sigmas:
@@ -51,7 +55,8 @@ for sigma in sigmas:
                 row.append(psnr(full[0], norm.invert(pred)[0]) - base)
             row += [predictor.applied.get("dose_level") or float("nan"), predictor.applied.get("strength", 1.0)]
             rows.setdefault(drf, []).append(row)
-    print(f"{run} · texture sigma {sigma:g} (FWHM {fwhm:g} mm) · {subjects} subjects, seed {SEED}")
+    print(f"{run} · texture sigma {sigma:g} (FWHM {fwhm:g} mm) · {subjects} subjects, seed {SEED}, guard "
+          f"{predictor.consistency.as_dict() if predictor.consistency else 'off'}")
     print("DRF  gain (dB): full strength  fitted | dose level  strength (per volume)")
     for drf, r in sorted(rows.items()):
         g1, g2 = (sum(x[i] for x in r) / len(r) for i in (0, 1))
