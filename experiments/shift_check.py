@@ -8,7 +8,8 @@ strength applied (docs/RESULTS.md, "Data unlike the training data"); for a full-
 the "gain" is the output's PSNR against that input (infinite: unchanged). Usage:
 
     python experiments/shift_check.py RUN_DIR [SHIFT ...]   (default: every shift; --subjects=N, default 2;
-        --consistency=on|off: the local-consistency guard on or off, default: as the run's recipe says)
+        --consistency=on|off: the local-consistency guard on or off, default: as the run's recipe says;
+        --exported=FILE: predict with that `ldt export` file of the run's checkpoint instead)
 """
 import sys
 from pathlib import Path
@@ -47,6 +48,9 @@ names = args[1:] or list(SHIFTS)
 ckpt = load_checkpoint(run / "checkpoints" / "best.pt")
 torch.set_grad_enabled(False)
 predictor, recipe = Predictor.from_checkpoint(ckpt, torch.device("cpu"), "auto")
+exported = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--exported=")), None)
+if exported is not None:
+    predictor = Predictor.from_exported(Path(exported), torch.device("cpu"), trust_torchscript=True)
 guard = next((a.split("=")[1] for a in sys.argv if a.startswith("--consistency=")), None)
 if guard is not None:
     predictor.consistency = (predictor.consistency or Consistency()) if guard == "on" else None

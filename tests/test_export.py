@@ -23,6 +23,7 @@ from lowdose_toolkit.core.recipe import resolve_recipe
 from lowdose_toolkit.infer.export import export_model, load_exported
 from lowdose_toolkit.infer.predictor import Predictor, forward_window
 from lowdose_toolkit.models.lowdose_model import build_model
+from lowdose_toolkit.models.strength import OutputStrength
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
@@ -136,6 +137,7 @@ def test_metadata_in_onnx_props_and_torchscript_extra_files(exported) -> None:
         assert meta["checkpoint"]["epoch"] == 2 and len(meta["checkpoint"]["sha256"]) == 64
         assert set(meta["outputs"]) == {"pred", "probs"} and meta["recipe"]["name"] == "tiny-guided"
         assert meta["consistency"]["settings"] == {"z": 2.0, "sigma_vox": 0.5}
+        assert meta["dose_level"]["head"] == "noise_level" and meta["dose_level"]["state"]["level_fitted"] is True
     assert props["exported_as"] == "onnx opset 17"
 
 
@@ -173,7 +175,9 @@ np.savez(folder + "/out.npz", onnx_pred=onnx_pred, onnx_probs=onnx_probs, ts_pre
 @pytest.mark.parametrize("fmt", FILES)
 def test_ldt_infer_on_the_exported_file_writes_the_checkpoints_prediction(exported, fmt: str, tmp_path: Path) -> None:
     ckpt, files = exported
-    counts = np.random.default_rng(3).poisson(40, size=(27, 30, 23)).astype(np.float32)
+    # As noisy as the volumes the head was calibrated on (uniform noise of relative spread 0.58): a dose level
+    # between the two anchors, so the strength neither vanishes nor saturates.
+    counts = np.random.default_rng(3).poisson(3, size=(27, 30, 23)).astype(np.float32)
     nib.save(nib.Nifti1Image(counts, np.diag([2.0, 2.0, 3.0, 1.0])), tmp_path / "scan.nii.gz")
     outputs = {}
     trust = ["--trust-torchscript"]
@@ -190,7 +194,14 @@ def test_ldt_infer_on_the_exported_file_writes_the_checkpoints_prediction(export
     (want, want_row, want_meta), (got, row, meta) = outputs["ckpt"], outputs["exported"]
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * float(np.abs(want).max()))
     assert row["predicted_drf"] == want_row["predicted_drf"] and row["conditioned_on"] == "dose head per window"
-    assert row["strength"] == want_row["strength"] == {"4": "0.6", "100": "0.9"}[row["predicted_drf"]]
+    # The strength follows the whole volume's dose level, read by the head rebuilt from the file's metadata as
+    # by the checkpoint's own head (whether its windows are conditioned per window or on the whole volume).
+    assert row["dose_level"] == want_row["dose_level"] != "" and row["strength"] == want_row["strength"]
+    anchors = OutputStrength([4, 100])
+    anchors.alpha.copy_(torch.tensor([0.6, 0.9], dtype=torch.float64))
+    anchors.fitted.fill_(True)
+    assert float(row["strength"]) == pytest.approx(anchors.factor(float(row["dose_level"])), abs=1e-4)
+    assert 0 < float(row["strength"]) < 1
     assert abs(float(row["drf_probability"]) - float(want_row["drf_probability"])) <= 1.5e-4
     assert meta["model_format"] == fmt and want_meta["model_format"] == "checkpoint"
     assert meta["precision"] == "fp32" and meta["normalization"] == "robust"

@@ -7,9 +7,12 @@ shape) and, with a dose head, ``probs`` ``[B, K]`` (the head's softmax over ``dr
 head drives its FiLM conditioning (and gate) inside the graph, per window, as in the Predictor. Left to
 the caller, as :class:`Predictor` does it for ``ldt infer``: the normalisation (``normalised = x / scale``,
 ``scale`` from the whole volume, see :mod:`lowdose_toolkit.data.normalize`), the sliding window and its
-blending, and the volume's verdict (the mean of ``probs`` over the windows). What the checkpoint can do
-and the file cannot: condition on a stated DRF (``ldt infer --drf``), give the coarse output without the
-refiner, run in another precision than the one it was exported in (fp32).
+blending, the volume's verdict (the mean of ``probs`` over the windows), the volume's dose level (the dose
+head rebuilt from the metadata's ``dose_level`` state, run once on the whole volume) with the fitted
+strength that follows it, and the local-consistency guard (``consistency``). What the checkpoint can do and
+the file cannot: condition on a stated DRF (``ldt infer --drf``) or on the whole volume's dose level (the
+graph conditions each window on its own head), give the coarse output without the refiner, run in another
+precision than the one it was exported in (fp32).
 
 The graph is traced (``torch.jit.trace``; ONNX through the TorchScript-based ``torch.onnx.export(...,
 dynamo=False)``, opset 17) at a window with odd sides, so every shape computation (the generators' padding
@@ -219,12 +222,14 @@ def metadata(ckpt: Checkpoint, source: Path, recipe: dict[str, Any], model: LowD
                                  "a volume's verdict is their mean over its windows"} if head else {})},
         "conditioning": ("the dose head's per-window probabilities condition the network inside the graph"
                          if model.guidance is not None else "none"),
+        "dose_level": _dose_level(model),
         "strength": {"fitted": bool(model.strength.fitted), "drfs": model.strength.levels.tolist(),
                      "alpha": model.strength.alpha.tolist(),
                      "definition": "per volume, output = low + a * (pred - low) with a interpolated linearly in "
                                    "ln k between the anchors (drfs -> alpha), the last anchor above them, and "
-                                   "alpha[0] * (1 - 1/k) / (1 - 1/drfs[0]) below; k = the DRF the volume's mean "
-                                   "probs name; a = 1 when not fitted"},
+                                   "alpha[0] * (1 - 1/k) / (1 - 1/drfs[0]) below; k = the volume's dose level "
+                                   "(dose_level), else the DRF the volume's mean probs name; a = 1 when not "
+                                   "fitted"},
         "consistency": {"settings": recipe["eval"].get("consistency"),
                         "definition": "applied last, when settings are given (true: z 3, sigma_vox 0.5): with "
                                       "r = G_sigma * (low - out) and s = sqrt(G_sigma * max(out, 0) + 0.05), "
@@ -236,6 +241,20 @@ def metadata(ckpt: Checkpoint, source: Path, recipe: dict[str, Any], model: LowD
         "tolerance": TOLERANCE,
         "recipe": recipe,
     }
+
+
+def _dose_level(model: LowDoseModel) -> dict[str, Any] | None:
+    """The dose head's state, for reading each whole volume's dose level outside the graph (None when the head
+    cannot classify whole volumes)."""
+    if model.dose_head is None or not model.classifies_volumes:
+        return None
+    head = model.heads[model.dose_head]
+    return {"head": model.dose_head,
+            "state": {k: v.detach().cpu().tolist() for k, v in head.state_dict().items()},
+            "definition": "the dose head of the recipe with this state, run once on each whole normalised volume "
+                          "(its volume_estimate), gives the volume's class and continuous dose level; ldt infer "
+                          "reads the dose level with it for the strength, while the graph's own head conditions "
+                          "each window"}
 
 
 def _example(shape: tuple[int, ...], seed: int) -> torch.Tensor:

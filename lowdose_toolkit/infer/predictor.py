@@ -11,7 +11,8 @@ The network behind it is a checkpoint's PyTorch model or a file written by ``ldt
 (:mod:`lowdose_toolkit.infer.export`): both compute :func:`forward_window` per window, and the sliding
 window, the normalisation and the vote over windows are this module's in both cases. A guided checkpoint
 is conditioned on its dose head's estimate for the whole volume (:attr:`Predictor.dose_estimate`); an
-exported model's head runs inside its graph, per window.
+exported model's head runs inside its graph, per window, while its dose level (for the strength) is read on
+the whole volume by the head rebuilt from the file's metadata.
 """
 
 from __future__ import annotations
@@ -115,7 +116,9 @@ class Predictor:
             as ``noise_level``) does so once per volume, and every window of a guided model is conditioned
             on that estimate; ``window``: the head runs on each window (the only way of an exported model
             and of heads without ``volume_logits``). Windows smaller than the body make the per-window
-            estimate unreliable (docs/RESULTS.md, "Windows smaller than the body").
+            estimate unreliable (docs/RESULTS.md, "Windows smaller than the body"). Either way the dose
+            level the fitted strength follows is read on the whole volume where the head can (an exported
+            model's head rebuilt from its metadata).
     """
 
     model: LowDoseModel | None
@@ -136,6 +139,7 @@ class Predictor:
     #: The codes the last :meth:`predict` conditioned a guided model on, when it followed a continuous dose level.
     code_used: str | None = field(default=None, init=False, compare=False)
     _exported_strength: OutputStrength | None = field(default=None, init=False, repr=False, compare=False)
+    _exported_head: LowDoseModel | None = field(default=None, init=False, repr=False, compare=False)
     _compiled_window: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None = field(
         default=None, init=False, repr=False, compare=False)
 
@@ -239,13 +243,18 @@ class Predictor:
 
         votes: list[torch.Tensor] = []
         exported, model = self.exported, self.model
-        logits, level = model.volume_dose(low[None].float()) if model is not None and self.whole_volume_dose \
-            else (None, None)
         if exported is not None and (drf_class is not None or not use_refiner):
             raise UserError(f"{exported.path}: an exported model runs its whole forward (head-driven conditioning, "
                             "refiner); predict with the checkpoint for a stated DRF or the coarse output")
-        condition, self.code_used = logits, None
-        if logits is not None and level is not None and drf_class is None and model is not None \
+        whole = self.whole_volume_dose
+        try:
+            logits, level = self._volume_dose(low)  # the whole volume's class logits and dose level, where it can
+        except ValueError:  # a volume smaller than the head reads (noise_level: 10 voxels a side)
+            if whole:
+                raise
+            logits, level = None, None  # the level is then the DRF of the windows' vote, as before
+        condition, self.code_used = (logits if whole else None), None
+        if whole and logits is not None and level is not None and drf_class is None and model is not None \
                 and model.guidance is not None:
             condition, self.code_used = self._level_code(level)
 
@@ -266,7 +275,7 @@ class Predictor:
             pred = infer_volume(low, run, patch_size=w["patch_size"], overlap=w["overlap"],
                                 batch_size=w["batch_size"], blending=w["blending"], device=self.device,
                                 amp=self.precision)
-        if logits is not None:
+        if whole and logits is not None:
             probs = logits[0].float().softmax(dim=0).cpu()
         else:
             probs = torch.cat(votes).mean(dim=0) if votes else None
@@ -297,6 +306,20 @@ class Predictor:
         share = " / ".join(f"{w:.2f}" for _, w in used)
         text = f"DRF {codes} code" + (f"s ({share})" if len(used) > 1 else "")
         return torch.log(weights.float() + 1e-6)[None], text
+
+    def _volume_dose(self, low: torch.Tensor) -> tuple[torch.Tensor | None, float | None]:
+        """The dose head on the whole normalised volume ``[1, X, Y, Z]``: ``(class logits [1, K], dose level)``,
+        ``(None, None)`` for a head that cannot read whole volumes. A checkpoint's own head; for an exported
+        model the head rebuilt from the file's metadata (``dose_level``), so its dose level, and the strength
+        that follows it, are the checkpoint's even though its graph conditions each window on its own."""
+        source = self.model
+        if source is None and self.exported is not None:
+            if self._exported_head is None and self.exported.meta.get("dose_level"):
+                self._exported_head = _head_from_metadata(self.exported.meta)
+            source = self._exported_head
+        if source is None or not source.classifies_volumes:
+            return None, None
+        return source.volume_dose(low[None].float())
 
     @property
     def strength(self) -> OutputStrength | None:
@@ -343,6 +366,21 @@ class Predictor:
             return {}
         k = int(probs.argmax())
         return {"predicted_drf": self.drfs[k], "drf_probability": round(float(probs[k]), 4)}
+
+
+def _head_from_metadata(meta: Mapping[str, Any]) -> LowDoseModel:
+    """The model of an exported file's recipe with its dose head's state from the metadata (``dose_level``):
+    only the head is used (:meth:`Predictor._volume_dose`); the network's weights are the graph's."""
+    from lowdose_toolkit.core.plugin_manager import get_registry
+    from lowdose_toolkit.core.recipe import resolve_recipe
+    from lowdose_toolkit.models.lowdose_model import build_model
+
+    registry = get_registry()
+    model, _ = build_model(resolve_recipe(meta["recipe"], registry, "exported model's recipe"), registry)
+    head = model.heads[meta["dose_level"]["head"]]
+    current = head.state_dict()
+    head.load_state_dict({k: torch.tensor(v, dtype=current[k].dtype) for k, v in meta["dose_level"]["state"].items()})
+    return model.eval()
 
 
 class NonFiniteError(UserError):
