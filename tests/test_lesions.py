@@ -212,3 +212,13 @@ def test_study_lesion_table_takes_each_runs_summary_and_the_input_once(tmp_path:
     assert [line.split(" | ")[1] for line in lines] == ["Low-Dose", "A", "B"]
     assert "| 4 | A | 1 | -10.0 ± 0.0 | 10.0 |" in table
     assert lesion_table({"untrained": tmp_path / "untrained"}) == ""
+
+
+def test_guard_leaves_a_volume_without_body_alone() -> None:
+    """No voxel above the body threshold (an empty or cold scan): nothing to measure the noise on, no change."""
+    low = 0.01 * torch.rand(1, 12, 12, 12)
+    pred = torch.zeros_like(low)
+    out, share = Consistency().apply_with_share(low, pred)
+    assert share == 0.0 and torch.equal(out, pred)
+    with pytest.raises(ValueError, match=r"low \(1, 12, 12, 12\) and pred \(1, 12, 12, 11\) differ"):
+        Consistency().apply(low, pred[..., :11])
