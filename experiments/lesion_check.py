@@ -4,8 +4,8 @@ For a run's validation or test subjects (``--split=val|test``) or new phantom su
 --subjects=N [--texture=T]``), per DRF: the PSNR gain of the output over its input against the full dose, and
 the lesions' mean SUVmean and SUVmax bias (signed and absolute, percent of the full dose's value;
 lowdose_toolkit/evaluation/lesions.py) of the input, of the model's output without the guard, and of the
-output under each guard setting in ``--guards=z:sigma,...`` (lowdose_toolkit/infer/consistency.py; default the
-run's own). Usage:
+output under each guard setting in ``--guards=z:sigma,...`` (lowdose_toolkit/infer/consistency.py; default
+3:0.5, the guided recipes'). Usage:
 
     python experiments/lesion_check.py RUN_DIR [--split=val|test | --seed=S --subjects=N --texture=T]
         [--counts-model=listmode|independent] [--guards=3:1,4:1]
@@ -46,7 +46,7 @@ else:
     source = get_registry().build("source", spec, "data.source", context={"drfs": drfs})
     records = [r for r in source.records() if r.subject in set(ckpt.split[split])]
     where = f"{split} subjects {[r.subject for r in records]}"
-guards = [(float(z), float(s)) for z, s in (g.split(":") for g in opts.get("guards", "3:1").split(","))]
+guards = [(float(z), float(s)) for z, s in (g.split(":") for g in opts.get("guards", "3:0.5").split(","))]
 ds = pairs_dataset(records, drfs, recipe["data"]["normalization"])
 masks = LesionMasks("phantom")
 gains: dict[tuple[str, int], list[float]] = {}

@@ -52,8 +52,7 @@ exported = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--exporte
 if exported is not None:
     predictor = Predictor.from_exported(Path(exported), torch.device("cpu"), trust_torchscript=True)
 guard = next((a.split("=")[1] for a in sys.argv if a.startswith("--consistency=")), None)
-if guard is not None:
-    predictor.consistency = (predictor.consistency or Consistency()) if guard == "on" else None
+predictor.consistency = Consistency.override(predictor.consistency, None if guard is None else guard == "on")
 drfs = list(ckpt.drfs)
 for name in names:
     params, factor = SHIFTS[name]

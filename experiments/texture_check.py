@@ -33,8 +33,8 @@ sigmas = [float(s) for s in args[1:]] or [0.1, 0.2]
 ckpt = load_checkpoint(run / "checkpoints" / "best.pt")
 torch.set_grad_enabled(False)
 predictor, recipe = Predictor.from_checkpoint(ckpt, torch.device("cpu"), "auto")
-if "consistency" in options:
-    predictor.consistency = (predictor.consistency or Consistency()) if options["consistency"] == "on" else None
+guard = options.get("consistency")
+predictor.consistency = Consistency.override(predictor.consistency, None if guard is None else guard == "on")
 drfs = list(ckpt.drfs)
 config = SimulationConfig()
 for sigma in sigmas:

@@ -52,9 +52,11 @@ def test_gaussian_keeps_a_constant_and_its_shape_dtype() -> None:
 def test_gaussian_matches_scipy_mirror_mode() -> None:
     ndimage = pytest.importorskip("scipy.ndimage")
     vol = torch.rand(1, 13, 17, 11, dtype=torch.float64)
-    for sigma in (0.8, 2.0, (1.0, 0.0, 2.5)):
+    for sigma in (0.5, 0.8, 2.0, (1.0, 0.0, 2.5)):
         ref = ndimage.gaussian_filter(vol[0].numpy(), sigma, mode="mirror", truncate=4.0)
         assert np.allclose(gaussian(vol, sigma)[0].numpy(), ref, atol=1e-12), sigma
+        single = gaussian(vol.float(), sigma)  # float32 in, float32 out (the guard's path)
+        assert single.dtype == torch.float32 and np.allclose(single[0].numpy(), ref, atol=1e-6), sigma
 
 
 def test_gaussian_reduces_white_noise_variance_as_theory_says() -> None:

@@ -325,3 +325,22 @@ def test_a_checkpoint_shaped_torchscript_file_is_never_run(exported, tmp_path: P
     nib.save(nib.Nifti1Image(np.full((12, 12, 12), 5.0, np.float32), np.eye(4)), scan)
     assert main(["infer", str(disguised), str(scan), "--out", str(tmp_path / "o")]) == 2
     assert "not a lowdose-toolkit checkpoint" in " ".join(capsys.readouterr().err.split())
+
+
+def test_a_dose_head_that_cannot_be_rebuilt_warns_once_and_the_windows_vote_serves(exported) -> None:
+    """An exported file whose head's plugin is not installed where it runs: one warning naming the file and the
+    fix; each volume is still predicted, its strength following the DRF its windows name."""
+    _, files = exported
+    predictor = Predictor.from_exported(files["onnx"], torch.device("cpu"))
+    predictor.exported.meta["dose_level"]["head"] = "not_installed"
+    predictor.exported.meta["recipe"]["model"]["heads"][0]["name"] = "not_installed"
+    low = volume((1, 20, 20, 20), 5)
+    with pytest.warns(UserWarning, match=r"model.onnx: its dose head cannot be rebuilt here .*install the head's"):
+        predictor.predict(low)
+    assert predictor.applied["dose_level"] in (4.0, 100.0)  # a class's DRF, not a continuous level
+    assert predictor.applied["strength"] in (0.6, 0.9)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not again for the next volume
+        predictor.predict(low)

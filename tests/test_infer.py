@@ -710,23 +710,33 @@ def test_suv_checkpoint_takes_the_factor_from_each_input(trained: tuple[Path, Pa
 
 
 def test_consistency_guard_follows_the_recipe_unless_told(trained: tuple[Path, Path], tmp_path: Path) -> None:
-    """--consistency applies the guard (the summary gives the share of body voxels it changed, the summary's
-    meta its settings); the default follows the checkpoint's eval.consistency (null here: off)."""
-    run, data = trained
-    source = data / "sub00" / "drf_100.nii.gz"
-    assert main(["infer", str(run), str(source), "--out", str(tmp_path / "plain"), "--no-previews"]) == 0
-    assert main(["infer", str(run), str(source), "--out", str(tmp_path / "guarded"), "--no-previews",
-                 "--consistency"]) == 0
-    plain, guarded = summary(tmp_path / "plain"), summary(tmp_path / "guarded")
-    assert plain["drf_100.nii.gz"]["consistency"] == ""
-    assert 0 <= float(guarded["drf_100.nii.gz"]["consistency"]) <= 1
+    """The checkpoint's eval.consistency applies the guard (the summary gives the share of body voxels it changed,
+    summary.json its settings); --no-consistency leaves it off, --consistency puts it on for a model without."""
+    import dataclasses
     import json
 
-    meta = json.loads((tmp_path / "guarded" / "summary.json").read_text())
-    assert meta["consistency"] == {"z": 3.0, "sigma_vox": 0.5}
-    assert json.loads((tmp_path / "plain" / "summary.json").read_text())["consistency"] is None
-    a = nib.load(tmp_path / "plain" / "drf_100.nii.gz").get_fdata()
-    b = nib.load(tmp_path / "guarded" / "drf_100.nii.gz").get_fdata()
+    from lowdose_toolkit.core.checkpoint import load_checkpoint
+
+    run, data = trained
+    ckpt = load_checkpoint(run / "checkpoints" / "best.pt")
+    assert ckpt.recipe["eval"]["consistency"] is None
+    recipe = {**ckpt.recipe, "eval": {**ckpt.recipe["eval"], "consistency": {"z": 0.2, "sigma_vox": 0.5}}}
+    dataclasses.replace(ckpt, recipe=recipe).save(tmp_path / "guarded.pt")  # a tight guard: it acts here
+    source = data / "sub00" / "drf_100.nii.gz"
+    outputs = {}
+    for name, model, flag in (("plain", run, []), ("guarded", tmp_path / "guarded.pt", []),
+                              ("off", tmp_path / "guarded.pt", ["--no-consistency"]),
+                              ("on", run, ["--consistency"])):
+        out = tmp_path / name
+        assert main(["infer", str(model), str(source), "--out", str(out), "--no-previews", *flag]) == 0
+        outputs[name] = (summary(out)["drf_100.nii.gz"], json.loads((out / "summary.json").read_text()),
+                         nib.load(out / "drf_100.nii.gz").get_fdata())
+    assert outputs["plain"][0]["consistency"] == "" and outputs["plain"][1]["consistency"] is None
+    assert outputs["guarded"][1]["consistency"] == {"z": 0.2, "sigma_vox": 0.5}
+    assert 0 < float(outputs["guarded"][0]["consistency"]) < 1
+    assert outputs["on"][1]["consistency"] == {"z": 3.0, "sigma_vox": 0.5} and outputs["on"][0]["consistency"] != ""
+    plain, guarded, off = outputs["plain"][2], outputs["guarded"][2], outputs["off"][2]
+    np.testing.assert_array_equal(off, plain)  # --no-consistency: the model's own output
     low = nib.load(source).get_fdata()
-    # The guard moves local means back towards the input: the guarded output is no farther from it.
-    assert np.abs(b - low).mean() <= np.abs(a - low).mean() + 1e-6
+    # The guard gives local means back towards the input: the guarded output is nearer to it.
+    assert not np.array_equal(guarded, plain) and np.abs(guarded - low).mean() < np.abs(plain - low).mean()

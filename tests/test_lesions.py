@@ -120,6 +120,16 @@ def test_evaluate_pairs_with_lesion_masks(tmp_path: Path, capsys) -> None:
     assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "ref"), "--lesions",
                  str(tmp_path / "nowhere")]) != 0
     assert "--lesions" in capsys.readouterr().err
+    # A subject without a mask: its lesions are a listed failure (exit 1), its whole-volume scores are kept.
+    _save(tmp_path / "ref" / "sub02.nii.gz", ref)
+    _save(tmp_path / "pred" / "sub02_drf_4.nii.gz", pred)
+    code = main(["evaluate", "--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "ref"), "--out",
+                 str(tmp_path / "eval2"), "--lesions", str(tmp_path / "masks")])
+    assert code == 1
+    assert "lesions not scored" in capsys.readouterr().out
+    doc = json.loads((tmp_path / "eval2" / "results.json").read_text())
+    assert sorted(c["subject"] for c in doc["cases"]) == ["sub01", "sub02"]
+    assert len(doc["failures"]) == 1 and "no lesion mask for subject 'sub02'" in doc["failures"][0]["error"]
 
 
 # ------------------------------------------------------------------------------------------------ guard
@@ -191,6 +201,13 @@ def test_run_dir_evaluation_with_the_guard_and_lesion_masks(tmp_path: Path, caps
     assert {s["method"] for s in summary} == {"Low-Dose", "tiny"} and all(s["lesions"] >= 1 for s in summary)
     assert "### Lesions" in (tmp_path / "eval" / "results.md").read_text()
     assert (tmp_path / "eval" / "lesions.csv").read_text().startswith("method,subject,drf,lesion")
+    # Masks for some test subjects only: refused before any inference, naming the subject and the folder.
+    (tmp_path / "masks" / f"{test}.nii.gz").rename(tmp_path / "masks" / "other.nii.gz")
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "run"), "--lesions", str(tmp_path / "masks"), "--out",
+                 str(tmp_path / "eval3")]) != 0
+    assert f"no lesion mask for subject '{test}'" in capsys.readouterr().err
+    assert not (tmp_path / "eval3" / "results.json").exists()
 
 
 def test_study_lesion_table_takes_each_runs_summary_and_the_input_once(tmp_path: Path) -> None:
@@ -212,6 +229,17 @@ def test_study_lesion_table_takes_each_runs_summary_and_the_input_once(tmp_path:
     assert [line.split(" | ")[1] for line in lines] == ["Low-Dose", "A", "B"]
     assert "| 4 | A | 1 | -10.0 ± 0.0 | 10.0 |" in table
     assert lesion_table({"untrained": tmp_path / "untrained"}) == ""
+
+
+def test_guard_and_smoothing_leave_their_inputs_alone() -> None:
+    from lowdose_toolkit.evaluation.classical import gaussian
+
+    truth, low, _ = _scene()
+    flat = truth * 0.9
+    before = (low.clone(), flat.clone())
+    Consistency().apply(low, flat)
+    gaussian(low, 0.5)
+    assert torch.equal(low, before[0]) and torch.equal(flat, before[1])
 
 
 def test_guard_leaves_a_volume_without_body_alone() -> None:

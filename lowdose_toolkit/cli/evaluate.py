@@ -167,18 +167,18 @@ def run_pairs(
     if mask:
         settings["mask_threshold"] = mask_threshold
     extra = {} if masks is None else {"lesions": {"masks": lesions, "summary": lesion_eval.summarize(lesion_cases)}}
-    paths = write_results(rows, out, settings, failures=failures, **extra)
-    print_summary(aggregate(rows), console, title=f"{method}: {len(rows)} case(s)")
     lesion_files = ""
-    if masks is not None:
+    if masks is not None:  # before results.json and cases.csv, whose presence means the evaluation is complete
         from lowdose_toolkit.core.atomic import atomic_path
 
-        lesion_summary = extra["lesions"]["summary"]
-        lesion_eval.print_summary(lesion_summary, console, title="lesions: bias against the full dose (%)")
         lesion_eval.write_cases(lesion_cases, out / lesion_eval.CASES_CSV)
         with atomic_path(out / "lesions.md") as tmp:
-            tmp.write_text(lesion_eval.markdown(lesion_summary))
+            tmp.write_text(lesion_eval.markdown(extra["lesions"]["summary"]))
         lesion_files = f", {lesion_eval.CASES_CSV}, lesions.md"
+    paths = write_results(rows, out, settings, failures=failures, **extra)
+    print_summary(aggregate(rows), console, title=f"{method}: {len(rows)} case(s)")
+    if masks is not None:
+        lesion_eval.print_summary(extra["lesions"]["summary"], console, title="lesions: bias against the full dose (%)")
     console.print(f"wrote {paths['json']}, {paths['cases'].name}, {paths['summary'].name}, {paths['md'].name}"
                   + lesion_files
                   + (f"; {len(failures)} pair(s) failed (listed in results.json)" if failures else ""))

@@ -356,10 +356,9 @@ def infer(checkpoint: Path, inputs: list[str], out: Path, patch_size: int | None
         predictor.dose_estimate = dose_estimate
         derivation = Derivation(recipe["name"], recipe["model"]["generator"]["name"],
                                 f"{find_checkpoint(checkpoint).name} (epoch {ckpt.epoch})")
-    if consistency is not None:
-        from lowdose_toolkit.infer.consistency import Consistency
+    from lowdose_toolkit.infer.consistency import Consistency
 
-        predictor.consistency = (predictor.consistency or Consistency()) if consistency else None
+    predictor.consistency = Consistency.override(predictor.consistency, consistency)
     runs_on = predictor.exported.runs_on if predictor.exported is not None else str(dev)
     drf_class = predictor.drf_class(drf)
     conditioned = None
@@ -451,8 +450,9 @@ def infer_cmd(
     ),
     dose_estimate: str = typer.Option(
         "volume", "--dose-estimate", help="volume: the dose head estimates the DRF once per whole volume, which "
-                                          "conditions every window of a guided model; window: per window (as an "
-                                          "exported model does)."
+                                          "conditions every window of a guided model; window: each window is "
+                                          "conditioned on the head's reading of it (as an exported model does); "
+                                          "the dose level the strength follows is the whole volume's either way."
     ),
     consistency: bool | None = typer.Option(
         None, "--consistency/--no-consistency", help="Give back the local means a prediction changed beyond the "

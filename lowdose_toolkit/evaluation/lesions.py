@@ -29,9 +29,11 @@ from typing import Any
 
 import numpy as np
 
+from lowdose_toolkit.data.phantom import LABELS
 from lowdose_toolkit.errors import DataError, UserError
+from lowdose_toolkit.evaluation.paper import LOW_DOSE
 
-PHANTOM_LESION_LABEL = 14  # lowdose_toolkit.data.phantom.LABELS
+PHANTOM_LESION_LABEL = next(k for k, name in LABELS.items() if name == "lesion")
 PHANTOM = "phantom"
 #: The per-lesion measures summarised per method and DRF (their mean, and the mean of their absolute values).
 MEASURES = ("mean_bias_pct", "max_bias_pct")
@@ -50,7 +52,7 @@ def lesion_rows(ref: np.ndarray, images: Mapping[str, np.ndarray], components: n
     """One row per lesion and image: ``method, lesion, voxels, volume_ml, ref_mean, ref_max, mean, max,
     mean_bias_pct, max_bias_pct`` (activities in the arrays' units). A lesion whose reference mean is not
     positive has no relative bias and is left out."""
-    ref = np.asarray(ref, np.float64)
+    ref = np.asarray(ref, np.float32)
     if components.shape != ref.shape:
         raise DataError(f"lesion mask is {components.shape} but the reference is {ref.shape}; masks must be on "
                         "the reference's grid")
@@ -59,12 +61,12 @@ def lesion_rows(ref: np.ndarray, images: Mapping[str, np.ndarray], components: n
         return []
     from scipy import ndimage
 
-    voxels = ndimage.sum_labels(np.ones_like(ref), components, index)
+    voxels = np.bincount(components.ravel(), minlength=index.size + 1)[1:]
     ref_mean = ndimage.mean(ref, components, index)
     ref_max = ndimage.maximum(ref, components, index)
     rows: list[dict[str, Any]] = []
     for method, image in images.items():
-        image = np.asarray(image, np.float64)
+        image = np.asarray(image, np.float32)
         if image.shape != ref.shape:
             raise DataError(f"{method}: image is {image.shape} but the reference is {ref.shape}")
         means = ndimage.mean(image, components, index)
@@ -102,7 +104,7 @@ def summarize(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
 def ordered(summary: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Summary rows by DRF, the Low-Dose input first within each (the paper's layout), then by method."""
     return sorted((dict(s) for s in summary),
-                  key=lambda e: (e["drf"] is None, e["drf"] or 0, e["method"] != "Low-Dose", e["method"]))
+                  key=lambda e: (e["drf"] is None, e["drf"] or 0, e["method"] != LOW_DOSE, e["method"]))
 
 
 def markdown(summary: list[Mapping[str, Any]]) -> str:
@@ -142,7 +144,7 @@ class LesionMasks:
         if self.folder is not None and not self.folder.is_dir():
             raise UserError(f"--lesions {spec}: not a folder; give a folder of lesion masks (<subject>.nii.gz), "
                             f"or '{PHANTOM}' for the simulator's own label maps")
-        self._cache: dict[str, tuple[np.ndarray, int]] = {}
+        self._last: tuple[str, tuple[np.ndarray, int]] | None = None  # one subject's (pairs come by reference)
 
     def path(self, subject: str, full: Path) -> Path:
         if self.folder is None:
@@ -159,8 +161,8 @@ class LesionMasks:
 
     def components(self, subject: str, full: Path, shape: tuple[int, ...], affine: np.ndarray | None = None
                    ) -> tuple[np.ndarray, int]:
-        """``(components, n)`` of ``subject``'s lesions on the reference's grid."""
-        if subject not in self._cache:
+        """``(components, n)`` of ``subject``'s lesions on the reference's grid (the last subject's kept)."""
+        if self._last is None or self._last[0] != subject:
             import nibabel as nib
 
             path = self.path(subject, full)
@@ -178,8 +180,13 @@ class LesionMasks:
                 raise DataError(f"{path} and {subject}'s reference {full} have different affines; resample the "
                                 "mask onto the reference")
             mask = data == PHANTOM_LESION_LABEL if self.folder is None else data != 0
-            self._cache[subject] = label_components(mask)
-        return self._cache[subject]
+            self._last = (subject, label_components(mask))
+        return self._last[1]
+
+
+def auto_masks(recipe: Mapping[str, Any]) -> str | None:
+    """The lesion masks a run's evaluation uses unless told: the phantom's own for a phantom-trained run."""
+    return PHANTOM if recipe["data"]["source"].get("name") == "phantom" else None
 
 
 def volume_cases(masks: LesionMasks, subject: str, drf: int | None, full: Path, ref: np.ndarray,

@@ -154,10 +154,9 @@ def evaluate_run(
     predictor, recipe = Predictor.from_checkpoint(ckpt, dev, "fp32")
     spec = run_spec(recipe)
     predictor.precision = training_precision(spec.precision, dev, spec.precision_cuda_only)
-    if consistency is not None:
-        from lowdose_toolkit.infer.consistency import Consistency
+    from lowdose_toolkit.infer.consistency import Consistency
 
-        predictor.consistency = (predictor.consistency or Consistency()) if consistency else None
+    predictor.consistency = Consistency.override(predictor.consistency, consistency)
     model = predictor.model
     method = method or recipe["name"]
     cfg = recipe["eval"]
@@ -168,13 +167,17 @@ def evaluate_run(
     if not ckpt.split["test"]:
         raise UserError(f"{run_dir}: the run has no test subjects (data.split.test is 0)")
     dataset = subject_pairs(recipe, ckpt.split["test"], drfs)
-    if lesions == "auto":
-        lesions = "phantom" if recipe["data"]["source"].get("name") == "phantom" else None
     masks = None
+    if lesions == "auto":
+        from lowdose_toolkit.evaluation.lesions import auto_masks
+
+        lesions = auto_masks(recipe)
     if lesions is not None:
         from lowdose_toolkit.evaluation.lesions import LesionMasks
 
         masks = LesionMasks(lesions)
+        for item in dataset.dry_iter():  # every test subject's mask found before any inference
+            masks.path(item["subject_id"], item["full"].path)
     lesion_cases: list[dict[str, Any]] = []
     rows: list[dict[str, Any]] = []
     dose_true: list[int] = []

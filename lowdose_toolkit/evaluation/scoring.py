@@ -143,9 +143,6 @@ def evaluate_pairs(
                 _, ref, ref_mask = cached_ref
                 image = _load(pair.pred)
                 m = compute_all(ref, torch.from_numpy(image), ssim_range=ssim_range, mask=ref_mask)
-                if lesions is not None:
-                    lesion_cases += volume_cases(lesions, pair.subject, pair.drf, pair.ref, ref.numpy(),
-                                                 {pair.method: image}, shapes[pair.ref][1])  # type: ignore[index]
             except Exception as exc:  # noqa: BLE001 - a truncated or corrupt file fails its pair, not the rest
                 detail = str(exc) if isinstance(exc, DataError) else f"cannot read: {type(exc).__name__}: {exc}"
                 fail(pair, f"{pair.pred} vs {pair.ref}: {detail}")
@@ -159,5 +156,11 @@ def evaluate_pairs(
                 "pred": str(pair.pred),
                 "ref": str(pair.ref),
             }
+            if lesions is not None:  # a missing or misaligned mask fails the lesions, not the pair's scores
+                try:
+                    lesion_cases += volume_cases(lesions, pair.subject, pair.drf, pair.ref, ref.numpy(),
+                                                 {pair.method: image}, shapes[pair.ref][1])  # type: ignore[index]
+                except DataError as exc:
+                    fail(pair, f"{pair.pred} vs {pair.ref}: lesions not scored: {exc}")
             bar.advance(task)
     return [r for r in rows if r is not None]

@@ -226,7 +226,7 @@ def evaluate_classical(recipe: Mapping[str, Any], run_dir: Path, study: Mapping[
     from rich.progress import Progress
 
     from lowdose_toolkit.evaluation.classical import bm4d_denoise, gaussian, tune_gaussian_sigma
-    from lowdose_toolkit.evaluation.lesions import CASES_CSV, LesionMasks, summarize, write_cases
+    from lowdose_toolkit.evaluation.lesions import CASES_CSV, LesionMasks, auto_masks, summarize, write_cases
     from lowdose_toolkit.evaluation.metrics import compute_all
     from lowdose_toolkit.evaluation.results import write_results
     from lowdose_toolkit.evaluation.runeval import LOW_DOSE, lesion_cases_of
@@ -248,7 +248,7 @@ def evaluate_classical(recipe: Mapping[str, Any], run_dir: Path, study: Mapping[
             console.print("[yellow]BM4D skipped: pip install 'lowdose-toolkit[bm4d]' to include it[/]")
             use_bm4d = False
     ssim_range = recipe["eval"]["ssim_range"]
-    masks = LesionMasks("phantom") if recipe["data"]["source"].get("name") == "phantom" else None
+    masks = None if auto_masks(recipe) is None else LesionMasks(auto_masks(recipe))
     lesion_cases: list[dict[str, Any]] = []
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("classical references", total=len(test))

@@ -69,6 +69,14 @@ class Consistency:
         except UserError as exc:
             raise UserError(f"{where}: {exc}") from None
 
+    @classmethod
+    def override(cls, current: Consistency | None, flag: bool | None) -> Consistency | None:
+        """A command line's ``--consistency/--no-consistency`` over a model's setting: None keeps ``current``,
+        True the guard (``current``'s settings, else the defaults), False none."""
+        if flag is None:
+            return current
+        return (current or cls()) if flag else None
+
     def as_dict(self) -> dict[str, float]:
         return {"z": self.z, "sigma_vox": self.sigma_vox}
 

@@ -139,7 +139,7 @@ class Predictor:
     #: The codes the last :meth:`predict` conditioned a guided model on, when it followed a continuous dose level.
     code_used: str | None = field(default=None, init=False, compare=False)
     _exported_strength: OutputStrength | None = field(default=None, init=False, repr=False, compare=False)
-    _exported_head: LowDoseModel | None = field(default=None, init=False, repr=False, compare=False)
+    _exported_head: torch.nn.Module | bool | None = field(default=None, init=False, repr=False, compare=False)
     _compiled_window: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None = field(
         default=None, init=False, repr=False, compare=False)
 
@@ -185,7 +185,8 @@ class Predictor:
         merged = checked_window({k: meta["window"][k] if window.get(k) is None else window[k] for k in WINDOW_KEYS})
         norm = Normalization(meta["normalization"]["method"], float(meta["normalization"]["quantile"]))
         return cls(None, merged, exported.device, meta["precision"], tuple(meta["drfs"]), norm, exported=exported,
-                   consistency=Consistency.from_spec(meta["recipe"].get("eval", {}).get("consistency")))
+                   consistency=Consistency.from_spec(meta["recipe"].get("eval", {}).get("consistency"),
+                                                     f"{path}: its recipe's eval.consistency"))
 
     @classmethod
     def from_file(cls, path: Path, device: torch.device, precision: str = "auto", trust_torchscript: bool = False,
@@ -288,7 +289,7 @@ class Predictor:
         if strength and fitted is not None and use_refiner and bool(fitted.fitted):
             pred, factor = fitted.apply(low.to(pred.device, pred.dtype), pred, level)
             self.applied["strength"] = factor
-        if self.consistency is not None:
+        if self.consistency is not None and use_refiner:  # the final output, as the strength
             pred, changed = self.consistency.apply_with_share(low.to(pred.device), pred)
             self.applied["consistency"] = changed
         return pred, probs
@@ -312,14 +313,18 @@ class Predictor:
         ``(None, None)`` for a head that cannot read whole volumes. A checkpoint's own head; for an exported
         model the head rebuilt from the file's metadata (``dose_level``), so its dose level, and the strength
         that follows it, are the checkpoint's even though its graph conditions each window on its own."""
-        source = self.model
-        if source is None and self.exported is not None:
-            if self._exported_head is None and self.exported.meta.get("dose_level"):
-                self._exported_head = _head_from_metadata(self.exported.meta)
-            source = self._exported_head
-        if source is None or not source.classifies_volumes:
+        from lowdose_toolkit.models.lowdose_model import head_volume_dose
+
+        if self.model is not None:
+            return self.model.volume_dose(low[None].float())
+        if self.exported is None or not self.exported.meta.get("dose_level"):
             return None, None
-        return source.volume_dose(low[None].float())
+        if self._exported_head is None:
+            self._exported_head = _head_from_metadata(self.exported.meta, self.exported.path)
+        if self._exported_head is False:  # could not be rebuilt (warned once): the windows' vote serves
+            return None, None
+        assert isinstance(self._exported_head, torch.nn.Module)
+        return head_volume_dose(self._exported_head, low[None].float())
 
     @property
     def strength(self) -> OutputStrength | None:
@@ -368,19 +373,29 @@ class Predictor:
         return {"predicted_drf": self.drfs[k], "drf_probability": round(float(probs[k]), 4)}
 
 
-def _head_from_metadata(meta: Mapping[str, Any]) -> LowDoseModel:
-    """The model of an exported file's recipe with its dose head's state from the metadata (``dose_level``):
-    only the head is used (:meth:`Predictor._volume_dose`); the network's weights are the graph's."""
-    from lowdose_toolkit.core.plugin_manager import get_registry
-    from lowdose_toolkit.core.recipe import resolve_recipe
-    from lowdose_toolkit.models.lowdose_model import build_model
+def _head_from_metadata(meta: Mapping[str, Any], path: Path) -> torch.nn.Module | bool:
+    """An exported file's dose head, built from its recipe's head entry and loaded with the metadata's state
+    (``dose_level``), for :meth:`Predictor._volume_dose`; False, with one warning naming the file and the fix,
+    when it cannot be (the head's plugin not installed here, a damaged state)."""
+    import warnings
 
-    registry = get_registry()
-    model, _ = build_model(resolve_recipe(meta["recipe"], registry, "exported model's recipe"), registry)
-    head = model.heads[meta["dose_level"]["head"]]
-    current = head.state_dict()
-    head.load_state_dict({k: torch.tensor(v, dtype=current[k].dtype) for k, v in meta["dose_level"]["state"].items()})
-    return model.eval()
+    from lowdose_toolkit.core.plugin_manager import get_registry
+
+    record = meta["dose_level"]
+    try:
+        spec = next(h for h in meta["recipe"]["model"]["heads"] if h["name"] == record["head"])
+        drfs = [int(d) for d in meta["drfs"]]
+        head = get_registry().build("head", spec, f"{path}: model.heads ({record['head']})",
+                                    engine_keys=("input", "target"),
+                                    context={"in_channels": 1, "num_classes": len(drfs), "drfs": drfs})
+        current = head.state_dict()
+        head.load_state_dict({k: torch.tensor(v, dtype=current[k].dtype) for k, v in record["state"].items()})
+    except Exception as exc:  # noqa: BLE001 - any failure: the strength follows the windows' vote instead
+        warnings.warn(f"{path}: its dose head cannot be rebuilt here ({str(exc).splitlines()[0]}), so each volume's "
+                      "strength follows the DRF its windows name instead of its dose level; install the head's "
+                      "plugin (`ldt plugins`) or export the checkpoint again", stacklevel=2)
+        return False
+    return head.eval()
 
 
 class NonFiniteError(UserError):

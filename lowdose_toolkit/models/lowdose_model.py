@@ -17,6 +17,14 @@ from lowdose_toolkit.models.strength import OutputStrength
 IMAGE_OUTPUTS = ("coarse", "refined", "pred")
 
 
+def head_volume_dose(head: nn.Module, volume: torch.Tensor) -> tuple[torch.Tensor, float | None]:
+    """A dose head that reads whole volumes (``volume_logits``) on ``volume`` ``[1, 1, X, Y, Z]``: its
+    ``volume_estimate`` (class logits and continuous dose level) where it has one, else ``(volume_logits, None)``."""
+    if callable(getattr(head, "volume_estimate", None)):
+        return head.volume_estimate(volume)
+    return head.volume_logits(volume), None
+
+
 class LowDoseModel(nn.Module):
     """Generator (+ heads reading its features) (+ guidance) (+ refiner): everything that synthesises.
 
@@ -78,10 +86,7 @@ class LowDoseModel(nn.Module):
         if not self.classifies_volumes:
             return None, None
         assert self.dose_head is not None
-        head = self.heads[self.dose_head]
-        if callable(getattr(head, "volume_estimate", None)):
-            return head.volume_estimate(volume)
-        return head.volume_logits(volume), None
+        return head_volume_dose(self.heads[self.dose_head], volume)
 
     def forward(self, low: torch.Tensor, use_refiner: bool = True,
                 drf_class: torch.Tensor | None = None,
