@@ -250,3 +250,39 @@ def test_guard_leaves_a_volume_without_body_alone() -> None:
     assert share == 0.0 and torch.equal(out, pred)
     with pytest.raises(ValueError, match=r"low \(1, 12, 12, 12\) and pred \(1, 12, 12, 11\) differ"):
         Consistency().apply(low, pred[..., :11])
+
+
+def test_a_phantom_run_without_label_maps_is_scored_without_lesions(tmp_path: Path) -> None:
+    """Lesions are scored by default for phantom runs; a cache without label maps (written by an older version)
+    costs the lesion table, with a line saying why, never the evaluation."""
+    from conftest import tiny_recipe, write
+    from rich.console import Console
+
+    from lowdose_toolkit.core.plugin_manager import get_registry
+    from lowdose_toolkit.core.recipe import safe_load
+    from lowdose_toolkit.evaluation.runeval import evaluate_run
+
+    text = tiny_recipe(tmp_path / "unused").replace(
+        f"source: {{name: nifti, root: {tmp_path / 'unused'}}}",
+        "source: {name: phantom, subjects: 3, shape: [24, 24, 24], spacing_mm: [8, 8, 8]}")
+    assert "name: phantom" in text
+    recipe = write(tmp_path / "recipe.yaml", text.replace("epochs: 3", "epochs: 1"))
+    assert main(["run", str(recipe), "--out", str(tmp_path / "run")]) == 0
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["lesions"]["masks"] == "phantom"
+    test = json.loads((tmp_path / "run" / "results.json").read_text())["test_subjects"][0]
+    recorded = safe_load((tmp_path / "run" / "recipe.yaml").read_text())
+    source = get_registry().build("source", recorded["data"]["source"], "data.source",
+                                  context={"drfs": recorded["data"]["drfs"]})
+    moved = [source.path / test / "labels.nii.gz"]  # this run's own cache folder only
+    assert moved[0].is_file()
+    console = Console(record=True, width=300)
+    for path in moved:
+        path.rename(path.with_name("labels.moved"))
+    try:
+        evaluate_run(tmp_path / "run", out=tmp_path / "eval", console=console)
+    finally:
+        for path in moved:
+            path.with_name("labels.moved").rename(path)
+    printed = console.export_text()
+    assert "lesions not scored" in printed and "no phantom label map beside" in printed
+    assert "lesions" not in json.loads((tmp_path / "eval" / "results.json").read_text())

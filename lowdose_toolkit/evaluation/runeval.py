@@ -168,16 +168,25 @@ def evaluate_run(
         raise UserError(f"{run_dir}: the run has no test subjects (data.split.test is 0)")
     dataset = subject_pairs(recipe, ckpt.split["test"], drfs)
     masks = None
-    if lesions == "auto":
+    automatic = lesions == "auto"
+    if automatic:
         from lowdose_toolkit.evaluation.lesions import auto_masks
 
         lesions = auto_masks(recipe)
     if lesions is not None:
+        from lowdose_toolkit.errors import DataError
         from lowdose_toolkit.evaluation.lesions import LesionMasks
 
         masks = LesionMasks(lesions)
-        for item in dataset.dry_iter():  # every test subject's mask found before any inference
-            masks.path(item["subject_id"], item["full"].path)
+        try:
+            for item in dataset.dry_iter():  # every test subject's mask found before any inference
+                masks.path(item["subject_id"], item["full"].path)
+        except DataError as exc:
+            if not automatic:
+                raise
+            masks = None  # asked for nothing: the scores without lesions, and why
+            if console is not None:
+                console.print(f"[yellow]lesions not scored[/]: {exc}", soft_wrap=True)
     lesion_cases: list[dict[str, Any]] = []
     rows: list[dict[str, Any]] = []
     dose_true: list[int] = []
