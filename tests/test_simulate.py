@@ -278,6 +278,9 @@ def test_the_default_phantom_keeps_its_cache_key_and_texture_is_drawn_per_subjec
     """Texture is off by default, and a config without it hashes as before the option existed (caches stay
     valid); with it, each subject draws its own spread, recorded in its info, and its anatomy is unchanged."""
     assert PhantomSource(drfs=[4, 10, 20, 50, 100]).key == "5c282968906aa505"
+    assert PhantomSource(drfs=[4, 10, 20, 50, 100], postfilter_fwhm_mm=0.0).key == "5c282968906aa505"
+    filtered = PhantomSource(drfs=[4, 10, 20, 50, 100], postfilter_fwhm_mm=6.0)
+    assert filtered.key != "5c282968906aa505" and filtered.config.postfilter_fwhm_mm == 6.0
     assert "texture" not in SimulationConfig().as_dict()
     cfg = make_config(SimulationConfig(**SMALL), texture=0.3)
     plain = sim._simulate_subject(0, 3, (4,), SimulationConfig(**SMALL))[0]

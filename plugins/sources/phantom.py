@@ -55,6 +55,8 @@ class PhantomSource:
             default 0, uniform organs. Real organs are not uniform, and a model trained without texture
             takes it for noise (docs/RESULTS.md, "Data unlike the training data").
         texture_fwhm_mm: Correlation FWHM of the texture, mm (default 15).
+        postfilter_fwhm_mm: 3D Gaussian post-filter on every reconstruction, mm (default 0: none), as many
+            scanners' clinical protocols apply; the full dose gets the same filter as the low doses.
 
     Example:
         >>> src = PhantomSource(subjects=2, drfs=[4, 100], shape=[64, 40, 40],
@@ -76,6 +78,7 @@ class PhantomSource:
         counts_model: Literal["listmode", "independent"] | None = None,
         texture: float | None = None,
         texture_fwhm_mm: float | None = None,
+        postfilter_fwhm_mm: float | None = None,
     ) -> None:
         from lowdose_toolkit.data import simulate as sim
         from lowdose_toolkit.data.simulation_config import check_drfs, make_config
@@ -92,6 +95,7 @@ class PhantomSource:
             "counts_model": counts_model,
             "texture": texture,
             "texture_fwhm_mm": texture_fwhm_mm,
+            "postfilter_fwhm_mm": postfilter_fwhm_mm,
         }
         self.params = {k: (tuple(v) if isinstance(v, list) else v) for k, v in params.items() if v is not None}
         self.config = make_config(**self.params)
