@@ -91,7 +91,16 @@ def test_manifest_input_and_missing_checkpoint(trained: tuple[Path, Path], tmp_p
     manifest = write(tmp_path / "m" / "list.csv", "subject,drf,path\n"
                      f"sub03,100,{data / 'sub03' / 'drf_100.nii.gz'}\nsub03,full,{data / 'sub03' / 'full.nii.gz'}\n")
     assert main(["infer", str(run), str(manifest), "--out", str(tmp_path / "o")]) == 0
-    assert sorted(p.name for p in (tmp_path / "o").glob("*.nii.gz")) == ["drf_100.nii.gz"]
+    assert sorted(p.name for p in (tmp_path / "o").glob("*.nii.gz")) == ["sub03_drf_100.nii.gz"]
+    # Subject folders holding the same file names (the simulator's and the challenge's layout): one output
+    # each, named after its subject, as ldt evaluate pairs them; a name holding its subject keeps it.
+    shutil.copy(data / "sub02" / "drf_100.nii.gz", tmp_path / "m" / "sub02_scan.nii.gz")
+    manifest = write(tmp_path / "m" / "two.csv", "subject,drf,path\n"
+                     f"sub03,100,{data / 'sub03' / 'drf_100.nii.gz'}\nsub01,100,{data / 'sub01' / 'drf_100.nii.gz'}\n"
+                     "sub02,100,sub02_scan.nii.gz\n")
+    assert main(["infer", str(run), str(manifest), "--out", str(tmp_path / "o2"), "--no-previews"]) == 0
+    assert sorted(p.name for p in (tmp_path / "o2").glob("*.nii.gz")) == [
+        "sub01_drf_100.nii.gz", "sub02_scan.nii.gz", "sub03_drf_100.nii.gz"]
 
 
 def test_dicom_series_input(trained: tuple[Path, Path], tmp_path: Path) -> None:

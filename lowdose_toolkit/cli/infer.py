@@ -37,6 +37,7 @@ class Volume:
     given: Path
     suv_factor: float | None = None
     suv_source: str = ""
+    subject: str = ""  # a manifest row's subject: its output is named after it
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,8 @@ def _both(path: Path) -> set[Path]:
 def _from_manifest(path: Path) -> list[Volume]:
     """The manifest's low-dose volumes (rows whose drf is not ``full``); only its ``path`` column is required.
 
-    A subject's ``suv_factor`` (on any of its rows) goes with each of its volumes.
+    A subject's ``suv_factor`` (on any of its rows) goes with each of its volumes, and its id with their output
+    names (:func:`_output_name`).
     """
     from lowdose_toolkit.data.manifest import read_manifest
 
@@ -92,7 +94,7 @@ def _from_manifest(path: Path) -> list[Volume]:
         source = row if row.suv_factor is not None else per_subject.get(row.subject)
         factor = None if source is None else source.suv_factor
         where = "" if source is None else f"{path} line {source.line}"
-        volumes.append(Volume(row.path.resolve(), _absolute(row.path), factor, where))
+        volumes.append(Volume(row.path.resolve(), _absolute(row.path), factor, where, row.subject or ""))
     return volumes
 
 
@@ -182,14 +184,18 @@ def check_output_format(output_format: str | None) -> str | None:
 
 
 def _output_name(v: Volume, output_format: str | None) -> tuple[str, str]:
-    """The output's format and name in OUT: ``<stem>.nii.gz``, or ``<series folder>`` for a DICOM series."""
+    """The output's format and name in OUT: ``<stem>.nii.gz``, or ``<series folder>`` for a DICOM series; a
+    manifest row's name starts with its subject (``<subject>_<stem>``) unless it holds the subject already, so
+    the subject folders of a data set (``sub01/drf_004.nii.gz``, ``sub02/drf_004.nii.gz``) give distinct
+    outputs that ``ldt evaluate`` pairs by subject and DRF."""
     fmt = output_format or ("dicom" if v.path.is_dir() else "nifti")
+    prefix = f"{v.subject}_" if v.subject and v.subject not in v.given.name else ""
     if fmt == "nifti":
-        return fmt, f"{nifti_stem(v.given)}.nii.gz"
+        return fmt, f"{prefix}{nifti_stem(v.given)}.nii.gz"
     if not v.path.is_dir():
         raise UserError(f"{v.given}: --output-format dicom needs a DICOM series input (its headers are the new "
                         "series' template); pass --output-format nifti or leave the option out for NIfTI inputs")
-    name = v.given.name
+    name = v.given.name and f"{prefix}{v.given.name}"
     if not name or name in RESERVED:
         raise UserError(f"{v.given}: its DICOM output would be the folder {name!r}, a name ldt infer uses in --out "
                         "for itself; rename the input folder (or link to it under another name)")
