@@ -211,8 +211,8 @@ def test_run_dir_evaluation_with_the_guard_and_lesion_masks(tmp_path: Path, caps
 
 
 def test_study_lesion_table_takes_each_runs_summary_and_the_input_once(tmp_path: Path) -> None:
+    from lowdose_toolkit.evaluation.lesions import lesion_table
     from lowdose_toolkit.evaluation.results import write_results
-    from lowdose_toolkit.evaluation.study import lesion_table
 
     case = {"method": "m", "subject": "s", "drf": 4, "psnr": 40.0, "ssim": 0.9, "nrmse": 0.1,
             "ssim_range": "challenge", "masked": False}
@@ -223,12 +223,16 @@ def test_study_lesion_table_takes_each_runs_summary_and_the_input_once(tmp_path:
         dirs[name] = tmp_path / name
         write_results(dirs[name], "run", [{**case, "method": name}], [], {"ssim_range": "challenge", "mask": False},
                       lesions={"masks": "phantom", "summary": summarize(rows)})
-    dirs["untrained"] = tmp_path / "untrained"
-    table = lesion_table(dirs)
+    table = lesion_table(dirs.values())
     lines = [line for line in table.splitlines() if line.startswith("| 4 |")]
     assert [line.split(" | ")[1] for line in lines] == ["Low-Dose", "A", "B"]
     assert "| 4 | A | 1 | -10.0 ± 0.0 | 10.0 |" in table
-    assert lesion_table({"untrained": tmp_path / "untrained"}) == ""
+    assert lesion_table([tmp_path / "A" / "results.csv"]).count("| 4 |") == 2  # a cases file: its results.json
+    write_results(tmp_path / "plain", "run", [case], [], {"ssim_range": "challenge", "mask": False})
+    assert lesion_table([tmp_path / "plain"]) == ""
+    # ldt table writes and prints Table III beside Tables I and II.
+    assert main(["table", str(tmp_path / "A"), str(tmp_path / "B"), "--out", str(tmp_path / "tables")]) == 0
+    assert (tmp_path / "tables" / "table3.md").read_text() == table
 
 
 def test_guard_and_smoothing_leave_their_inputs_alone() -> None:

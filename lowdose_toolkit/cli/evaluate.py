@@ -190,9 +190,11 @@ def table(
     out: Path | None = typer.Option(None, "--out", help="Output folder (default: ./tables)."),
 ) -> None:
     """Print and write the paper's Table I (methods x DRF) and Table II (ablations at DRF 100): Markdown, CSV
-    and a PNG chart each."""
+    and a PNG chart each; and Table III, lesion uptake, where the evaluations quantified lesions."""
     from rich.console import Console
 
+    from lowdose_toolkit.evaluation.lesions import markdown, ordered
+    from lowdose_toolkit.evaluation.lesions import print_summary as print_lesions
     from lowdose_toolkit.evaluation.paper_tables import (
         build_table_i,
         build_table_ii,
@@ -200,7 +202,7 @@ def table(
         write_table,
         write_table_chart,
     )
-    from lowdose_toolkit.evaluation.results import load_results
+    from lowdose_toolkit.evaluation.results import lesion_summaries, load_results
 
     console = Console()
     rows = load_results(inputs)
@@ -209,4 +211,12 @@ def table(
     for stem, tbl in (("table1", build_table_i(rows)), ("table2", build_table_ii(rows))):
         print_table(tbl, console)
         written += [*write_table(tbl, out / stem), write_table_chart(tbl, out / stem)]
+    lesions = lesion_summaries(inputs)
+    if lesions:  # Table III (ours): lesion uptake, where the evaluations quantified lesions
+        from lowdose_toolkit.core.atomic import atomic_path
+
+        print_lesions(ordered(lesions), console, title="Table III (ours): lesion uptake against the full dose (%)")
+        with atomic_path(out / "table3.md") as tmp:
+            tmp.write_text(markdown(ordered(lesions)))
+        written.append(out / "table3.md")
     console.print("wrote " + ", ".join(str(p) for p in written))

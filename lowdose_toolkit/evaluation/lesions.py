@@ -118,6 +118,15 @@ def markdown(summary: list[Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def lesion_table(inputs: Iterable[str | Path]) -> str:
+    """Table III (ours) as Markdown: the lesion summaries of the evaluations in ``inputs`` (run directories or
+    results files; :func:`lowdose_toolkit.evaluation.results.lesion_summaries`); empty when none has lesions."""
+    from lowdose_toolkit.evaluation.results import lesion_summaries
+
+    rows = lesion_summaries(list(inputs))
+    return markdown(ordered(rows)) if rows else ""
+
+
 def print_summary(summary: list[Mapping[str, Any]], console: Any, title: str = "lesions") -> None:
     """The lesion summary as a rich table."""
     from rich.table import Table

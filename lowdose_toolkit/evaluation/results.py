@@ -247,6 +247,27 @@ def _cases_of(path: Path) -> list[dict[str, Any]]:
     raise UserError(f"{path}: unknown results file; pass results.json, cases.csv or a run directory")
 
 
+def lesion_summaries(inputs: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """The lesion summaries (``lesions.summary`` of each ``results.json``, :mod:`lowdose_toolkit.evaluation.lesions`)
+    of the inputs :func:`load_results` takes, the Low-Dose input's once per DRF (the same test volumes in every
+    evaluation); inputs without lesions add nothing."""
+    rows: list[dict[str, Any]] = []
+    seen: set[Any] = set()
+    for item in inputs:
+        for path in _result_files(Path(item)):
+            if path.suffix.lower() != ".json":
+                path = path.with_name(RESULTS_NAME)  # a cases.csv beside its results.json
+                if not path.is_file():
+                    continue
+            for entry in (read_results(path).extra.get("lesions") or {}).get("summary", []):
+                if entry["method"] == "Low-Dose":
+                    if entry["drf"] in seen:
+                        continue
+                    seen.add(entry["drf"])
+                rows.append(dict(entry))
+    return rows
+
+
 def _same_case(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     return all(
         (math.isinf(a[k]) and a[k] == b[k]) or math.isclose(a[k], b[k], rel_tol=1e-5, abs_tol=1e-9) for k in METRICS

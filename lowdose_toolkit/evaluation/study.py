@@ -159,7 +159,9 @@ def run_study(path: Path, out: Path, docs: Path | None = None, only: Sequence[st
         write_table_chart(table, out / stem)
     print_table(table_i)
     print_table(table_ii)
-    lesions = lesion_table({**run_dirs, "classical": classical_dir})
+    from lowdose_toolkit.evaluation.lesions import lesion_table
+
+    lesions = lesion_table(inputs)
     if lesions:
         with atomic_path(out / "table_iii.md") as tmp:
             tmp.write_text(lesions)
@@ -179,27 +181,6 @@ def run_study(path: Path, out: Path, docs: Path | None = None, only: Sequence[st
     if docs is not None:
         write_docs(study, record, table_i, table_ii, summary, figure, docs, lesions)
     return summary
-
-
-def lesion_table(run_dirs: Mapping[str, Path]) -> str:
-    """Table III (ours): every evaluated method's lesion bias (its run's ``results.json``), the Low-Dose input
-    once per DRF; empty when no run quantified lesions (:mod:`lowdose_toolkit.evaluation.lesions`)."""
-    from lowdose_toolkit.evaluation.lesions import markdown, ordered
-    from lowdose_toolkit.evaluation.results import read_results
-    from lowdose_toolkit.evaluation.runeval import LOW_DOSE
-
-    rows: list[Mapping[str, Any]] = []
-    seen: set[Any] = set()
-    for run_dir in run_dirs.values():
-        path = run_dir / "results.json"
-        record = read_results(path).extra.get("lesions") if (run_dir / "results.csv").is_file() else None
-        for entry in (record or {}).get("summary", []):
-            if entry["method"] == LOW_DOSE:  # the same test volumes in every run: the input's row once
-                if entry["drf"] in seen:
-                    continue
-                seen.add(entry["drf"])
-            rows.append(entry)
-    return markdown(ordered(rows)) if rows else ""
 
 
 def _write_summary_csv(summary: Sequence[Mapping[str, Any]], path: Path) -> None:
