@@ -33,9 +33,9 @@ with torch.no_grad():
         low, full = s["low"].data.float(), s["full"].data.float()
         base = psnr(full[0], low[0])
         guidance.reset_code_map()
-        identity = psnr(full[0], predictor.predict(low)[0][0]) - base
+        identity = psnr(full[0], predictor.predict(low, spacing=s["low"].spacing)[0][0]) - base
         guidance.code_map.copy_(fitted)
-        mapped = psnr(full[0], predictor.predict(low)[0][0]) - base
+        mapped = psnr(full[0], predictor.predict(low, spacing=s["low"].spacing)[0][0]) - base
         rows.setdefault(int(s["drf"]), []).append((identity, mapped))
 for drf, r in sorted(rows.items()):
     ident, mapped = torch.tensor(r).mean(0).tolist()

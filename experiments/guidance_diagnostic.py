@@ -33,13 +33,13 @@ with torch.no_grad():
     for i in range(len(ds)):
         s = ds[i]
         low, full, d = s["low"].data.float(), s["full"].data.float(), int(s["drf"])
-        ph, probs = predictor.predict(low)
+        ph, probs = predictor.predict(low, spacing=s["low"].spacing)
         row = [compute_all(full[0], low[0])["psnr"], compute_all(full[0], ph[0])["psnr"]]
         if model.guidance is not None:
-            po, _ = predictor.predict(low, drf_class=drfs.index(d))
+            po, _ = predictor.predict(low, drf_class=drfs.index(d), spacing=s["low"].spacing)
             row.append(compute_all(full[0], po[0])["psnr"])
-            codes.setdefault(d, []).append([compute_all(full[0], predictor.predict(low, drf_class=k)[0][0])["psnr"]
-                                            - row[0] for k in range(len(drfs))])
+            coded = [predictor.predict(low, drf_class=k, spacing=s["low"].spacing)[0][0] for k in range(len(drfs))]
+            codes.setdefault(d, []).append([compute_all(full[0], c)["psnr"] - row[0] for c in coded])
         if model.refiner is not None:
             pc, _ = predictor.predict(low, use_refiner=False)
             row.append(compute_all(full[0], pc[0])["psnr"])

@@ -4,11 +4,11 @@ For a run's validation or test subjects (``--split=val|test``) or new phantom su
 --subjects=N [--texture=T]``), per DRF: the PSNR gain of the output over its input against the full dose, and
 the lesions' mean SUVmean and SUVmax bias (signed and absolute, percent of the full dose's value;
 lowdose_toolkit/evaluation/lesions.py) of the input, of the model's output without the guard, and of the
-output under each guard setting in ``--guards=z:sigma,...`` (lowdose_toolkit/infer/consistency.py; default
-3:0.5, the guided recipes'). Usage:
+output under each guard setting in ``--guards=z:sigma_mm,...`` (lowdose_toolkit/infer/consistency.py; default
+3:3, the guided recipes'). Usage:
 
-    python experiments/lesion_check.py RUN_DIR [--split=val|test | --seed=S --subjects=N --texture=T]
-        [--counts-model=listmode|independent] [--guards=3:1,4:1]
+    python experiments/lesion_check.py RUN_DIR [--split=val|test | --seed=S --subjects=N --texture=T
+        --shape=D,H,W --spacing_mm=Z,Y,X] [--counts-model=listmode|independent] [--guards=3:3,...]
 """
 import sys
 from pathlib import Path
@@ -36,6 +36,9 @@ if "seed" in opts:
         spec["texture"] = float(opts["texture"])
     if "counts-model" in opts:
         spec["counts_model"] = opts["counts-model"]
+    for key in ("shape", "spacing_mm"):  # e.g. --shape=320,160,160 --spacing_mm=3,3,3 (finer voxels)
+        if key in opts:
+            spec[key] = [float(v) if key == "spacing_mm" else int(v) for v in opts[key].split(",")]
     records = get_registry().build("source", spec, "data.source", context={"drfs": drfs}).records()
     where = f"new subjects {spec}"
 else:
@@ -46,7 +49,7 @@ else:
     source = get_registry().build("source", spec, "data.source", context={"drfs": drfs})
     records = [r for r in source.records() if r.subject in set(ckpt.split[split])]
     where = f"{split} subjects {[r.subject for r in records]}"
-guards = [(float(z), float(s)) for z, s in (g.split(":") for g in opts.get("guards", "3:0.5").split(","))]
+guards = [(float(z), float(s)) for z, s in (g.split(":") for g in opts.get("guards", "3:3").split(","))]
 ds = pairs_dataset(records, drfs, recipe["data"]["normalization"])
 masks = LesionMasks("phantom")
 gains: dict[tuple[str, int], list[float]] = {}
@@ -56,10 +59,11 @@ for i in range(len(ds)):
     low, full = s["low"].data.float(), s["full"].data.float()
     drf = int(s["drf"])
     predictor.consistency = None
-    pred, _ = predictor.predict(low)
+    spacing = s["low"].spacing
+    pred, _ = predictor.predict(low, spacing=spacing)
     images = {"input": low, "model": pred}
     for z, sigma in guards:
-        images[f"guard z={z:g} σ={sigma:g}"] = Consistency(z=z, sigma_vox=sigma).apply(low, pred)
+        images[f"guard z={z:g} σ={sigma:g}mm"] = Consistency(z=z, sigma_mm=sigma).apply(low, pred, spacing)
     base = psnr(full[0], low[0])
     components, _ = masks.components(s["subject_id"], s["full"].path, tuple(full.shape[1:]), s["full"].affine)
     for name, image in images.items():

@@ -79,7 +79,7 @@ for name in names:
         base = 0.0 if full_as_input else psnr(full[0], low[0])  # a full-dose input: the output's PSNR against it
         row = []
         for fitted in (False, True):  # the model at full strength, then at its fitted strength (if any)
-            pred, probs = predictor.predict(norm.apply(low), strength=fitted)
+            pred, probs = predictor.predict(norm.apply(low), strength=fitted, spacing=s["low"].spacing)
             row.append(psnr(full[0], norm.invert(pred)[0]) - base)
         applied = predictor.applied
         row += [float(drfs[int(probs.argmax())]) if probs is not None else float("nan"),

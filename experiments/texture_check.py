@@ -51,7 +51,7 @@ for sigma in sigmas:
             base = psnr(full[0], low[0])
             row = []
             for fitted in (False, True):  # at full strength, then at the fitted strength (if any)
-                pred, _ = predictor.predict(norm.apply(low), strength=fitted)
+                pred, _ = predictor.predict(norm.apply(low), strength=fitted, spacing=config.spacing_mm)
                 row.append(psnr(full[0], norm.invert(pred)[0]) - base)
             row += [predictor.applied.get("dose_level") or float("nan"), predictor.applied.get("strength", 1.0)]
             rows.setdefault(drf, []).append(row)

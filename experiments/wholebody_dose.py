@@ -48,7 +48,7 @@ for i in range(len(ds)):
     for mode in ("window", "volume"):
         predictor.dose_estimate = mode
         t0 = time.perf_counter()
-        pred, probs = predictor.predict(low)
+        pred, probs = predictor.predict(low, spacing=s["low"].spacing)
         seconds = time.perf_counter() - t0
         row += [predictor.drfs[int(probs.argmax())], psnr(full[0], pred[0]) - base, seconds]
     t0 = time.perf_counter()

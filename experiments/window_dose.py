@@ -34,10 +34,10 @@ for patch in patches:
         low, full, cls = s["low"].data.float(), s["full"].data.float(), int(s["drf_class"])
         base = psnr(full[0], low[0])
         predictor.dose_estimate = "window"
-        by_window, window_probs = predictor.predict(low)
+        by_window, window_probs = predictor.predict(low, spacing=s["low"].spacing)
         predictor.dose_estimate = "volume"
-        by_volume, volume_probs = predictor.predict(low)
-        oracle, _ = predictor.predict(low, drf_class=cls)
+        by_volume, volume_probs = predictor.predict(low, spacing=s["low"].spacing)
+        oracle, _ = predictor.predict(low, drf_class=cls, spacing=s["low"].spacing)
         rows.setdefault(int(s["drf"]), []).append([
             psnr(full[0], by_window[0]) - base, psnr(full[0], by_volume[0]) - base, psnr(full[0], oracle[0]) - base,
             float(window_probs[cls]), float(int(volume_probs.argmax()) == cls)])

@@ -40,9 +40,10 @@ GUIDED = {
               "guidance": {"name": "film", "head": "noise_level"},
               "refiner": {"name": "contextual_net", "channels": 4, "num_blocks": 1}},
     "losses": [{"name": "l1", "on": "pred"}],
-    "eval": {"patch_size": 16, "overlap": 4, "batch_size": 2, "consistency": {"z": 2.0, "sigma_vox": 0.5}},
+    "eval": {"patch_size": 16, "overlap": 4, "batch_size": 2, "consistency": {"z": 2.0, "sigma_mm": 3.0}},
 }
 FILES = {"onnx": "model.onnx", "torchscript": "model.ts"}
+SPACING = (2.0, 2.0, 3.0)  # mm: the consistency guard's width in voxels
 
 
 def volume(shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -93,8 +94,8 @@ def test_exported_model_equals_the_pytorch_model_at_two_window_sizes(exported, f
         predictor = Predictor.from_file(files[fmt], CPU, trust_torchscript=True, patch_size=patch)
         assert predictor.exported is not None and predictor.exported.format == fmt and predictor.model is None
         assert predictor.window == {**reference.window} and predictor.drfs == (4, 100) and predictor.guided
-        want, want_probs = reference.predict(low)
-        got, probs = predictor.predict(low)
+        want, want_probs = reference.predict(low, spacing=SPACING)
+        got, probs = predictor.predict(low, spacing=SPACING)
         assert got.shape == low.shape and got.dtype == torch.float32
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
         torch.testing.assert_close(probs, want_probs, atol=1e-4, rtol=0)
@@ -136,7 +137,7 @@ def test_metadata_in_onnx_props_and_torchscript_extra_files(exported) -> None:
         assert meta["dose_head"] == "noise_level" and meta["guided"] is True and meta["refiner"] is True
         assert meta["checkpoint"]["epoch"] == 2 and len(meta["checkpoint"]["sha256"]) == 64
         assert set(meta["outputs"]) == {"pred", "probs"} and meta["recipe"]["name"] == "tiny-guided"
-        assert meta["consistency"]["settings"] == {"z": 2.0, "sigma_vox": 0.5}
+        assert meta["consistency"]["settings"] == {"z": 2.0, "sigma_mm": 3.0}
         assert meta["dose_level"]["head"] == "noise_level" and meta["dose_level"]["state"]["level_fitted"] is True
     assert props["exported_as"] == "onnx opset 17"
 
@@ -207,7 +208,7 @@ def test_ldt_infer_on_the_exported_file_writes_the_checkpoints_prediction(export
     assert meta["precision"] == "fp32" and meta["normalization"] == "robust"
     assert want_meta["compiled"] is bool(compiled) and meta["compiled"] is False
     assert want_meta["dose_estimate"] == meta["dose_estimate"] == "window"
-    assert meta["consistency"] == want_meta["consistency"] == {"z": 2.0, "sigma_vox": 0.5}  # the recipe's guard
+    assert meta["consistency"] == want_meta["consistency"] == {"z": 2.0, "sigma_mm": 3.0}  # the recipe's guard
     assert row["consistency"] == want_row["consistency"] != ""
 
 
@@ -244,8 +245,8 @@ def test_other_models_export_to_onnx(tmp_path: Path, name: str, edit) -> None:
     low = volume((1, 22, 25, 19), 4)
     reference = Predictor.from_checkpoint(ckpt, CPU, "fp32")[0]
     reference.dose_estimate = "window"  # as the exported graph runs its head
-    want, want_probs = reference.predict(low)
-    got, probs = Predictor.from_file(tmp_path / "m.onnx", CPU).predict(low)
+    want, want_probs = reference.predict(low, spacing=SPACING)
+    got, probs = Predictor.from_file(tmp_path / "m.onnx", CPU).predict(low, spacing=SPACING)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
     if name == "no_head":
         assert probs is None and want_probs is None and meta["dose_head"] is None and "probs" not in meta["outputs"]
@@ -336,11 +337,13 @@ def test_a_dose_head_that_cannot_be_rebuilt_warns_once_and_the_windows_vote_serv
     predictor.exported.meta["recipe"]["model"]["heads"][0]["name"] = "not_installed"
     low = volume((1, 20, 20, 20), 5)
     with pytest.warns(UserWarning, match=r"model.onnx: its dose head cannot be rebuilt here .*install the head's"):
-        predictor.predict(low)
+        predictor.predict(low, spacing=SPACING)
     assert predictor.applied["dose_level"] in (4.0, 100.0)  # a class's DRF, not a continuous level
     assert predictor.applied["strength"] in (0.6, 0.9)
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # not again for the next volume
-        predictor.predict(low)
+        predictor.predict(low, spacing=SPACING)
+    with pytest.raises(ValueError, match=r"the consistency guard needs the volume's voxel size, spacing="):
+        predictor.predict(low)  # the recipe's guard works in mm

@@ -729,7 +729,7 @@ def test_consistency_guard_follows_the_recipe_unless_told(trained: tuple[Path, P
     run, data = trained
     ckpt = load_checkpoint(run / "checkpoints" / "best.pt")
     assert ckpt.recipe["eval"]["consistency"] is None
-    recipe = {**ckpt.recipe, "eval": {**ckpt.recipe["eval"], "consistency": {"z": 0.2, "sigma_vox": 0.5}}}
+    recipe = {**ckpt.recipe, "eval": {**ckpt.recipe["eval"], "consistency": {"z": 0.2, "sigma_mm": 2.0}}}
     dataclasses.replace(ckpt, recipe=recipe).save(tmp_path / "guarded.pt")  # a tight guard: it acts here
     source = data / "sub00" / "drf_100.nii.gz"
     outputs = {}
@@ -741,9 +741,9 @@ def test_consistency_guard_follows_the_recipe_unless_told(trained: tuple[Path, P
         outputs[name] = (summary(out)["drf_100.nii.gz"], json.loads((out / "summary.json").read_text()),
                          nib.load(out / "drf_100.nii.gz").get_fdata())
     assert outputs["plain"][0]["consistency"] == "" and outputs["plain"][1]["consistency"] is None
-    assert outputs["guarded"][1]["consistency"] == {"z": 0.2, "sigma_vox": 0.5}
+    assert outputs["guarded"][1]["consistency"] == {"z": 0.2, "sigma_mm": 2.0}
     assert 0 < float(outputs["guarded"][0]["consistency"]) < 1
-    assert outputs["on"][1]["consistency"] == {"z": 3.0, "sigma_vox": 0.5} and outputs["on"][0]["consistency"] != ""
+    assert outputs["on"][1]["consistency"] == {"z": 3.0, "sigma_mm": 3.0} and outputs["on"][0]["consistency"] != ""
     plain, guarded, off = outputs["plain"][2], outputs["guarded"][2], outputs["off"][2]
     np.testing.assert_array_equal(off, plain)  # --no-consistency: the model's own output
     low = nib.load(source).get_fdata()

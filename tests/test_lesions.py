@@ -24,6 +24,7 @@ from lowdose_toolkit.evaluation.lesions import (
 from lowdose_toolkit.infer.consistency import Consistency
 
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
+SPACING = (6.0, 6.0, 6.0)  # the phantom's voxels: the guard's 3 mm are half a voxel
 
 
 def _ball(shape: tuple[int, int, int], centre: tuple[int, int, int], radius: float) -> np.ndarray:
@@ -149,13 +150,13 @@ def _scene(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
 
 def test_guard_gives_back_a_flattened_lesion_and_leaves_noise_removal_alone() -> None:
     truth, low, lesion = _scene()
-    guard = Consistency(z=3.0, sigma_vox=0.5)
-    good, share = guard.apply_with_share(low, truth)  # a perfect denoiser: removed pure noise only
+    guard = Consistency(z=3.0, sigma_mm=3.0)
+    good, share = guard.apply_with_share(low, truth, SPACING)  # a perfect denoiser: removed pure noise only
     assert share < 0.01
     assert float((good - truth).abs().mean()) < 0.2 * float((low - truth).abs().mean())
     flat = truth.clone()
     flat[0][torch.from_numpy(lesion)] = 2.0  # the lesion's uptake halved
-    fixed = guard.apply(low, flat)
+    fixed = guard.apply(low, flat, SPACING)
     before = float(flat[0][torch.from_numpy(lesion)].mean()) / 4 - 1
     after = float(fixed[0][torch.from_numpy(lesion)].mean()) / 4 - 1
     assert before == pytest.approx(-0.5) and -0.25 < after < 0.0  # mostly given back
@@ -164,11 +165,23 @@ def test_guard_gives_back_a_flattened_lesion_and_leaves_noise_removal_alone() ->
     assert float(changed[outside].float().mean()) < 0.01  # away from the lesion, (nearly) nothing changed
 
 
+def test_guard_width_is_physical() -> None:
+    """sigma_mm is a width in mm: 3 mm at 6 mm voxels is the same guard as 1.5 mm at 3 mm voxels (half a voxel),
+    and anisotropic voxels get a width per axis."""
+    truth, low, lesion = _scene()
+    flat = truth.clone()
+    flat[0][torch.from_numpy(lesion)] = 2.0
+    coarse = Consistency(sigma_mm=3.0).apply(low, flat, (6.0, 6.0, 6.0))
+    assert torch.equal(coarse, Consistency(sigma_mm=1.5).apply(low, flat, (3.0, 3.0, 3.0)))
+    assert not torch.equal(coarse, Consistency(sigma_mm=3.0).apply(low, flat, (3.0, 3.0, 3.0)))
+    assert not torch.equal(coarse, Consistency(sigma_mm=3.0).apply(low, flat, (6.0, 6.0, 3.0)))
+
+
 @pytest.mark.parametrize(("spec", "message"), [
     ({"z": 0}, r"eval.consistency: z=0.0 must be positive"),
-    ({"sigma_vox": -1}, r"eval.consistency: sigma_vox=-1.0 must be positive"),
+    ({"sigma_mm": -1}, r"eval.consistency: sigma_mm=-1.0 must be positive"),
     ({"width": 2}, r"eval.consistency: \{'width': 2\}; use null"),
-    ({"z": "high"}, r"z and sigma_vox must be numbers"),
+    ({"z": "high"}, r"z and sigma_mm must be numbers"),
 ])
 def test_guard_settings_are_checked(spec: dict, message: str) -> None:
     with pytest.raises(UserError, match=message):
@@ -178,7 +191,7 @@ def test_guard_settings_are_checked(spec: dict, message: str) -> None:
 def test_guard_spec_values() -> None:
     assert Consistency.from_spec(None) is None and Consistency.from_spec(False) is None
     assert Consistency.from_spec(True) == Consistency()
-    assert Consistency.from_spec({"z": 2, "sigma_vox": 1}).as_dict() == {"z": 2.0, "sigma_vox": 1.0}
+    assert Consistency.from_spec({"z": 2, "sigma_mm": 1}).as_dict() == {"z": 2.0, "sigma_mm": 1.0}
 
 
 def test_run_dir_evaluation_with_the_guard_and_lesion_masks(tmp_path: Path, capsys) -> None:
@@ -196,7 +209,7 @@ def test_run_dir_evaluation_with_the_guard_and_lesion_masks(tmp_path: Path, caps
     assert main(["evaluate", str(tmp_path / "run"), "--consistency", "--lesions", str(tmp_path / "masks"),
                  "--out", str(tmp_path / "eval")]) == 0
     doc = json.loads((tmp_path / "eval" / "results.json").read_text())
-    assert doc["settings"]["consistency"] == {"z": 3.0, "sigma_vox": 0.5}
+    assert doc["settings"]["consistency"] == {"z": 3.0, "sigma_mm": 3.0}
     summary = doc["lesions"]["summary"]
     assert {s["method"] for s in summary} == {"Low-Dose", "tiny"} and all(s["lesions"] >= 1 for s in summary)
     assert "### Lesions" in (tmp_path / "eval" / "results.md").read_text()
@@ -241,7 +254,7 @@ def test_guard_and_smoothing_leave_their_inputs_alone() -> None:
     truth, low, _ = _scene()
     flat = truth * 0.9
     before = (low.clone(), flat.clone())
-    Consistency().apply(low, flat)
+    Consistency().apply(low, flat, SPACING)
     gaussian(low, 0.5)
     assert torch.equal(low, before[0]) and torch.equal(flat, before[1])
 
@@ -250,10 +263,12 @@ def test_guard_leaves_a_volume_without_body_alone() -> None:
     """No voxel above the body threshold (an empty or cold scan): nothing to measure the noise on, no change."""
     low = 0.01 * torch.rand(1, 12, 12, 12)
     pred = torch.zeros_like(low)
-    out, share = Consistency().apply_with_share(low, pred)
+    out, share = Consistency().apply_with_share(low, pred, SPACING)
     assert share == 0.0 and torch.equal(out, pred)
     with pytest.raises(ValueError, match=r"low \(1, 12, 12, 12\) and pred \(1, 12, 12, 11\) differ"):
-        Consistency().apply(low, pred[..., :11])
+        Consistency().apply(low, pred[..., :11], SPACING)
+    with pytest.raises(ValueError, match=r"spacing \(6.0, 0.0, 6.0\) must be three positive voxel sizes"):
+        Consistency().apply(low, pred, (6.0, 0.0, 6.0))
 
 
 def test_a_phantom_run_without_label_maps_is_scored_without_lesions(tmp_path: Path) -> None:

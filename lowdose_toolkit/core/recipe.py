@@ -152,7 +152,7 @@ SCHEMA: Schema = {
         "fit_strength": Field(bool, False, "after training, fit how much of its correction the model applies per "
                                            "dose level on every validation subject (strength_fit.json)"),
         "consistency": Field(dict | bool | None, None, "at inference, give back the local means a prediction "
-                                                       "changed beyond its input's noise: true, or {z, sigma_vox} "
+                                                       "changed beyond its input's noise: true, or {z, sigma_mm} "
                                                        "(lowdose_toolkit/infer/consistency.py); null: off"),
     },
 }

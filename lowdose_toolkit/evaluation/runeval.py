@@ -196,7 +196,7 @@ def evaluate_run(
         for i in range(len(dataset)):
             subject = dataset[i]
             low, full = subject["low"].data.float(), subject["full"].data.float()
-            pred, probs = predictor.predict(low)
+            pred, probs = predictor.predict(low, spacing=subject["low"].spacing)
             sid, drf = subject["subject_id"], int(subject["drf"])
             if probs is not None:
                 dose_true.append(drfs.index(drf))

@@ -278,7 +278,7 @@ def make_figure(study: Mapping[str, Any], recipes: Mapping[str, Any], run_dirs: 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for m in done:
         predictor, _ = Predictor.from_checkpoint(run_dirs[m["method"]] / "checkpoints" / name, device, "fp32")
-        pred, _ = predictor.predict(low)
+        pred, _ = predictor.predict(low, spacing=subject["low"].spacing)
         panels.append((m["method"], pred[0]))
     panels.append(("full-dose", full[0]))
     factor, units = subject_units(subject)

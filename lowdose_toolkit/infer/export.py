@@ -231,11 +231,12 @@ def metadata(ckpt: Checkpoint, source: Path, recipe: dict[str, Any], model: LowD
                                    "(dose_level), else the DRF the volume's mean probs name; a = 1 when not "
                                    "fitted"},
         "consistency": {"settings": recipe["eval"].get("consistency"),
-                        "definition": "applied last, when settings are given (true: z 3, sigma_vox 0.5): with "
+                        "definition": "applied last, when settings are given (true: z 3, sigma_mm 3): with "
                                       "r = G_sigma * (low - out) and s = sqrt(G_sigma * max(out, 0) + 0.05), "
                                       "t = r / s, c = 1.4826 * median |t| over voxels whose G_sigma * out > 0.3, "
-                                      "out += sign(t) * max(|t| - z c, 0) * s (G_sigma: Gaussian of sigma_vox "
-                                      "voxels; lowdose_toolkit/infer/consistency.py)"},
+                                      "out += sign(t) * max(|t| - z c, 0) * s (G_sigma: Gaussian of sigma_mm "
+                                      "mm, in voxels per axis from the volume's spacing; "
+                                      "lowdose_toolkit/infer/consistency.py)"},
         "traced_window": list(traced),
         "checked_windows": [list(s) for s in checked],
         "tolerance": TOLERANCE,

@@ -183,7 +183,8 @@ def denoise_all(predictor: Predictor, jobs: Sequence[Any], out: Path, console: A
                 ) -> tuple[torch.Tensor, tuple[list[Panel], str], dict]:
         """The prediction in the input's units, the preview MIPs (if wanted) with their units, the dose head's
         verdict. The previews of a model trained on SUV are in SUV (the input's factor), else in the input's units."""
-        pred, probs = predictor.predict(norm.apply(volume), drf_class)
+        spacing = torch.linalg.norm(torch.as_tensor(affine, dtype=torch.float64)[:3, :3], dim=0).tolist()  # mm
+        pred, probs = predictor.predict(norm.apply(volume), drf_class, spacing=spacing)
         pred = norm.invert(pred)
         check_finite(pred, label(job), predictor.precision)
         mips: tuple[list[Panel], str] = ([], "")

@@ -17,7 +17,7 @@ the whole volume by the head rebuilt from the file's metadata.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -227,7 +227,8 @@ class Predictor:
         return self.drfs.index(drf)
 
     def predict(self, low: torch.Tensor, drf_class: int | None = None, use_refiner: bool = True,
-                strength: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+                strength: bool = True, spacing: Sequence[float] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Predict a normalised volume ``[1, X, Y, Z]``; returns ``(prediction, dose probabilities)``.
 
         ``drf_class`` conditions a guided model on that class (an oracle or the user's statement)
@@ -238,7 +239,8 @@ class Predictor:
         stated DRF, else the head's continuous estimate, else its class's DRF) and, for a checkpoint whose
         strength was fitted after training (:mod:`lowdose_toolkit.models.strength`), the strength applied to
         the final output at that level (``strength=False``: the prediction at full strength), and with
-        :attr:`consistency` the share of body voxels the guard changed (``consistency``), applied last.
+        :attr:`consistency` the share of body voxels the guard changed (``consistency``), applied last; the guard
+        needs ``spacing``, the voxel size (mm) along the volume's three axes.
         """
         from lowdose_toolkit.infer.sliding import infer_volume
 
@@ -290,7 +292,10 @@ class Predictor:
             pred, factor = fitted.apply(low.to(pred.device, pred.dtype), pred, level)
             self.applied["strength"] = factor
         if self.consistency is not None and use_refiner:  # the final output, as the strength
-            pred, changed = self.consistency.apply_with_share(low.to(pred.device), pred)
+            if spacing is None:
+                raise ValueError("Predictor.predict: the consistency guard needs the volume's voxel size, spacing=(mm, "
+                                 "mm, mm); pass it, or set predictor.consistency = None")
+            pred, changed = self.consistency.apply_with_share(low.to(pred.device), pred, spacing)
             self.applied["consistency"] = changed
         return pred, probs
 
