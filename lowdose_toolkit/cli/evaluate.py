@@ -211,12 +211,12 @@ def table(
     for stem, tbl in (("table1", build_table_i(rows)), ("table2", build_table_ii(rows))):
         print_table(tbl, console)
         written += [*write_table(tbl, out / stem), write_table_chart(tbl, out / stem)]
-    lesions = lesion_summaries(inputs)
+    lesions = ordered(lesion_summaries(inputs))
     if lesions:  # Table III (ours): lesion uptake, where the evaluations quantified lesions
         from lowdose_toolkit.core.atomic import atomic_path
 
-        print_lesions(ordered(lesions), console, title="Table III (ours): lesion uptake against the full dose (%)")
+        print_lesions(lesions, console, title="Table III (ours): lesion uptake against the full dose (%)")
         with atomic_path(out / "table3.md") as tmp:
-            tmp.write_text(markdown(ordered(lesions)))
+            tmp.write_text(markdown(lesions))
         written.append(out / "table3.md")
     console.print("wrote " + ", ".join(str(p) for p in written))

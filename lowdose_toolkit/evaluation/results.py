@@ -251,6 +251,8 @@ def lesion_summaries(inputs: Sequence[str | Path]) -> list[dict[str, Any]]:
     """The lesion summaries (``lesions.summary`` of each ``results.json``, :mod:`lowdose_toolkit.evaluation.lesions`)
     of the inputs :func:`load_results` takes, the Low-Dose input's once per DRF (the same test volumes in every
     evaluation); inputs without lesions add nothing."""
+    from lowdose_toolkit.evaluation.paper import LOW_DOSE
+
     rows: list[dict[str, Any]] = []
     seen: set[Any] = set()
     for item in inputs:
@@ -260,7 +262,7 @@ def lesion_summaries(inputs: Sequence[str | Path]) -> list[dict[str, Any]]:
                 if not path.is_file():
                     continue
             for entry in (read_results(path).extra.get("lesions") or {}).get("summary", []):
-                if entry["method"] == "Low-Dose":
+                if entry["method"] == LOW_DOSE:
                     if entry["drf"] in seen:
                         continue
                     seen.add(entry["drf"])
