@@ -229,7 +229,8 @@ def evaluate_classical(recipe: Mapping[str, Any], run_dir: Path, study: Mapping[
             console.print("[yellow]BM4D skipped: pip install 'lowdose-toolkit[bm4d]' to include it[/]")
             use_bm4d = False
     ssim_range = recipe["eval"]["ssim_range"]
-    masks = None if auto_masks(recipe) is None else LesionMasks(auto_masks(recipe))
+    lesions = auto_masks(recipe)
+    masks = None if lesions is None else LesionMasks(lesions)
     lesion_cases: list[dict[str, Any]] = []
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("classical references", total=len(test))
@@ -249,7 +250,7 @@ def evaluate_classical(recipe: Mapping[str, Any], run_dir: Path, study: Mapping[
     settings = {"ssim_range": ssim_range, "mask": False}
     facts: dict[str, Any] = {"gaussian_sigma_vox": sigmas}
     if masks is not None:
-        facts["lesions"] = {"masks": "phantom", "summary": summarize(lesion_cases)}
+        facts["lesions"] = {"masks": lesions, "summary": summarize(lesion_cases)}
         write_cases(lesion_cases, out / CASES_CSV)
     write_results(out, "classical", rows, aggregate(rows), settings, **facts)
 

@@ -33,7 +33,8 @@ BODY_THRESHOLD = 0.3
 #: The noise scale's floor, in normalised units: keeps ``s`` away from 0 in cold regions.
 FLOOR = 0.05
 #: Float32 copies of the volume the guard holds beside ``low`` and ``pred`` at its peak (benchmarks/consistency.py:
-#: 4.4 on a whole-body 360x360x673 volume, 2.3 s on 2 CPU cores); ``ldt infer``'s memory check counts them.
+#: 4.5 on a whole-body 360x360x673 volume at 1.65 x 1.65 x 2.89 mm, 4.5 s on 2 CPU cores); ``ldt infer``'s
+#: memory check counts them.
 WORKING_COPIES = 5
 #: Body voxels used for the robust spread (a strided subsample beyond this many).
 MAX_SAMPLES = 2**22

@@ -179,12 +179,11 @@ def denoise_all(predictor: Predictor, jobs: Sequence[Any], out: Path, console: A
             except Exception as exc:  # noqa: BLE001
                 no_preview(row, job, exc)
 
-    def denoise(job: Any, row: dict[str, Any], volume: torch.Tensor, affine: Any, norm: Any
+    def denoise(job: Any, row: dict[str, Any], volume: torch.Tensor, affine: Any, info: Any, norm: Any
                 ) -> tuple[torch.Tensor, tuple[list[Panel], str], dict]:
         """The prediction in the input's units, the preview MIPs (if wanted) with their units, the dose head's
         verdict. The previews of a model trained on SUV are in SUV (the input's factor), else in the input's units."""
-        spacing = torch.linalg.norm(torch.as_tensor(affine, dtype=torch.float64)[:3, :3], dim=0).tolist()  # mm
-        pred, probs = predictor.predict(norm.apply(volume), drf_class, spacing=spacing)
+        pred, probs = predictor.predict(norm.apply(volume), drf_class, spacing=info.spacing)
         pred = norm.invert(pred)
         check_finite(pred, label(job), predictor.precision)
         mips: tuple[list[Panel], str] = ([], "")
@@ -233,7 +232,7 @@ def denoise_all(predictor: Predictor, jobs: Sequence[Any], out: Path, console: A
                     try:
                         volume, affine, info, norm, seconds = reads.pop(i).result()  # popped: freed early
                         t0 = time.monotonic()
-                        pred, mips, dose = denoise(job, row, volume, affine, norm)
+                        pred, mips, dose = denoise(job, row, volume, affine, info, norm)
                         del volume
                         row.update(shape="x".join(map(str, info.shape)), **dose)
                         title, note = nifti_stem(job.output), ""
