@@ -188,8 +188,11 @@ def test_shape_mismatch_names_both_files(study: dict[str, Path]) -> None:
         evaluate_pairs([pair], progress=False)
     broken = study["pred"] / "broken.nii.gz"
     broken.write_bytes(b"not a nifti")
-    with pytest.raises(DataError, match=r"broken\.nii\.gz: not a readable NIfTI"):
+    with pytest.raises(DataError, match=r"broken\.nii\.gz: unreadable NIfTI header"):
         evaluate_pairs([Pair("s", 4, "m", broken, study["ref"] / "sub01.nii.gz")], progress=False)
+    frames = _save(study["pred"] / "frames.nii.gz", np.ones((12, 12, 10, 2)))  # a dynamic scan: not one volume
+    with pytest.raises(DataError, match=r"frames\.nii\.gz: holds 2 volumes or channels .* extract one first"):
+        evaluate_pairs([Pair("s", 4, "m", frames, study["ref"] / "sub01.nii.gz")], progress=False)
 
 
 def test_results_roundtrip_with_infinite_psnr(study: dict[str, Path], tmp_path: Path) -> None:
@@ -398,7 +401,7 @@ def test_one_bad_pair_is_reported_and_the_rest_scored(app: typer.Typer, study: d
                                       "--out", str(out)])
     assert result.exit_code == 1, result.output
     text = " ".join(result.output.split())
-    assert "sub01_DRF-100.nii.gz" in text and "cannot read" in text
+    assert "sub01_DRF-100.nii.gz: unreadable or truncated NIfTI" in text and "re-export" in text
     assert "sub02_DRF-4.nii.gz and its reference" in text and "--allow-misaligned" in text
     doc = json.loads((out / "results.json").read_text())
     assert [(c["subject"], c["drf"]) for c in doc["cases"]] == [("sub01", 4), ("sub02", 100)]

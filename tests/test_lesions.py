@@ -90,6 +90,12 @@ def test_lesion_masks_find_read_and_check(tmp_path: Path) -> None:
         LesionMasks(masks).components("s1", full, (8, 8, 8), np.diag([3.0, 3.0, 3.0, 1.0]))
     with pytest.raises(DataError, match=r"no lesion mask for subject 's9' \(looked for s9.nii.gz"):
         LesionMasks(masks).components("s9", full, (8, 8, 8))
+    (masks / "s3.nii.gz").write_bytes(b"not a mask")
+    with pytest.raises(DataError, match=r"s3\.nii\.gz: unreadable NIfTI header .*re-export"):
+        LesionMasks(masks).components("s3", full, (8, 8, 8))
+    _save(masks / "s4.nii.gz", np.stack([labels, labels], -1))  # two masks in one file: which one is meant?
+    with pytest.raises(DataError, match=r"s4\.nii\.gz: holds 2 volumes or channels"):
+        LesionMasks(masks).components("s4", full, (8, 8, 8))
     with pytest.raises(UserError, match=r"--lesions \S+/nowhere: not a folder; give a folder"):
         LesionMasks(tmp_path / "nowhere")
 

@@ -67,6 +67,7 @@ __all__ = [
     "screen_records",
     "validate_image",
     "validate_record",
+    "volume_grid",
 ]
 
 
@@ -428,6 +429,14 @@ def read_info(path: str | os.PathLike[str]) -> ImageInfo:
         qform_code=int(header["qform_code"]) if "qform_code" in header else None,
         sform_code=int(header["sform_code"]) if "sform_code" in header else None,
     )
+
+
+def volume_grid(path: str | os.PathLike[str]) -> tuple[tuple[int, int, int], np.ndarray]:
+    """``(shape I, J, K, affine)`` of one 3D volume, from a NIfTI header (or a DICOM series); a file of
+    several volumes is refused as by :func:`load_array`."""
+    info = read_info(path)
+    _check_channels(path, info.channels, (info.channels, *info.shape))
+    return info.shape, info.affine
 
 
 def declared_volume(path: str | os.PathLike[str]) -> tuple[tuple[int, int, int], str, int] | None:

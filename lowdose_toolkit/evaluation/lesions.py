@@ -172,20 +172,15 @@ class LesionMasks:
                    ) -> tuple[np.ndarray, int]:
         """``(components, n)`` of ``subject``'s lesions on the reference's grid (the last subject's kept)."""
         if self._last is None or self._last[0] != subject:
-            import nibabel as nib
+            from lowdose_toolkit.data.io import load_array
 
             path = self.path(subject, full)
-            try:
-                img = nib.load(str(path))
-                data = np.asarray(img.dataobj)
-            except Exception as exc:  # noqa: BLE001 - nibabel raises several types for unreadable files
-                raise DataError(f"{path}: not a readable NIfTI lesion mask ({exc})") from None
-            while data.ndim > 3 and data.shape[-1] == 1:
-                data = data[..., 0]
+            tensor, mask_affine, _ = load_array(path, validate=False)
+            data = tensor[0].numpy()
             if data.shape != tuple(shape):
                 raise DataError(f"{path} is {data.shape} but {subject}'s reference is {tuple(shape)}; lesion masks "
                                 "must be on the reference's grid")
-            if affine is not None and not np.allclose(img.affine, affine, atol=1e-3):
+            if affine is not None and not np.allclose(mask_affine, affine, atol=1e-3):
                 raise DataError(f"{path} and {subject}'s reference {full} have different affines; resample the "
                                 "mask onto the reference")
             mask = data == PHANTOM_LESION_LABEL if self.folder is None else data != 0

@@ -26,28 +26,11 @@ from lowdose_toolkit.evaluation.pairing import Pair
 __all__ = ["evaluate_pairs"]
 
 
-def _nifti_shape(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
-    import nibabel as nib
-
-    try:
-        img = nib.load(str(path))
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except Exception as exc:  # nibabel raises several types for unreadable files
-        raise DataError(f"{path}: not a readable NIfTI file ({exc})") from None
-    shape = tuple(int(s) for s in img.shape)
-    while len(shape) > 3 and shape[-1] == 1:
-        shape = shape[:-1]
-    return shape, np.asarray(img.affine)
-
-
 def _load(path: Path) -> np.ndarray:
-    import nibabel as nib
+    """One volume's voxels as a 3D float32 array (through :func:`~lowdose_toolkit.data.io.load_array`)."""
+    from lowdose_toolkit.data.io import load_array
 
-    data = nib.load(str(path)).get_fdata(dtype=np.float32)
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
-    return data
+    return load_array(path, validate=False)[0][0].numpy()
 
 
 def evaluate_pairs(
@@ -100,13 +83,15 @@ def evaluate_pairs(
             raise DataError(error)
         failures.append({"pred": str(pair.pred), "ref": str(pair.ref), "error": error})
 
+    from lowdose_toolkit.data.io import volume_grid
+
     shapes: dict[Path, tuple[tuple[int, ...], np.ndarray] | DataError] = {}
     good: list[int] = []
     for i, pair in enumerate(pairs):
         for p in (pair.pred, pair.ref):
             if p not in shapes:
                 try:
-                    shapes[p] = _nifti_shape(p)
+                    shapes[p] = volume_grid(p)
                 except DataError as exc:
                     shapes[p] = exc
         bad = next((shapes[p] for p in (pair.pred, pair.ref) if isinstance(shapes[p], DataError)), None)
