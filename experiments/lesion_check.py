@@ -3,9 +3,9 @@
 For a run's validation or test subjects (``--split=val|test``) or new phantom subjects (``--seed=S
 --subjects=N [--texture=T]``), per DRF: the PSNR gain of the output over its input against the full dose, and
 the lesions' mean SUVmean and SUVmax bias (signed and absolute, percent of the full dose's value;
-lowdose_toolkit/evaluation/lesions.py) of the input, of the model's output without the guard, and of the
-output under each guard setting in ``--guards=z:sigma_mm,...`` (lowdose_toolkit/infer/consistency.py; default
-3:3, the guided recipes'). Usage:
+lowdose_toolkit/evaluation/lesions.py), then each organ's SUVmean bias, of the input, of the model's output
+without the guard, and of the output under each guard setting in ``--guards=z:sigma_mm,...``
+(lowdose_toolkit/infer/consistency.py; default 3:3, the guided recipes'). Usage:
 
     python experiments/lesion_check.py RUN_DIR [--split=val|test | --seed=S --subjects=N --texture=T
         --shape=D,H,W --spacing_mm=Z,Y,X] [--counts-model=listmode|independent] [--guards=3:3,...]
@@ -19,7 +19,7 @@ import torch
 from lowdose_toolkit.core.checkpoint import load_checkpoint
 from lowdose_toolkit.core.plugin_manager import get_registry
 from lowdose_toolkit.data.datasets import pairs_dataset
-from lowdose_toolkit.evaluation.lesions import LesionMasks, lesion_rows, summarize, voxel_ml
+from lowdose_toolkit.evaluation.lesions import LesionMasks, organ_markdown, organ_summary, summarize, volume_cases
 from lowdose_toolkit.evaluation.metrics import psnr
 from lowdose_toolkit.infer.consistency import Consistency
 from lowdose_toolkit.infer.predictor import Predictor
@@ -65,12 +65,10 @@ for i in range(len(ds)):
     for z, sigma in guards:
         images[f"guard z={z:g} σ={sigma:g}mm"] = Consistency(z=z, sigma_mm=sigma).apply(low, pred, spacing)
     base = psnr(full[0], low[0])
-    components, _ = masks.components(s["subject_id"], s["full"].path, tuple(full.shape[1:]), s["full"].affine)
     for name, image in images.items():
         gains.setdefault((name, drf), []).append(psnr(full[0], image[0]) - base)
-    rows = lesion_rows(full[0].numpy(), {k: v[0].numpy() for k, v in images.items()}, components,
-                       voxel_ml(s["full"].affine))
-    lesions += [{"drf": drf, **r} for r in rows]
+    lesions += volume_cases(masks, s["subject_id"], drf, s["full"].path, full[0].numpy(),
+                            {k: v[0].numpy() for k, v in images.items()}, s["full"].affine)
 summary = {(e["method"], e["drf"]): e for e in summarize(lesions)}
 print(f"{run} · {where}")
 print(f"{'method':<22} {'DRF':>4} {'gain dB':>8} {'lesions':>7} {'SUVmean %':>9} {'|mean| %':>8} {'SUVmax %':>9} "
@@ -80,3 +78,5 @@ for (name, drf), values in sorted(gains.items(), key=lambda kv: (kv[0][1], list(
     tail = (f"{e['lesions']:>7} {e['mean_bias_pct']:>+9.1f} {e['abs_mean_bias_pct']:>8.1f} {e['max_bias_pct']:>+9.1f} "
             f"{e['abs_max_bias_pct']:>8.1f}") if e else ""
     print(f"{name:<22} {drf:>4} {np.mean(values):>+8.2f} {tail}")
+print("\norgans: SUVmean bias against the full dose (%, mean ± SD over subjects)\n")
+print(organ_markdown(organ_summary(lesions)))

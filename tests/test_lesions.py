@@ -311,3 +311,103 @@ def test_a_phantom_run_without_label_maps_is_scored_without_lesions(tmp_path: Pa
     printed = console.export_text()
     assert "lesions not scored" in printed and "no phantom label map beside" in printed
     assert "lesions" not in json.loads((tmp_path / "eval" / "results.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------------ organs
+
+
+def test_phantom_masks_score_organs_beside_lesions(tmp_path: Path, capsys) -> None:
+    """The phantom's label map gives each organ's mean and max bias; an organ absent from the volume (no spleen
+    in this crop) has no row; organs.csv, the organ table in lesions.md and results.json's ``organs``."""
+    from lowdose_toolkit.data.phantom import LABELS
+    from lowdose_toolkit.evaluation.lesions import PHANTOM_ORGANS, organ_markdown, organ_summary
+
+    ids = {name: k for k, name in LABELS.items()}
+    shape = (16, 16, 16)
+    labels = np.full(shape, ids["muscle"], np.uint8)
+    labels[:8] = ids["liver"]
+    labels[12:, :4] = ids["myocardium"]
+    labels[10:12, 10:12, 10:12] = ids["lesion"]
+    ref = np.where(labels == ids["liver"], 2.0, 1.0).astype(np.float32)
+    ref[labels == ids["lesion"]] = 8.0
+    pred = ref.copy()
+    pred[labels == ids["liver"]] *= 1.02  # the liver 2 % high
+    pred[labels == ids["myocardium"]] *= 0.90  # the heart wall 10 % low
+    full = tmp_path / "sim" / "s1" / "full.nii.gz"
+    _save(full, ref)
+    _save(tmp_path / "sim" / "s1" / "labels.nii.gz", labels)
+    (tmp_path / "sim" / "manifest.csv").write_text("subject,drf,path\ns1,full,s1/full.nii.gz\n")
+    _save(tmp_path / "pred" / "s1_drf_004.nii.gz", pred)
+    _save(tmp_path / "low" / "s1_drf_004.nii.gz", ref)
+    masks = LesionMasks("phantom")
+    assert masks.organ_names == list(PHANTOM_ORGANS)
+    out = tmp_path / "eval"
+    code = main(["evaluate", "--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "sim" / "manifest.csv"),
+                 "--low", str(tmp_path / "low"), "--out", str(out), "--lesions", "phantom"])
+    assert code == 0, capsys.readouterr()
+    printed = capsys.readouterr().out
+    assert "organs: SUVmean bias" in printed and "organs.csv" in printed
+    doc = json.loads((out / "results.json").read_text())
+    cells = {(s["method"], s["organ"]): s for s in doc["organs"]["summary"]}
+    assert set(cells) == {(m, o) for m in ("model", "Low-Dose") for o in ("liver", "myocardium")}
+    assert cells["model", "liver"]["mean_bias_pct"] == pytest.approx(2.0, abs=1e-4)
+    assert cells["model", "myocardium"]["max_bias_pct"] == pytest.approx(-10.0, abs=1e-4)
+    assert cells["Low-Dose", "liver"]["mean_bias_pct"] == 0.0 and cells["model", "liver"]["subjects"] == 1
+    assert [s["lesions"] for s in doc["lesions"]["summary"]] == [1, 1]  # lesions unchanged beside the organs
+    organs_csv = (out / "organs.csv").read_text().splitlines()
+    assert organs_csv[0].startswith("method,subject,drf,organ,voxels") and len(organs_csv) == 5
+    assert "| 4 | model | +2.0 ± 0.0 | -10.0 ± 0.0 |" in (out / "lesions.md").read_text()
+    rows = [{"method": "m", "drf": 4, "organ": "liver", "mean_bias_pct": v, "max_bias_pct": 0.0} for v in (1.0, -3.0)]
+    assert organ_markdown(organ_summary(rows)) == "| DRF | Method | liver |\n|---|---|---|\n| 4 | m | -1.0 ± 2.8 |\n"
+
+
+def test_a_masks_folder_names_its_labels(tmp_path: Path) -> None:
+    """labels.json turns a folder of masks into label maps: 'lesion' values are lesions, other names organs; a
+    folder without it stays every-nonzero-voxel-lesion; a bad labels.json is one line naming the file."""
+    from lowdose_toolkit.evaluation.lesions import volume_cases
+
+    shape = (8, 8, 8)
+    labels = np.zeros(shape, np.uint8)
+    labels[:4] = 5  # liver
+    labels[4:, :2] = 2  # left kidney
+    labels[4:, 6:] = 3  # right kidney
+    labels[6, 4, 4] = 1  # a lesion
+    ref = (1.0 + labels).astype(np.float32)
+    masks = tmp_path / "masks"
+    _save(masks / "s1.nii.gz", labels)
+    full = tmp_path / "full.nii.gz"
+    plain = volume_cases(LesionMasks(masks), "s1", 4, full, ref, {"m": ref}, AFFINE)
+    assert {r.get("organ") for r in plain} == {None} and len(plain) == 2  # touching organs: one component
+    (masks / "labels.json").write_text(json.dumps({"lesion": 1, "liver": 5, "kidney": [2, 3]}))
+    named = LesionMasks(masks)
+    rows = volume_cases(named, "s1", 4, full, ref, {"m": ref * 1.1}, AFFINE)
+    lesions = [r for r in rows if "lesion" in r]
+    organs = {r["organ"]: r for r in rows if "organ" in r}
+    assert len(lesions) == 1 and lesions[0]["voxels"] == 1
+    assert set(organs) == {"liver", "kidney"} and organs["kidney"]["voxels"] == 128
+    assert organs["liver"]["mean_bias_pct"] == pytest.approx(10.0, abs=1e-4)
+    for text, message in (("{not json", "not a readable JSON file"), ("[]", "expected an object naming label"),
+                          ('{"liver": "five"}', r"'liver' is 'five'; give a positive integer"),
+                          ('{"liver": [0]}', r"'liver' is \[0\]")):
+        (masks / "labels.json").write_text(text)
+        with pytest.raises(UserError, match=rf"labels\.json: {message}"):
+            LesionMasks(masks)
+
+
+def test_table_iv_takes_each_runs_organs_and_the_input_once(tmp_path: Path) -> None:
+    from lowdose_toolkit.evaluation.lesions import organ_summary, organ_table
+    from lowdose_toolkit.evaluation.results import write_results
+
+    case = {"method": "m", "subject": "s", "drf": 4, "psnr": 40.0, "ssim": 0.9, "nrmse": 0.1,
+            "ssim_range": "challenge", "masked": False}
+    for name, bias in (("A", -4.0), ("B", 1.5)):
+        rows = [{"method": m, "drf": 4, "organ": o, "mean_bias_pct": b, "max_bias_pct": 0.0}
+                for m, b in (("Low-Dose", 0.5), (name, bias)) for o in ("liver", "kidney")]
+        write_results(tmp_path / name, "run", [{**case, "method": name}], [], {"ssim_range": "challenge",
+                      "mask": False}, organs={"masks": "phantom", "summary": organ_summary(rows)})
+    table = organ_table([tmp_path / "A", tmp_path / "B"])
+    assert table.splitlines()[0] == "| DRF | Method | kidney | liver |"
+    assert [line.split(" | ")[1] for line in table.splitlines()[2:]] == ["Low-Dose", "A", "B"]
+    assert "| 4 | A | -4.0 ± 0.0 | -4.0 ± 0.0 |" in table
+    assert main(["table", str(tmp_path / "A"), str(tmp_path / "B"), "--out", str(tmp_path / "tables")]) == 0
+    assert (tmp_path / "tables" / "table4.md").read_text() == table

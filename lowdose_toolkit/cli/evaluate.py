@@ -51,9 +51,11 @@ def evaluate(
     ),
     lesions: str | None = typer.Option(
         None, "--lesions",
-        help="Also quantify lesions (SUVmean/SUVmax bias against the full dose): 'phantom' (the label maps "
-             "`ldt simulate` writes) or a folder of lesion masks named <subject>.nii.gz; 'none': no lesions "
-             "(default: RUN_DIR of a phantom run, its phantom's lesions; otherwise none).",
+        help="Also quantify lesions and organs (SUVmean/SUVmax bias against the full dose): 'phantom' (the label "
+             "maps `ldt simulate` writes: its lesions and liver, blood pool, myocardium, kidneys, spleen, brain) or "
+             "a folder of masks named <subject>.nii.gz (every nonzero voxel lesion, or label maps named by the "
+             "folder's labels.json, e.g. {\"lesion\": 1, \"liver\": 5}); 'none': neither (default: RUN_DIR of a "
+             "phantom run, its phantom's; otherwise none).",
     ),  # fmt: skip
     consistency: bool | None = typer.Option(
         None, "--consistency/--no-consistency",
@@ -99,6 +101,7 @@ def run_directory(run_dir: Path, console: Any = None, **options: Any) -> list[di
     from rich.console import Console
 
     from lowdose_toolkit.evaluation.lesions import CASES_CSV as LESIONS_CSV
+    from lowdose_toolkit.evaluation.lesions import ORGANS_CSV
     from lowdose_toolkit.evaluation.runeval import evaluate_run, print_dose_head, print_lesions, results_dir
     from lowdose_toolkit.evaluation.summary import print_summary
     from lowdose_toolkit.train.rundir import RunLock
@@ -117,8 +120,9 @@ def run_directory(run_dir: Path, console: Any = None, **options: Any) -> list[di
     print_summary(summary, console, title=f"{run_dir}: held-out test subjects ({region})")
     print_dose_head(Path(out) / "results.json", console)
     lesions = print_lesions(Path(out) / "results.json", console)
+    organs = (Path(out) / ORGANS_CSV).is_file() and lesions
     console.print(f"wrote {Path(out) / 'results.csv'}, results.json, results.md"
-                  + (f", {LESIONS_CSV}" if lesions else ""))
+                  + (f", {LESIONS_CSV}" if lesions else "") + (f", {ORGANS_CSV}" if organs else ""))
     return summary
 
 
@@ -139,7 +143,8 @@ def run_pairs(
 
     A pair that fails (unreadable file, another grid) is one printed line and one entry of
     ``results.json``'s ``failures``; the others are scored and written. With ``lesions`` (``"phantom"`` or a
-    folder of masks) every pair's lesions are quantified too: ``lesions.csv`` and ``lesions.md``.
+    folder of masks) every pair's lesions (and organs, where the masks name them) are quantified too:
+    ``lesions.csv`` (``organs.csv``) and ``lesions.md``.
 
     Returns:
         The per-case rows (predictions first, then the Low-Dose rows when ``low`` is given) and the failures.
@@ -166,19 +171,25 @@ def run_pairs(
     settings = {"ssim_range": ssim_range, "mask": mask, "pred": str(pred), "ref": str(ref), "low": str(low or "")}
     if mask:
         settings["mask_threshold"] = mask_threshold
-    extra = {} if masks is None else {"lesions": {"masks": lesions, "summary": lesion_eval.summarize(lesion_cases)}}
+    extra = {} if masks is None else lesion_eval.region_facts(str(lesions), lesion_cases)
     lesion_files = ""
     if masks is not None:  # before results.json and cases.csv, whose presence means the evaluation is complete
         from lowdose_toolkit.core.atomic import atomic_path
 
-        lesion_eval.write_cases(lesion_cases, out / lesion_eval.CASES_CSV)
+        written = lesion_eval.write_cases(lesion_cases, out / lesion_eval.CASES_CSV)
+        text = lesion_eval.markdown(extra["lesions"]["summary"])
+        if "organs" in extra:
+            text += ("\n### Organs: SUVmean bias against the full dose (%, mean ± SD over subjects)\n\n"
+                     + lesion_eval.organ_markdown(extra["organs"]["summary"]))
         with atomic_path(out / "lesions.md") as tmp:
-            tmp.write_text(lesion_eval.markdown(extra["lesions"]["summary"]))
-        lesion_files = f", {lesion_eval.CASES_CSV}, lesions.md"
+            tmp.write_text(text)
+        lesion_files = "".join(f", {p.name}" for p in written) + ", lesions.md"
     paths = write_results(rows, out, settings, failures=failures, **extra)
     print_summary(aggregate(rows), console, title=f"{method}: {len(rows)} case(s)")
     if masks is not None:
         lesion_eval.print_summary(extra["lesions"]["summary"], console, title="lesions: bias against the full dose (%)")
+        if "organs" in extra:
+            lesion_eval.print_organs(extra["organs"]["summary"], console)
     console.print(f"wrote {paths['json']}, {paths['cases'].name}, {paths['summary'].name}, {paths['md'].name}"
                   + lesion_files
                   + (f"; {len(failures)} pair(s) failed (listed in results.json)" if failures else ""))
@@ -190,10 +201,11 @@ def table(
     out: Path | None = typer.Option(None, "--out", help="Output folder (default: ./tables)."),
 ) -> None:
     """Print and write the paper's Table I (methods x DRF) and Table II (ablations at DRF 100): Markdown, CSV
-    and a PNG chart each; and Table III, lesion uptake, where the evaluations quantified lesions."""
+    and a PNG chart each; and Table III, lesion uptake, and Table IV, organ uptake, where the evaluations
+    quantified them."""
     from rich.console import Console
 
-    from lowdose_toolkit.evaluation.lesions import markdown, ordered
+    from lowdose_toolkit.evaluation.lesions import markdown, ordered, ordered_organs, organ_markdown, print_organs
     from lowdose_toolkit.evaluation.lesions import print_summary as print_lesions
     from lowdose_toolkit.evaluation.paper_tables import (
         build_table_i,
@@ -219,4 +231,12 @@ def table(
         with atomic_path(out / "table3.md") as tmp:
             tmp.write_text(markdown(lesions))
         written.append(out / "table3.md")
+    organs = ordered_organs(lesion_summaries(inputs, kind="organs"))
+    if organs:  # Table IV (ours): organ uptake
+        from lowdose_toolkit.core.atomic import atomic_path
+
+        print_organs(organs, console, title="Table IV (ours): organ SUVmean against the full dose (%)")
+        with atomic_path(out / "table4.md") as tmp:
+            tmp.write_text(organ_markdown(organs))
+        written.append(out / "table4.md")
     console.print("wrote " + ", ".join(str(p) for p in written))

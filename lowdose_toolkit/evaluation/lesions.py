@@ -35,6 +35,10 @@ from lowdose_toolkit.evaluation.paper import LOW_DOSE
 
 PHANTOM_LESION_LABEL = next(k for k, name in LABELS.items() if name == "lesion")
 PHANTOM = "phantom"
+#: The phantom organs whose uptake is scored: the challenge's targeted organs (liver, heart, kidneys), PERCIST's
+#: reference regions (liver, blood pool) and the brain and spleen.
+PHANTOM_ORGANS = ("liver", "blood_pool", "myocardium", "kidney", "spleen", "brain")
+LABELS_JSON = "labels.json"
 #: The per-lesion measures summarised per method and DRF (their mean, and the mean of their absolute values).
 MEASURES = ("mean_bias_pct", "max_bias_pct")
 
@@ -52,30 +56,44 @@ def lesion_rows(ref: np.ndarray, images: Mapping[str, np.ndarray], components: n
     """One row per lesion and image: ``method, lesion, voxels, volume_ml, ref_mean, ref_max, mean, max,
     mean_bias_pct, max_bias_pct`` (activities in the arrays' units). A lesion whose reference mean is not
     positive has no relative bias and is left out."""
+    return _region_rows(ref, images, components, voxel_ml, "lesion", None)
+
+
+def organ_rows(ref: np.ndarray, images: Mapping[str, np.ndarray], organs: np.ndarray, names: list[str],
+               voxel_ml: float) -> list[dict[str, Any]]:
+    """As :func:`lesion_rows`, one row per organ and image (``organ`` its name): ``organs`` numbers the voxels
+    of ``names[k - 1]`` ``k`` (0 elsewhere)."""
+    return _region_rows(ref, images, organs, voxel_ml, "organ", names)
+
+
+def _region_rows(ref: np.ndarray, images: Mapping[str, np.ndarray], regions: np.ndarray, voxel_ml: float,
+                 key: str, names: list[str] | None) -> list[dict[str, Any]]:
     ref = np.asarray(ref, np.float32)
-    if components.shape != ref.shape:
-        raise DataError(f"lesion mask is {components.shape} but the reference is {ref.shape}; masks must be on "
+    if regions.shape != ref.shape:
+        raise DataError(f"{key} mask is {regions.shape} but the reference is {ref.shape}; masks must be on "
                         "the reference's grid")
-    index = np.arange(1, int(components.max(initial=0)) + 1)
+    index = np.arange(1, int(regions.max(initial=0)) + 1)
     if index.size == 0:
         return []
     from scipy import ndimage
 
-    voxels = np.bincount(components.ravel(), minlength=index.size + 1)[1:]
-    ref_mean = ndimage.mean(ref, components, index)
-    ref_max = ndimage.maximum(ref, components, index)
+    voxels = np.bincount(regions.ravel(), minlength=index.size + 1)[1:]
+    present = voxels > 0  # an organ the volume does not hold (a crop) has no row
+    index, voxels = index[present], voxels[present]
+    ref_mean = ndimage.mean(ref, regions, index)
+    ref_max = ndimage.maximum(ref, regions, index)
     rows: list[dict[str, Any]] = []
     for method, image in images.items():
         image = np.asarray(image, np.float32)
         if image.shape != ref.shape:
             raise DataError(f"{method}: image is {image.shape} but the reference is {ref.shape}")
-        means = ndimage.mean(image, components, index)
-        maxes = ndimage.maximum(image, components, index)
-        for k, lesion in enumerate(index):
+        means = ndimage.mean(image, regions, index)
+        maxes = ndimage.maximum(image, regions, index)
+        for k, region in enumerate(index):
             if not ref_mean[k] > 0:
                 continue
-            rows.append({"method": method, "lesion": int(lesion), "voxels": int(voxels[k]),
-                         "volume_ml": round(float(voxels[k]) * voxel_ml, 3),
+            rows.append({"method": method, key: int(region) if names is None else names[region - 1],
+                         "voxels": int(voxels[k]), "volume_ml": round(float(voxels[k]) * voxel_ml, 3),
                          "ref_mean": float(ref_mean[k]), "ref_max": float(ref_max[k]),
                          "mean": float(means[k]), "max": float(maxes[k]),
                          "mean_bias_pct": 100.0 * (means[k] - ref_mean[k]) / ref_mean[k],
@@ -85,20 +103,37 @@ def lesion_rows(ref: np.ndarray, images: Mapping[str, np.ndarray], components: n
 
 def summarize(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Per ``(method, drf)``: the number of lesions and, for each of :data:`MEASURES`, the mean (signed bias),
-    its standard deviation and the mean absolute value (``abs_...``), ordered by DRF then method."""
-    groups: dict[tuple[str, int | None], list[Mapping[str, Any]]] = {}
+    its standard deviation and the mean absolute value (``abs_...``), ordered by DRF then method. Organ rows
+    (:func:`organ_summary`) are left out."""
+    return ordered(_summaries([r for r in rows if "organ" not in r], ("method", "drf"), "lesions"))
+
+
+def organ_summary(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per ``(method, drf, organ)`` over the subjects: ``subjects`` and, as :func:`summarize`, each of
+    :data:`MEASURES`' mean, standard deviation and mean absolute value; by DRF, the input first, method, organ."""
+    return ordered_organs(_summaries([r for r in rows if "organ" in r], ("method", "drf", "organ"), "subjects"))
+
+
+def ordered_organs(summary: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Organ summary rows as :func:`ordered`, then by organ."""
+    return sorted(ordered(summary), key=lambda e: (e["drf"] is None, e["drf"] or 0, e["method"] != LOW_DOSE,
+                                                    e["method"], e["organ"]))
+
+
+def _summaries(rows: list[Mapping[str, Any]], keys: tuple[str, ...], count: str) -> list[dict[str, Any]]:
+    groups: dict[tuple[Any, ...], list[Mapping[str, Any]]] = {}
     for row in rows:
-        groups.setdefault((row["method"], row.get("drf")), []).append(row)
+        groups.setdefault(tuple(row.get(k) for k in keys), []).append(row)
     out = []
-    for (method, drf), members in groups.items():
-        entry: dict[str, Any] = {"method": method, "drf": drf, "lesions": len(members)}
+    for values, members in groups.items():
+        entry: dict[str, Any] = {**dict(zip(keys, values, strict=True)), count: len(members)}
         for measure in MEASURES:
             v = np.array([r[measure] for r in members], np.float64)
             entry[measure] = float(v.mean())
             entry[f"{measure}_std"] = float(v.std(ddof=1)) if v.size > 1 else 0.0
             entry[f"abs_{measure}"] = float(np.abs(v).mean())
         out.append(entry)
-    return ordered(out)
+    return out
 
 
 def ordered(summary: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -127,6 +162,15 @@ def lesion_table(inputs: Iterable[str | Path]) -> str:
     return markdown(ordered(rows)) if rows else ""
 
 
+def organ_table(inputs: Iterable[str | Path]) -> str:
+    """Table IV (ours) as Markdown: :func:`organ_markdown` of the organ summaries of the evaluations in
+    ``inputs``; empty when none scored organs."""
+    from lowdose_toolkit.evaluation.results import lesion_summaries
+
+    rows = lesion_summaries(list(inputs), kind="organs")
+    return organ_markdown(ordered_organs(rows)) if rows else ""
+
+
 def print_summary(summary: list[Mapping[str, Any]], console: Any, title: str = "lesions") -> None:
     """The lesion summary as a rich table."""
     from rich.table import Table
@@ -141,11 +185,47 @@ def print_summary(summary: list[Mapping[str, Any]], console: Any, title: str = "
     console.print(table)
 
 
+def organ_markdown(summary: list[Mapping[str, Any]]) -> str:
+    """The organ summary as a Markdown table: a row per DRF and method, a column per organ, each cell the mean
+    SUVmean bias over the subjects (± its standard deviation), in percent of the full dose's."""
+    organs, rows = _organ_grid(summary)
+    lines = ["| DRF | Method | " + " | ".join(organs) + " |", "|---|---|" + "---|" * len(organs)]
+    for (drf, method), cells in rows.items():
+        lines.append(f"| {drf if drf is not None else '—'} | {method} | " + " | ".join(
+            f"{cells[o]['mean_bias_pct']:+.1f} ± {cells[o]['mean_bias_pct_std']:.1f}" if o in cells else "—"
+            for o in organs) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def print_organs(summary: list[Mapping[str, Any]], console: Any, title: str = "organs: SUVmean bias (%)") -> None:
+    """The organ summary as a rich table (as :func:`organ_markdown`, the mean SUVmean bias per cell)."""
+    from rich.table import Table
+
+    organs, rows = _organ_grid(summary)
+    table = Table(title=title)
+    for name in ("DRF", "Method", *organs):
+        table.add_column(name, justify="left" if name == "Method" else "right")
+    for (drf, method), cells in rows.items():
+        table.add_row(str(drf if drf is not None else "-"), method,
+                      *(f"{cells[o]['mean_bias_pct']:+.1f}" if o in cells else "-" for o in organs))
+    console.print(table)
+
+
+def _organ_grid(summary: list[Mapping[str, Any]]) -> tuple[list[str], dict[tuple[Any, str], dict[str, Any]]]:
+    organs = list(dict.fromkeys(s["organ"] for s in summary))
+    rows: dict[tuple[Any, str], dict[str, Any]] = {}
+    for s in summary:
+        rows.setdefault((s["drf"], s["method"]), {})[s["organ"]] = s
+    return organs, rows
+
+
 class LesionMasks:
-    """Where each subject's lesion mask is: ``phantom`` (the simulator's ``labels.nii.gz`` beside the subject's
-    full-dose file, lesion label :data:`PHANTOM_LESION_LABEL`) or a folder of masks (``<subject>.nii.gz`` or
-    ``.nii``, every nonzero voxel lesion). Masks are read once per subject and checked against the reference's
-    grid (shape and affine)."""
+    """Where each subject's lesion mask (and organ labels) is: ``phantom`` (the simulator's ``labels.nii.gz``
+    beside the subject's full-dose file: lesion label :data:`PHANTOM_LESION_LABEL`, organs
+    :data:`PHANTOM_ORGANS`) or a folder of masks (``<subject>.nii.gz`` or ``.nii``): every nonzero voxel lesion,
+    or, when the folder holds a ``labels.json`` naming label values (``{"lesion": 1, "liver": 5, "kidney": [2,
+    3]}``), label maps whose ``lesion`` values are lesions and every other name an organ. Masks are read once
+    per subject and checked against the reference's grid (shape and affine)."""
 
     def __init__(self, spec: str | Path) -> None:
         self.spec = str(spec)
@@ -153,7 +233,18 @@ class LesionMasks:
         if self.folder is not None and not self.folder.is_dir():
             raise UserError(f"--lesions {spec}: not a folder; give a folder of lesion masks (<subject>.nii.gz), "
                             f"or '{PHANTOM}' for the simulator's own label maps")
-        self._last: tuple[str, tuple[np.ndarray, int]] | None = None  # one subject's (pairs come by reference)
+        if self.folder is None:
+            self.labels: dict[str, list[int]] | None = {
+                name: [k for k, n in LABELS.items() if n == name] for name in ("lesion", *PHANTOM_ORGANS)}
+        else:
+            self.labels = _label_names(self.folder / LABELS_JSON)
+        # one subject's (lesion components, n, organ index) (pairs come by reference)
+        self._last: tuple[str, tuple[np.ndarray, int], np.ndarray | None] | None = None
+
+    @property
+    def organ_names(self) -> list[str]:
+        """The organs scored (numbered 1.. in :meth:`organs`); none for a folder of plain lesion masks."""
+        return [name for name in (self.labels or {}) if name != "lesion"]
 
     def path(self, subject: str, full: Path) -> Path:
         if self.folder is None:
@@ -171,6 +262,16 @@ class LesionMasks:
     def components(self, subject: str, full: Path, shape: tuple[int, ...], affine: np.ndarray | None = None
                    ) -> tuple[np.ndarray, int]:
         """``(components, n)`` of ``subject``'s lesions on the reference's grid (the last subject's kept)."""
+        return self._read(subject, full, shape, affine)[0]
+
+    def organs(self, subject: str, full: Path, shape: tuple[int, ...], affine: np.ndarray | None = None
+               ) -> np.ndarray | None:
+        """``subject``'s organs on the reference's grid, ``k`` where :attr:`organ_names` ``[k - 1]`` is (0
+        elsewhere); ``None`` when the masks name no organ."""
+        return self._read(subject, full, shape, affine)[1]
+
+    def _read(self, subject: str, full: Path, shape: tuple[int, ...], affine: np.ndarray | None
+              ) -> tuple[tuple[np.ndarray, int], np.ndarray | None]:
         if self._last is None or self._last[0] != subject:
             from lowdose_toolkit.data.io import load_array
 
@@ -183,9 +284,39 @@ class LesionMasks:
             if affine is not None and not np.allclose(mask_affine, affine, atol=1e-3):
                 raise DataError(f"{path} and {subject}'s reference {full} have different affines; resample the "
                                 "mask onto the reference")
-            mask = data == PHANTOM_LESION_LABEL if self.folder is None else data != 0
-            self._last = (subject, label_components(mask))
-        return self._last[1]
+            if self.labels is None:
+                self._last = (subject, label_components(data != 0), None)
+            else:
+                lesion = np.isin(data, self.labels.get("lesion", []))
+                organs = np.zeros(data.shape, np.uint8)
+                for k, name in enumerate(self.organ_names, start=1):
+                    organs[np.isin(data, self.labels[name])] = k
+                self._last = (subject, label_components(lesion), organs if self.organ_names else None)
+        return self._last[1], self._last[2]
+
+
+def _label_names(path: Path) -> dict[str, list[int]] | None:
+    """A masks folder's ``labels.json`` (name -> label value or values), checked; ``None`` when absent."""
+    if not path.is_file():
+        return None
+    import json
+
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: not a readable JSON file ({exc}); write it as {{\"lesion\": 1, \"liver\": 5}}"
+                        ) from None
+    if not isinstance(doc, dict) or not doc:
+        raise UserError(f"{path}: expected an object naming label values, e.g. {{\"lesion\": 1, \"liver\": 5}}")
+    labels: dict[str, list[int]] = {}
+    for name, value in doc.items():
+        values = value if isinstance(value, list) else [value]
+        if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+            raise UserError(f"{path}: {name!r} is {value!r}; give a positive integer label value or a list of them")
+        labels[str(name)] = [int(v) for v in values]
+    if len(labels) - ("lesion" in labels) > 255:
+        raise UserError(f"{path}: names {len(labels)} regions; at most 255 organs are scored")
+    return labels
 
 
 def auto_masks(recipe: Mapping[str, Any]) -> str | None:
@@ -195,11 +326,24 @@ def auto_masks(recipe: Mapping[str, Any]) -> str | None:
 
 def volume_cases(masks: LesionMasks, subject: str, drf: int | None, full: Path, ref: np.ndarray,
                  images: Mapping[str, np.ndarray], affine: np.ndarray) -> list[dict[str, Any]]:
-    """:func:`lesion_rows` of one volume (``subject``'s lesions from ``masks``, checked against the reference
-    ``full``'s grid), each row with its ``subject`` and ``drf``."""
+    """:func:`lesion_rows` and :func:`organ_rows` of one volume (``subject``'s masks from ``masks``, checked
+    against the reference ``full``'s grid), each row with its ``subject`` and ``drf``."""
     components, _ = masks.components(subject, full, tuple(ref.shape), affine)
     rows = lesion_rows(ref, images, components, voxel_ml(affine))
+    organs = masks.organs(subject, full, tuple(ref.shape), affine)
+    if organs is not None:
+        rows += organ_rows(ref, images, organs, masks.organ_names, voxel_ml(affine))
     return [{"subject": subject, "drf": drf, **row} for row in rows]
+
+
+def region_facts(spec: str, cases: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """What an evaluation records of its lesion and organ rows: ``{"lesions": {masks, summary}}`` and, where
+    organs were scored, ``"organs"`` likewise (:func:`organ_summary`)."""
+    facts: dict[str, Any] = {"lesions": {"masks": spec, "summary": summarize(cases)}}
+    organs = organ_summary(cases)
+    if organs:
+        facts["organs"] = {"masks": spec, "summary": organs}
+    return facts
 
 
 def voxel_ml(affine: np.ndarray) -> float:
@@ -208,18 +352,28 @@ def voxel_ml(affine: np.ndarray) -> float:
 
 
 CASES_CSV = "lesions.csv"
+ORGANS_CSV = "organs.csv"
 CASE_COLUMNS = ("method", "subject", "drf", "lesion", "voxels", "volume_ml", "ref_mean", "ref_max", "mean", "max",
                 "mean_bias_pct", "max_bias_pct")
+ORGAN_COLUMNS = tuple("organ" if c == "lesion" else c for c in CASE_COLUMNS)
 
 
-def write_cases(rows: Iterable[Mapping[str, Any]], path: Path) -> None:
-    """Write the per-lesion rows as CSV, atomically."""
+def write_cases(rows: Iterable[Mapping[str, Any]], path: Path) -> list[Path]:
+    """Write the per-lesion rows as CSV at ``path`` and the per-organ rows, where there are any, as
+    :data:`ORGANS_CSV` beside it, atomically; return the files written."""
     import csv
 
     from lowdose_toolkit.core.atomic import atomic_path
 
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(CASE_COLUMNS), extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: row.get(k, "") for k in CASE_COLUMNS})
+    rows = list(rows)
+    organs = [r for r in rows if "organ" in r]
+    files = [(path, CASE_COLUMNS, [r for r in rows if "organ" not in r])]
+    if organs:
+        files.append((path.with_name(ORGANS_CSV), ORGAN_COLUMNS, organs))
+    for target, columns, members in files:
+        with atomic_path(target) as tmp, tmp.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
+            writer.writeheader()
+            for row in members:
+                writer.writerow({k: row.get(k, "") for k in columns})
+    return [target for target, _, _ in files]

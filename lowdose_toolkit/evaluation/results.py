@@ -247,10 +247,11 @@ def _cases_of(path: Path) -> list[dict[str, Any]]:
     raise UserError(f"{path}: unknown results file; pass results.json, cases.csv or a run directory")
 
 
-def lesion_summaries(inputs: Sequence[str | Path]) -> list[dict[str, Any]]:
+def lesion_summaries(inputs: Sequence[str | Path], kind: str = "lesions") -> list[dict[str, Any]]:
     """The lesion summaries (``lesions.summary`` of each ``results.json``, :mod:`lowdose_toolkit.evaluation.lesions`)
     of the inputs :func:`load_results` takes, the Low-Dose input's once per DRF (the same test volumes in every
-    evaluation); inputs without lesions add nothing."""
+    evaluation); inputs without lesions add nothing. ``kind="organs"``: the organ summaries likewise (the input's
+    once per DRF and organ)."""
     from lowdose_toolkit.evaluation.paper import LOW_DOSE
 
     rows: list[dict[str, Any]] = []
@@ -261,11 +262,12 @@ def lesion_summaries(inputs: Sequence[str | Path]) -> list[dict[str, Any]]:
                 path = path.with_name(RESULTS_NAME)  # a cases.csv beside its results.json
                 if not path.is_file():
                     continue
-            for entry in (read_results(path).extra.get("lesions") or {}).get("summary", []):
+            for entry in (read_results(path).extra.get(kind) or {}).get("summary", []):
                 if entry["method"] == LOW_DOSE:
-                    if entry["drf"] in seen:
+                    key = (entry["drf"], entry.get("organ"))
+                    if key in seen:
                         continue
-                    seen.add(entry["drf"])
+                    seen.add(key)
                 rows.append(dict(entry))
     return rows
 

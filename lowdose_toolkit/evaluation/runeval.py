@@ -58,13 +58,17 @@ def print_dose_head(results: Path, console: Any) -> None:
 
 
 def print_lesions(results: Path, console: Any) -> bool:
-    """Print the lesion summary of ``results`` (a results.json), if it has one; whether it had."""
-    from lowdose_toolkit.evaluation.lesions import print_summary
+    """Print the lesion summary of ``results`` (a results.json), and its organ summary, if it has them; whether
+    it had lesions."""
+    from lowdose_toolkit.evaluation.lesions import print_organs, print_summary
     from lowdose_toolkit.evaluation.results import read_results
 
-    record = read_results(results).extra.get("lesions")
+    extra = read_results(results).extra
+    record = extra.get("lesions")
     if record:
         print_summary(record["summary"], console, title="lesions: bias against the full dose (%)")
+    if extra.get("organs"):
+        print_organs(extra["organs"]["summary"], console)
     return bool(record)
 
 
@@ -233,8 +237,11 @@ def evaluate_run(
     if masks is not None:
         from lowdose_toolkit.evaluation import lesions as lesion_eval
 
-        facts["lesions"] = {"masks": lesions, "summary": lesion_eval.summarize(lesion_cases)}
+        facts.update(lesion_eval.region_facts(lesions, lesion_cases))
         text += ("\n### Lesions: bias against the full dose\n\n" + lesion_eval.markdown(facts["lesions"]["summary"]))
+        if "organs" in facts:
+            text += ("\n### Organs: SUVmean bias against the full dose (%, mean ± SD over subjects)\n\n"
+                     + lesion_eval.organ_markdown(facts["organs"]["summary"]))
         lesion_eval.write_cases(lesion_cases, out / lesion_eval.CASES_CSV)
     with atomic_path(out / "results.md") as tmp:
         tmp.write_text(text)

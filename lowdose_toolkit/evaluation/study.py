@@ -159,12 +159,13 @@ def run_study(path: Path, out: Path, docs: Path | None = None, only: Sequence[st
         write_table_chart(table, out / stem)
     print_table(table_i)
     print_table(table_ii)
-    from lowdose_toolkit.evaluation.lesions import lesion_table
+    from lowdose_toolkit.evaluation.lesions import lesion_table, organ_table
 
-    lesions = lesion_table(inputs)
-    if lesions:
-        with atomic_path(out / "table_iii.md") as tmp:
-            tmp.write_text(lesions)
+    lesions, organs = lesion_table(inputs), organ_table(inputs)
+    for text, name in ((lesions, "table_iii.md"), (organs, "table_iv.md")):
+        if text:
+            with atomic_path(out / name) as tmp:
+                tmp.write_text(text)
     _write_summary_csv(summary, out / "results.csv")
     figure = out / "figure2.png"
     make_figure(study, recipes, run_dirs, figure, console)
@@ -179,7 +180,7 @@ def run_study(path: Path, out: Path, docs: Path | None = None, only: Sequence[st
     with atomic_path(prior) as tmp:
         tmp.write_text(json.dumps(record, indent=2))
     if docs is not None:
-        write_docs(study, record, table_i, table_ii, summary, figure, docs, lesions)
+        write_docs(study, record, table_i, table_ii, summary, figure, docs, lesions, organs)
     return summary
 
 
@@ -207,7 +208,7 @@ def evaluate_classical(recipe: Mapping[str, Any], run_dir: Path, study: Mapping[
     from rich.progress import Progress
 
     from lowdose_toolkit.evaluation.classical import bm4d_denoise, gaussian, tune_gaussian_sigma
-    from lowdose_toolkit.evaluation.lesions import CASES_CSV, LesionMasks, auto_masks, summarize, write_cases
+    from lowdose_toolkit.evaluation.lesions import CASES_CSV, LesionMasks, auto_masks, region_facts, write_cases
     from lowdose_toolkit.evaluation.metrics import compute_all
     from lowdose_toolkit.evaluation.results import write_results
     from lowdose_toolkit.evaluation.runeval import LOW_DOSE, lesion_cases_of
@@ -250,7 +251,7 @@ def evaluate_classical(recipe: Mapping[str, Any], run_dir: Path, study: Mapping[
     settings = {"ssim_range": ssim_range, "mask": False}
     facts: dict[str, Any] = {"gaussian_sigma_vox": sigmas}
     if masks is not None:
-        facts["lesions"] = {"masks": lesions, "summary": summarize(lesion_cases)}
+        facts.update(region_facts(lesions, lesion_cases))
         write_cases(lesion_cases, out / CASES_CSV)
     write_results(out, "classical", rows, aggregate(rows), settings, **facts)
 
@@ -290,7 +291,8 @@ def make_figure(study: Mapping[str, Any], recipes: Mapping[str, Any], run_dirs: 
 
 
 def write_docs(study: Mapping[str, Any], record: Mapping[str, Any], table_i: Any, table_ii: Any,
-               summary: Sequence[Mapping[str, Any]], figure: Path, docs: Path, lesions: str = "") -> None:
+               summary: Sequence[Mapping[str, Any]], figure: Path, docs: Path, lesions: str = "",
+               organs: str = "") -> None:
     """RESULTS.md (generated tables + the kept reading), results.csv and figure2.png in ``docs``."""
     import shutil
 
@@ -319,6 +321,11 @@ def write_docs(study: Mapping[str, Any], record: Mapping[str, Any], table_i: Any
             "percent (mean ± std over lesions, and the mean of their absolute values; "
             "lowdose_toolkit/evaluation/lesions.py). The paper reports no lesion measure.", "", lesions]
            if lesions else []),
+        *(["### Table IV (ours): organ uptake against the full dose", "",
+            "Each organ's mean activity in the method's output against the full dose's, in percent (mean ± std over "
+            "the test subjects; the challenge scores the liver, heart and kidneys, PERCIST refers to the liver and "
+            "blood pool; lowdose_toolkit/evaluation/lesions.py). The paper reports no organ measure.", "", organs]
+           if organs else []),
         "![Coronal MIPs at DRF 100](figure2.png)",
         "",
         "Per-method training time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in record["seconds_per_method"].items()),
