@@ -251,6 +251,17 @@ def _huge_header(folder: Path) -> Path:
     return path
 
 
+def _bad_datatype(folder: Path) -> Path:
+    """A sound file whose header names datatype code 999, which nibabel does not know (HeaderDataError)."""
+    path = _nifti("bad_datatype", np.ones((20, 20, 20), dtype=np.float32))(folder)
+    import gzip
+
+    raw = bytearray(gzip.decompress(path.read_bytes()))
+    raw[70:72] = (999).to_bytes(2, "little")  # the NIfTI-1 header's datatype field
+    path.write_bytes(gzip.compress(bytes(raw)))
+    return path
+
+
 def _not_gzip(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "not_gzip.nii.gz"
@@ -269,6 +280,8 @@ BAD_NIFTI: list[BadInput] = [
              r"two_volumes\.nii\.gz: holds 2 volumes or channels"),
     BadInput("truncated", _truncated, r"truncated\.nii\.gz: unreadable or truncated NIfTI"),
     BadInput("not_gzip", _not_gzip, r"not_gzip\.nii\.gz: unreadable NIfTI header"),
+    BadInput("bad_datatype", _bad_datatype,
+             r"bad_datatype\.nii\.gz: unreadable NIfTI header \(HeaderDataError: data code 999"),
     BadInput("huge_header", _huge_header,
              r"huge_header\.nii: needs about 393 TiB of memory \(30000x30000x30000 float32 voxels: 98\.2 TiB to read "
              r"plus 3 float32 working copies of 98\.2 TiB\) but .* is available; free memory"),

@@ -190,6 +190,14 @@ def test_shape_mismatch_names_both_files(study: dict[str, Path]) -> None:
     broken.write_bytes(b"not a nifti")
     with pytest.raises(DataError, match=r"broken\.nii\.gz: unreadable NIfTI header"):
         evaluate_pairs([Pair("s", 4, "m", broken, study["ref"] / "sub01.nii.gz")], progress=False)
+    import gzip
+
+    raw = bytearray(gzip.decompress((study["pred"] / "odd.nii.gz").read_bytes()))
+    raw[70:72] = (999).to_bytes(2, "little")  # a datatype code nibabel does not know: was a traceback
+    (study["pred"] / "code.nii.gz").write_bytes(gzip.compress(bytes(raw)))
+    with pytest.raises(DataError, match=r"code\.nii\.gz: unreadable NIfTI header \(HeaderDataError"):
+        evaluate_pairs([Pair("s", 4, "m", study["pred"] / "code.nii.gz", study["ref"] / "sub01.nii.gz")],
+                       progress=False)
     frames = _save(study["pred"] / "frames.nii.gz", np.ones((12, 12, 10, 2)))  # a dynamic scan: not one volume
     with pytest.raises(DataError, match=r"frames\.nii\.gz: holds 2 volumes or channels .* extract one first"):
         evaluate_pairs([Pair("s", 4, "m", frames, study["ref"] / "sub01.nii.gz")], progress=False)

@@ -357,6 +357,12 @@ def test_phantom_masks_score_organs_beside_lesions(tmp_path: Path, capsys) -> No
     organs_csv = (out / "organs.csv").read_text().splitlines()
     assert organs_csv[0].startswith("method,subject,drf,organ,voxels") and len(organs_csv) == 5
     assert "| 4 | model | +2.0 ± 0.0 | -10.0 ± 0.0 |" in (out / "lesions.md").read_text()
+    # Again into the same folder with plain lesion masks: no organs, and the earlier organs.csv is gone.
+    _save(tmp_path / "masks" / "s1.nii.gz", (labels == ids["lesion"]).astype(np.uint8))
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "sim" / "manifest.csv"),
+                 "--out", str(out), "--lesions", str(tmp_path / "masks")]) == 0
+    assert "organs" not in capsys.readouterr().out and not (out / "organs.csv").exists()
+    assert "organs" not in json.loads((out / "results.json").read_text())
     rows = [{"method": "m", "drf": 4, "organ": "liver", "mean_bias_pct": v, "max_bias_pct": 0.0} for v in (1.0, -3.0)]
     assert organ_markdown(organ_summary(rows)) == "| DRF | Method | liver |\n|---|---|---|\n| 4 | m | -1.0 ± 2.8 |\n"
 
@@ -387,6 +393,8 @@ def test_a_masks_folder_names_its_labels(tmp_path: Path) -> None:
     assert set(organs) == {"liver", "kidney"} and organs["kidney"]["voxels"] == 128
     assert organs["liver"]["mean_bias_pct"] == pytest.approx(10.0, abs=1e-4)
     for text, message in (("{not json", "not a readable JSON file"), ("[]", "expected an object naming label"),
+                          ("true", "expected an object naming label"),
+                          ('{"lesion": 1, "liver": [5, 1]}', "label value 1 is named both 'lesion' and 'liver'"),
                           ('{"liver": "five"}', r"'liver' is 'five'; give a positive integer"),
                           ('{"liver": [0]}', r"'liver' is \[0\]")):
         (masks / "labels.json").write_text(text)
@@ -396,18 +404,24 @@ def test_a_masks_folder_names_its_labels(tmp_path: Path) -> None:
 
 def test_table_iv_takes_each_runs_organs_and_the_input_once(tmp_path: Path) -> None:
     from lowdose_toolkit.evaluation.lesions import organ_summary, organ_table
-    from lowdose_toolkit.evaluation.results import write_results
+    from lowdose_toolkit.evaluation.results import lesion_summaries, write_results
 
     case = {"method": "m", "subject": "s", "drf": 4, "psnr": 40.0, "ssim": 0.9, "nrmse": 0.1,
             "ssim_range": "challenge", "masked": False}
-    for name, bias in (("A", -4.0), ("B", 1.5)):
+    for name, bias, low in (("A", -4.0, 0.5), ("B", 1.5, 0.7)):  # B's input row differs: A's, the first, is kept
         rows = [{"method": m, "drf": 4, "organ": o, "mean_bias_pct": b, "max_bias_pct": 0.0}
-                for m, b in (("Low-Dose", 0.5), (name, bias)) for o in ("liver", "kidney")]
+                for m, b in (("Low-Dose", low), (name, bias)) for o in ("liver", "kidney")]
         write_results(tmp_path / name, "run", [{**case, "method": name}], [], {"ssim_range": "challenge",
                       "mask": False}, organs={"masks": "phantom", "summary": organ_summary(rows)})
     table = organ_table([tmp_path / "A", tmp_path / "B"])
     assert table.splitlines()[0] == "| DRF | Method | kidney | liver |"
     assert [line.split(" | ")[1] for line in table.splitlines()[2:]] == ["Low-Dose", "A", "B"]
-    assert "| 4 | A | -4.0 ± 0.0 | -4.0 ± 0.0 |" in table
+    assert "| 4 | A | -4.0 ± 0.0 | -4.0 ± 0.0 |" in table and "| 4 | Low-Dose | +0.5 ± 0.0 | +0.5 ± 0.0 |" in table
+    assert len(lesion_summaries([tmp_path / "A", tmp_path / "B"], kind="organs")) == 6  # the input's once per organ
+    # Two evaluations under one method name stay two rows (a row never takes another evaluation's cells).
+    twice = organ_table([tmp_path / "A", tmp_path / "A" / "results.json"])
+    assert twice.count("| 4 | A |") == 2
+    with pytest.raises(ValueError, match="kind 'method'"):
+        lesion_summaries([tmp_path / "A"], kind="method")
     assert main(["table", str(tmp_path / "A"), str(tmp_path / "B"), "--out", str(tmp_path / "tables")]) == 0
     assert (tmp_path / "tables" / "table4.md").read_text() == table

@@ -119,8 +119,7 @@ def run_directory(run_dir: Path, console: Any = None, **options: Any) -> list[di
     region = "inside a body mask" if options.get("mask") else "whole volume"
     print_summary(summary, console, title=f"{run_dir}: held-out test subjects ({region})")
     print_dose_head(Path(out) / "results.json", console)
-    lesions = print_lesions(Path(out) / "results.json", console)
-    organs = (Path(out) / ORGANS_CSV).is_file() and lesions
+    lesions, organs = print_lesions(Path(out) / "results.json", console)
     console.print(f"wrote {Path(out) / 'results.csv'}, results.json, results.md"
                   + (f", {LESIONS_CSV}" if lesions else "") + (f", {ORGANS_CSV}" if organs else ""))
     return summary
@@ -178,18 +177,16 @@ def run_pairs(
 
         written = lesion_eval.write_cases(lesion_cases, out / lesion_eval.CASES_CSV)
         text = lesion_eval.markdown(extra["lesions"]["summary"])
-        if "organs" in extra:
-            text += ("\n### Organs: SUVmean bias against the full dose (%, mean ± SD over subjects)\n\n"
-                     + lesion_eval.organ_markdown(extra["organs"]["summary"]))
+        text += lesion_eval.organ_section(extra.get("organs", {}).get("summary", []))
         with atomic_path(out / "lesions.md") as tmp:
             tmp.write_text(text)
         lesion_files = "".join(f", {p.name}" for p in written) + ", lesions.md"
     paths = write_results(rows, out, settings, failures=failures, **extra)
     print_summary(aggregate(rows), console, title=f"{method}: {len(rows)} case(s)")
     if masks is not None:
-        lesion_eval.print_summary(extra["lesions"]["summary"], console, title="lesions: bias against the full dose (%)")
-        if "organs" in extra:
-            lesion_eval.print_organs(extra["organs"]["summary"], console)
+        from lowdose_toolkit.evaluation.runeval import print_lesions
+
+        print_lesions(paths["json"], console)
     console.print(f"wrote {paths['json']}, {paths['cases'].name}, {paths['summary'].name}, {paths['md'].name}"
                   + lesion_files
                   + (f"; {len(failures)} pair(s) failed (listed in results.json)" if failures else ""))
@@ -205,7 +202,7 @@ def table(
     quantified them."""
     from rich.console import Console
 
-    from lowdose_toolkit.evaluation.lesions import markdown, ordered, ordered_organs, organ_markdown, print_organs
+    from lowdose_toolkit.evaluation.lesions import markdown, ordered, organ_markdown, print_organs
     from lowdose_toolkit.evaluation.lesions import print_summary as print_lesions
     from lowdose_toolkit.evaluation.paper_tables import (
         build_table_i,
@@ -231,7 +228,7 @@ def table(
         with atomic_path(out / "table3.md") as tmp:
             tmp.write_text(markdown(lesions))
         written.append(out / "table3.md")
-    organs = ordered_organs(lesion_summaries(inputs, kind="organs"))
+    organs = ordered(lesion_summaries(inputs, kind="organs"))  # stable: each evaluation's organs stay together
     if organs:  # Table IV (ours): organ uptake
         from lowdose_toolkit.core.atomic import atomic_path
 

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torchio as tio
 from nibabel.filebasedimages import ImageFileError
+from nibabel.spatialimages import HeaderDataError, HeaderTypeError
 
 from lowdose_toolkit.core.atomic import atomic_path
 from lowdose_toolkit.data.naming import is_nifti
@@ -48,7 +49,7 @@ AFFINE_ATOL = 1e-3  # mm; float32 headers of whole-body scans carry ~1e-4 mm of 
 PET_MODALITY = "PT"  # the DICOM Modality of PET images; other series are refused
 SLICE_TOLERANCE = 0.1  # a slice may sit this fraction of the slice spacing off its regular place
 _SERIES_TAGS = ["Modality", "Rows", "Columns", "ImagePositionPatient", "ImageOrientationPatient"]
-_READ_ERRORS = (ImageFileError, OSError, EOFError, ValueError, zlib.error)
+_READ_ERRORS = (ImageFileError, HeaderDataError, HeaderTypeError, OSError, EOFError, ValueError, zlib.error)
 
 __all__ = [
     "ImageInfo",

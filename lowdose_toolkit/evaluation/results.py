@@ -254,6 +254,8 @@ def lesion_summaries(inputs: Sequence[str | Path], kind: str = "lesions") -> lis
     once per DRF and organ)."""
     from lowdose_toolkit.evaluation.paper import LOW_DOSE
 
+    if kind not in ("lesions", "organs"):
+        raise ValueError(f"lesion_summaries: kind {kind!r} is neither 'lesions' nor 'organs'")
     rows: list[dict[str, Any]] = []
     seen: set[Any] = set()
     for item in inputs:

@@ -57,19 +57,19 @@ def print_dose_head(results: Path, console: Any) -> None:
     console.print(table)
 
 
-def print_lesions(results: Path, console: Any) -> bool:
-    """Print the lesion summary of ``results`` (a results.json), and its organ summary, if it has them; whether
-    it had lesions."""
+def print_lesions(results: Path, console: Any) -> tuple[bool, bool]:
+    """Print the lesion and organ summaries of ``results`` (a results.json), where it has them; whether it had
+    each."""
     from lowdose_toolkit.evaluation.lesions import print_organs, print_summary
     from lowdose_toolkit.evaluation.results import read_results
 
     extra = read_results(results).extra
-    record = extra.get("lesions")
-    if record:
-        print_summary(record["summary"], console, title="lesions: bias against the full dose (%)")
-    if extra.get("organs"):
-        print_organs(extra["organs"]["summary"], console)
-    return bool(record)
+    lesions, organs = extra.get("lesions"), extra.get("organs")
+    if lesions:
+        print_summary(lesions["summary"], console, title="lesions: bias against the full dose (%)")
+    if organs:
+        print_organs(organs["summary"], console)
+    return bool(lesions), bool(organs)
 
 
 def by_drf(summary: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -127,7 +127,8 @@ def evaluate_run(
         lesions: Also quantify lesions (:mod:`lowdose_toolkit.evaluation.lesions`): ``"phantom"`` (the
             phantom's own label maps), a folder of lesion masks, ``"auto"`` (the phantom's when the run trained
             on the phantom source, else none) or None; writes ``lesions.csv`` and a ``lesions`` summary in
-            ``results.json`` and ``results.md``.
+            ``results.json`` and ``results.md``, and, where the masks name organs, ``organs.csv`` and an
+            ``organs`` summary likewise.
         consistency: None: as the run's recipe says (``eval.consistency``); True: the guard on (the recipe's
             settings, else the defaults); False: off (:mod:`lowdose_toolkit.infer.consistency`).
     """
@@ -239,9 +240,7 @@ def evaluate_run(
 
         facts.update(lesion_eval.region_facts(lesions, lesion_cases))
         text += ("\n### Lesions: bias against the full dose\n\n" + lesion_eval.markdown(facts["lesions"]["summary"]))
-        if "organs" in facts:
-            text += ("\n### Organs: SUVmean bias against the full dose (%, mean ± SD over subjects)\n\n"
-                     + lesion_eval.organ_markdown(facts["organs"]["summary"]))
+        text += lesion_eval.organ_section(facts.get("organs", {}).get("summary", []))
         lesion_eval.write_cases(lesion_cases, out / lesion_eval.CASES_CSV)
     with atomic_path(out / "results.md") as tmp:
         tmp.write_text(text)
