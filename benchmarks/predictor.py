@@ -85,8 +85,9 @@ def main() -> None:
         precision, fold, fmt, *compiled = setting.split("/")
         predictor, _ = Predictor.from_checkpoint(ckpt, device, precision, fold_bn=fold == "fold",
                                                  channels_last=fmt == "cl", compile=compiled == ["compile"])
-        predictor.consistency = None  # the network's inference against MONAI's, as the user writes it
-        methods[f"ldt {setting} ({predictor.precision})"] = lambda low, p=predictor: p.predict(low)[0]
+        predictor.consistency = None  # the network's inference against MONAI's, as the user writes it: no guard,
+        # and full strength (a fitted strength is applied after the network, which MONAI's row does not do)
+        methods[f"ldt {setting} ({predictor.precision})"] = lambda low, p=predictor: p.predict(low, strength=False)[0]
     timings: dict[str, list[float]] = {name: [] for name in methods}
     psnr: dict[str, dict[int, list[float]]] = {name: {} for name in methods}
     for fn in methods.values():
