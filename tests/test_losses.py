@@ -85,17 +85,38 @@ def test_lsgan_values_on_known_inputs() -> None:
 
 
 def test_losses_register_through_the_public_hook() -> None:
-    from ldt_plugins.losses import cross_entropy, l1, lsgan, perceptual
+    from ldt_plugins.losses import cross_entropy, gradient, l1, lsgan, perceptual
 
     got: dict[str, object] = {}
-    for module in (l1, cross_entropy, lsgan, perceptual):
+    for module in (l1, cross_entropy, lsgan, perceptual, gradient):
         module.ldt_register_losses(lambda name, factory: got.setdefault(name, factory))
     assert got == {
         "l1": L1Loss,
         "cross_entropy": CrossEntropyLoss,
         "lsgan": LSGANLoss,
         "perceptual": PerceptualLoss,
+        "gradient": gradient.GradientLoss,
     }
+
+
+def test_gradient_loss_sees_blur_that_l1_weighs_little() -> None:
+    """A blurred step and a noisy step with the same voxel-wise L1: the gradient loss tells the blur apart (it
+    flattens the edge) and is zero for an offset (same edges)."""
+    from ldt_plugins.losses.gradient import GradientLoss
+
+    step = torch.zeros(1, 1, 16, 4, 4)
+    step[:, :, 8:] = 1.0
+    loss = GradientLoss()
+    assert loss(step + 0.5, step).item() == 0.0  # an offset keeps every edge
+    blurred = step.clone()
+    blurred[:, :, 6:10] = torch.tensor([0.2, 0.4, 0.6, 0.8]).view(1, 1, 4, 1, 1)
+    # Every x-difference along the ramp is 0.2 instead of 0 / 1: 4 of the 15 x-differences per line off by 0.2,
+    # one by 0.8 -> mean over x (0.2 * 4 + 0.8) / 15, and y, z untouched.
+    assert loss(blurred, step).item() == pytest.approx((0.2 * 4 + 0.8) / 15 / 3)
+    with pytest.raises(ValueError, match="pred shape"):
+        loss(step, step[:, :, :8])
+    with pytest.raises(ValueError, match="2\\+ voxels per axis"):
+        loss(step[:, :, :, :1], step[:, :, :, :1])
 
 
 # ---------------------------------------------------------------- VGG16 trunk
