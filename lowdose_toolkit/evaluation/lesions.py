@@ -83,7 +83,7 @@ def _region_rows(ref: np.ndarray, images: Mapping[str, np.ndarray], regions: np.
     # volume is 87 M voxels; a lesion's box a few hundred). A label absent from the volume (a crop) has no row.
     boxes = [(k, box, regions[box] == k) for k, box in enumerate(ndimage.find_objects(regions), start=1)
              if box is not None]
-    refs = [(float(ref[box][inside].mean(dtype=np.float64)), float(ref[box][inside].max())) for _, box, inside in boxes]
+    refs = [(float(v.mean(dtype=np.float64)), float(v.max())) for v in (ref[box][inside] for _, box, inside in boxes)]
     rows: list[dict[str, Any]] = []
     for method, image in images.items():
         image = np.asarray(image, np.float32)
