@@ -414,6 +414,8 @@ def test_one_bad_pair_is_reported_and_the_rest_scored(app: typer.Typer, study: d
     doc = json.loads((out / "results.json").read_text())
     assert [(c["subject"], c["drf"]) for c in doc["cases"]] == [("sub01", 4), ("sub02", 100)]
     assert len(doc["failures"]) == 2 and all(f["error"] for f in doc["failures"])
+    truncated = next(f["error"] for f in doc["failures"] if "unreadable" in f["error"])
+    assert truncated.count("sub01_DRF-100.nii.gz") == 1  # the file named once, not "pred vs ref: pred: ..."
     assert load_results([out])  # the results file reads back with its failures
     result = CliRunner().invoke(app, ["evaluate", "--pred", str(study["pred"]), "--ref", str(study["ref"]),
                                       "--out", str(tmp_path / "eval2"), "--allow-misaligned"])

@@ -130,7 +130,8 @@ def evaluate_pairs(
                 m = compute_all(ref, torch.from_numpy(image), ssim_range=ssim_range, mask=ref_mask)
             except Exception as exc:  # noqa: BLE001 - a truncated or corrupt file fails its pair, not the rest
                 detail = str(exc) if isinstance(exc, DataError) else f"cannot read: {type(exc).__name__}: {exc}"
-                fail(pair, f"{pair.pred} vs {pair.ref}: {detail}")
+                named = isinstance(exc, DataError) and (str(pair.pred) in detail or str(pair.ref) in detail)
+                fail(pair, detail if named else f"{pair.pred} vs {pair.ref}: {detail}")  # each file named once
                 bar.advance(task)
                 continue
             rows[i] = {
