@@ -354,6 +354,13 @@ def test_phantom_masks_score_organs_beside_lesions(tmp_path: Path, capsys) -> No
     assert cells["model", "myocardium"]["max_bias_pct"] == pytest.approx(-10.0, abs=1e-4)
     assert cells["Low-Dose", "liver"]["mean_bias_pct"] == 0.0 and cells["model", "liver"]["subjects"] == 1
     assert [s["lesions"] for s in doc["lesions"]["summary"]] == [1, 1]  # lesions unchanged beside the organs
+    from lowdose_toolkit.core.figures import texts
+    from lowdose_toolkit.evaluation.lesions import uptake_figure
+
+    assert (out / "uptake.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "uptake.png" in printed
+    drawn = texts(uptake_figure(doc["lesions"]["summary"], doc["organs"]["summary"]))
+    assert {"lesions: SUVmean bias (%)", "liver: SUVmean bias (%)", "myocardium: SUVmean bias (%)", "model",
+            "Low-Dose"} <= set(drawn)
     organs_csv = (out / "organs.csv").read_text().splitlines()
     assert organs_csv[0].startswith("method,subject,drf,organ,voxels") and len(organs_csv) == 5
     assert "| 4 | model | +2.0 ± 0.0 | -10.0 ± 0.0 |" in (out / "lesions.md").read_text()
@@ -425,3 +432,4 @@ def test_table_iv_takes_each_runs_organs_and_the_input_once(tmp_path: Path) -> N
         lesion_summaries([tmp_path / "A"], kind="method")
     assert main(["table", str(tmp_path / "A"), str(tmp_path / "B"), "--out", str(tmp_path / "tables")]) == 0
     assert (tmp_path / "tables" / "table4.md").read_text() == table
+    assert (tmp_path / "tables" / "uptake.png").is_file()  # Table IV as a chart (no lesions: organ panels only)

@@ -101,7 +101,7 @@ def run_directory(run_dir: Path, console: Any = None, **options: Any) -> list[di
     from rich.console import Console
 
     from lowdose_toolkit.evaluation.lesions import CASES_CSV as LESIONS_CSV
-    from lowdose_toolkit.evaluation.lesions import ORGANS_CSV
+    from lowdose_toolkit.evaluation.lesions import ORGANS_CSV, UPTAKE_PNG
     from lowdose_toolkit.evaluation.runeval import evaluate_run, print_dose_head, print_lesions, results_dir
     from lowdose_toolkit.evaluation.summary import print_summary
     from lowdose_toolkit.train.rundir import RunLock
@@ -121,7 +121,7 @@ def run_directory(run_dir: Path, console: Any = None, **options: Any) -> list[di
     print_dose_head(Path(out) / "results.json", console)
     lesions, organs = print_lesions(Path(out) / "results.json", console)
     console.print(f"wrote {Path(out) / 'results.csv'}, results.json, results.md"
-                  + (f", {LESIONS_CSV}" if lesions else "") + (f", {ORGANS_CSV}" if organs else ""))
+                  + (f", {LESIONS_CSV}, {UPTAKE_PNG}" if lesions else "") + (f", {ORGANS_CSV}" if organs else ""))
     return summary
 
 
@@ -180,7 +180,9 @@ def run_pairs(
         text += lesion_eval.organ_section(extra.get("organs", {}).get("summary", []))
         with atomic_path(out / "lesions.md") as tmp:
             tmp.write_text(text)
-        lesion_files = "".join(f", {p.name}" for p in written) + ", lesions.md"
+        chart = lesion_eval.write_uptake_chart(extra["lesions"]["summary"], extra.get("organs", {}).get("summary", []),
+                                               out / lesion_eval.UPTAKE_PNG)
+        lesion_files = "".join(f", {p.name}" for p in written) + ", lesions.md" + (f", {chart.name}" if chart else "")
     paths = write_results(rows, out, settings, failures=failures, **extra)
     print_summary(aggregate(rows), console, title=f"{method}: {len(rows)} case(s)")
     if masks is not None:
@@ -236,4 +238,8 @@ def table(
         with atomic_path(out / "table4.md") as tmp:
             tmp.write_text(organ_markdown(organs))
         written.append(out / "table4.md")
+    from lowdose_toolkit.evaluation.lesions import UPTAKE_PNG, write_uptake_chart
+
+    chart = write_uptake_chart(lesions, organs, out / UPTAKE_PNG)  # Tables III and IV as a chart
+    written += [chart] if chart else []
     console.print("wrote " + ", ".join(str(p) for p in written))

@@ -232,6 +232,64 @@ def _organ_grid(summary: list[Mapping[str, Any]]) -> tuple[list[str], list[tuple
     return organs, rows
 
 
+UPTAKE_PNG = "uptake.png"
+
+
+def uptake_figure(lesions: list[Mapping[str, Any]], organs: list[Mapping[str, Any]]) -> Any:
+    """Uptake against the full dose as a chart: per panel (the lesions' SUVmean and SUVmax bias, then each organ's
+    SUVmean bias), the mean bias (%) of each method across the DRFs, the input's ± std band in grey, and 0."""
+    from lowdose_toolkit.core.figures import new_figure, plain, styled
+
+    panels = [("lesions: SUVmean bias (%)", [s for s in lesions], "mean_bias_pct"),
+              ("lesions: SUVmax bias (%)", [s for s in lesions], "max_bias_pct")] if lesions else []
+    for organ in dict.fromkeys(s["organ"] for s in organs):
+        panels.append((f"{organ}: SUVmean bias (%)", [s for s in organs if s["organ"] == organ], "mean_bias_pct"))
+    methods = list(dict.fromkeys(s["method"] for _, rows, _ in panels for s in rows))
+    colours = {m: "0.35" if m == LOW_DOSE else f"C{i % 10}" for i, m in enumerate(x for x in methods if x != LOW_DOSE)}
+    colours[LOW_DOSE] = "0.35"
+    columns = min(4, max(1, len(panels)))
+    grid_rows = -(-max(1, len(panels)) // columns)
+    with styled():
+        figure = new_figure(3.2 * columns, 2.8 * grid_rows + 0.6)
+        axes = figure.subplots(grid_rows, columns, squeeze=False).ravel()
+        for ax, (title, rows, measure) in zip(axes, panels, strict=False):
+            drfs = sorted({s["drf"] for s in rows if s["drf"] is not None})
+            for method in methods:
+                mine = {s["drf"]: s for s in rows if s["method"] == method and s["drf"] is not None}
+                x = [d for d in drfs if d in mine]
+                if not x:
+                    continue
+                y = [mine[d][measure] for d in x]
+                if method == LOW_DOSE:
+                    spread = [mine[d][f"{measure}_std"] for d in x]
+                    ax.fill_between(x, [a - b for a, b in zip(y, spread, strict=True)],
+                                    [a + b for a, b in zip(y, spread, strict=True)], color="0.85", lw=0)
+                ax.plot(x, y, "o-", ms=4, lw=1.2, color=colours[method], label=plain(method))
+            ax.axhline(0, color="black", lw=0.7)
+            ax.set_xscale("log")
+            ax.set_xticks(drfs, [str(d) for d in drfs])
+            ax.minorticks_off()
+            ax.set_xlabel("DRF")
+            ax.set_title(plain(title))
+            ax.grid(alpha=0.3)
+        for ax in axes[len(panels):]:
+            ax.set_axis_off()
+        handles, labels = axes[0].get_legend_handles_labels()
+        figure.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 6), frameon=False)
+        figure.suptitle("Uptake against the full dose (mean over lesions / subjects; grey: the input's ± std)",
+                        fontsize=10, fontweight="bold")
+    return figure
+
+
+def write_uptake_chart(lesions: list[Mapping[str, Any]], organs: list[Mapping[str, Any]], path: Path) -> Path | None:
+    """Write :func:`uptake_figure` as a PNG at ``path`` atomically; None (nothing written) without any row."""
+    if not lesions and not organs:
+        return None
+    from lowdose_toolkit.core.figures import save_png
+
+    return save_png(uptake_figure(lesions, organs), path)
+
+
 class LesionMasks:
     """Where each subject's lesion mask (and organ labels) is: ``phantom`` (the simulator's ``labels.nii.gz``
     beside the subject's full-dose file: lesion label :data:`PHANTOM_LESION_LABEL`, organs

@@ -13,9 +13,11 @@ directory is the one the study file gives it now), evaluates, adds the classical
     OUT/table_ii.{md,csv,png}   Table II: ablations at DRF 100
     OUT/results.csv             method, drf, psnr, ssim, nrmse (means over test subjects)
     OUT/figure2.png             MIPs of one test subject at DRF 100 for every method (paper Fig. 2)
+    OUT/table_iii.md, table_iv.md, uptake.png   lesion and organ uptake against the full dose (where scored)
 
 With ``--docs DIR`` the tables, CSV and figure are also written to ``DIR/RESULTS.md``,
-``DIR/results.csv`` and ``DIR/figure2.png``; a "Reading" section already in RESULTS.md is kept.
+``DIR/results.csv``, ``DIR/figure2.png`` (and ``DIR/uptake.png``); a "Reading" section already in RESULTS.md is
+kept.
 """
 
 from __future__ import annotations
@@ -159,13 +161,17 @@ def run_study(path: Path, out: Path, docs: Path | None = None, only: Sequence[st
         write_table_chart(table, out / stem)
     print_table(table_i)
     print_table(table_ii)
-    from lowdose_toolkit.evaluation.lesions import lesion_table, organ_table
+    from lowdose_toolkit.evaluation.lesions import UPTAKE_PNG, markdown, ordered, organ_markdown, write_uptake_chart
+    from lowdose_toolkit.evaluation.results import lesion_summaries
 
-    lesions, organs = lesion_table(inputs), organ_table(inputs)
+    by_lesion, by_organ = ordered(lesion_summaries(inputs)), ordered(lesion_summaries(inputs, kind="organs"))
+    lesions = markdown(by_lesion) if by_lesion else ""
+    organs = organ_markdown(by_organ) if by_organ else ""
     for text, name in ((lesions, "table_iii.md"), (organs, "table_iv.md")):
         if text:
             with atomic_path(out / name) as tmp:
                 tmp.write_text(text)
+    write_uptake_chart(by_lesion, by_organ, out / UPTAKE_PNG)  # Tables III and IV as a chart
     _write_summary_csv(summary, out / "results.csv")
     figure = out / "figure2.png"
     make_figure(study, recipes, run_dirs, figure, console)
@@ -293,9 +299,10 @@ def make_figure(study: Mapping[str, Any], recipes: Mapping[str, Any], run_dirs: 
 def write_docs(study: Mapping[str, Any], record: Mapping[str, Any], table_i: Any, table_ii: Any,
                summary: Sequence[Mapping[str, Any]], figure: Path, docs: Path, lesions: str = "",
                organs: str = "") -> None:
-    """RESULTS.md (generated tables + the kept reading), results.csv and figure2.png in ``docs``."""
+    """RESULTS.md (generated tables + the kept reading), results.csv, figure2.png and uptake.png in ``docs``."""
     import shutil
 
+    from lowdose_toolkit.evaluation.lesions import UPTAKE_PNG
     from lowdose_toolkit.evaluation.paper_tables import table_markdown
 
     docs.mkdir(parents=True, exist_ok=True)
@@ -326,6 +333,7 @@ def write_docs(study: Mapping[str, Any], record: Mapping[str, Any], table_i: Any
             "the test subjects; the challenge scores the liver, heart and kidneys, PERCIST refers to the liver and "
             "blood pool; lowdose_toolkit/evaluation/lesions.py). The paper reports no organ measure.", "", organs]
            if organs else []),
+        *([f"![Lesion and organ uptake against the full dose]({UPTAKE_PNG})", ""] if lesions or organs else []),
         "![Coronal MIPs at DRF 100](figure2.png)",
         "",
         "Per-method training time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in record["seconds_per_method"].items()),
@@ -335,6 +343,7 @@ def write_docs(study: Mapping[str, Any], record: Mapping[str, Any], table_i: Any
     with atomic_path(results) as tmp:
         tmp.write_text("\n".join(text) + (reading or "\n\n## Reading\n\n(to be written after the run)\n"))
     _write_summary_csv(summary, docs / "results.csv")
-    if figure.is_file():
-        with atomic_path(docs / "figure2.png") as tmp:
-            shutil.copyfile(figure, tmp)
+    for picture in (figure, figure.with_name(UPTAKE_PNG)):
+        if picture.is_file():
+            with atomic_path(docs / picture.name) as tmp:
+                shutil.copyfile(picture, tmp)
