@@ -230,7 +230,11 @@ def test_run_dir_evaluation_with_the_guard_and_lesion_masks(tmp_path: Path, caps
 
 
 def test_study_lesion_table_takes_each_runs_summary_and_the_input_once(tmp_path: Path) -> None:
-    from lowdose_toolkit.evaluation.lesions import lesion_table
+    from lowdose_toolkit.evaluation.lesions import uptake_tables
+
+    def lesion_table(inputs: list) -> str:  # Table III as ldt table and ldt study write it
+        rows = uptake_tables(inputs)[0]
+        return markdown(rows) if rows else ""
     from lowdose_toolkit.evaluation.results import write_results
 
     case = {"method": "m", "subject": "s", "drf": 4, "psnr": 40.0, "ssim": 0.9, "nrmse": 0.1,
@@ -242,7 +246,7 @@ def test_study_lesion_table_takes_each_runs_summary_and_the_input_once(tmp_path:
         dirs[name] = tmp_path / name
         write_results(dirs[name], "run", [{**case, "method": name}], [], {"ssim_range": "challenge", "mask": False},
                       lesions={"masks": "phantom", "summary": summarize(rows)})
-    table = lesion_table(dirs.values())
+    table = lesion_table(list(dirs.values()))
     lines = [line for line in table.splitlines() if line.startswith("| 4 |")]
     assert [line.split(" | ")[1] for line in lines] == ["Low-Dose", "A", "B"]
     assert "| 4 | A | 1 | -10.0 ± 0.0 | 10.0 |" in table
@@ -410,7 +414,10 @@ def test_a_masks_folder_names_its_labels(tmp_path: Path) -> None:
 
 
 def test_table_iv_takes_each_runs_organs_and_the_input_once(tmp_path: Path) -> None:
-    from lowdose_toolkit.evaluation.lesions import organ_summary, organ_table
+    from lowdose_toolkit.evaluation.lesions import organ_markdown, organ_summary, uptake_tables
+
+    def organ_table(inputs: list) -> str:  # Table IV as ldt table and ldt study write it
+        return organ_markdown(uptake_tables(inputs)[1])
     from lowdose_toolkit.evaluation.results import lesion_summaries, write_results
 
     case = {"method": "m", "subject": "s", "drf": 4, "psnr": 40.0, "ssim": 0.9, "nrmse": 0.1,

@@ -175,14 +175,10 @@ def run_pairs(
     if masks is not None:  # before results.json and cases.csv, whose presence means the evaluation is complete
         from lowdose_toolkit.core.atomic import atomic_path
 
-        written = lesion_eval.write_cases(lesion_cases, out / lesion_eval.CASES_CSV)
-        text = lesion_eval.markdown(extra["lesions"]["summary"])
-        text += lesion_eval.organ_section(extra.get("organs", {}).get("summary", []))
+        written = lesion_eval.write_region_files(lesion_cases, extra, out)
         with atomic_path(out / "lesions.md") as tmp:
-            tmp.write_text(text)
-        chart = lesion_eval.write_uptake_chart(extra["lesions"]["summary"], extra.get("organs", {}).get("summary", []),
-                                               out / lesion_eval.UPTAKE_PNG)
-        lesion_files = "".join(f", {p.name}" for p in written) + ", lesions.md" + (f", {chart.name}" if chart else "")
+            tmp.write_text(lesion_eval.region_report(extra))
+        lesion_files = "".join(f", {p.name}" for p in written) + ", lesions.md"
     paths = write_results(rows, out, settings, failures=failures, **extra)
     print_summary(aggregate(rows), console, title=f"{method}: {len(rows)} case(s)")
     if masks is not None:
@@ -204,7 +200,14 @@ def table(
     quantified them."""
     from rich.console import Console
 
-    from lowdose_toolkit.evaluation.lesions import markdown, ordered, organ_markdown, print_organs
+    from lowdose_toolkit.evaluation.lesions import (
+        UPTAKE_PNG,
+        markdown,
+        organ_markdown,
+        print_organs,
+        uptake_tables,
+        write_uptake_chart,
+    )
     from lowdose_toolkit.evaluation.lesions import print_summary as print_lesions
     from lowdose_toolkit.evaluation.paper_tables import (
         build_table_i,
@@ -213,7 +216,7 @@ def table(
         write_table,
         write_table_chart,
     )
-    from lowdose_toolkit.evaluation.results import lesion_summaries, load_results
+    from lowdose_toolkit.evaluation.results import load_results
 
     console = Console()
     rows = load_results(inputs)
@@ -222,24 +225,19 @@ def table(
     for stem, tbl in (("table1", build_table_i(rows)), ("table2", build_table_ii(rows))):
         print_table(tbl, console)
         written += [*write_table(tbl, out / stem), write_table_chart(tbl, out / stem)]
-    lesions = ordered(lesion_summaries(inputs))
-    if lesions:  # Table III (ours): lesion uptake, where the evaluations quantified lesions
-        from lowdose_toolkit.core.atomic import atomic_path
+    lesions, organs = uptake_tables(inputs)
+    from lowdose_toolkit.core.atomic import atomic_path
 
+    if lesions:  # Table III (ours): lesion uptake, where the evaluations quantified lesions
         print_lesions(lesions, console, title="Table III (ours): lesion uptake against the full dose (%)")
         with atomic_path(out / "table3.md") as tmp:
             tmp.write_text(markdown(lesions))
         written.append(out / "table3.md")
-    organs = ordered(lesion_summaries(inputs, kind="organs"))  # stable: each evaluation's organs stay together
     if organs:  # Table IV (ours): organ uptake
-        from lowdose_toolkit.core.atomic import atomic_path
-
         print_organs(organs, console, title="Table IV (ours): organ SUVmean against the full dose (%)")
         with atomic_path(out / "table4.md") as tmp:
             tmp.write_text(organ_markdown(organs))
         written.append(out / "table4.md")
-    from lowdose_toolkit.evaluation.lesions import UPTAKE_PNG, write_uptake_chart
-
     chart = write_uptake_chart(lesions, organs, out / UPTAKE_PNG)  # Tables III and IV as a chart
     written += [chart] if chart else []
     console.print("wrote " + ", ".join(str(p) for p in written))

@@ -156,22 +156,15 @@ def markdown(summary: list[Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def lesion_table(inputs: Iterable[str | Path]) -> str:
-    """Table III (ours) as Markdown: the lesion summaries of the evaluations in ``inputs`` (run directories or
-    results files; :func:`lowdose_toolkit.evaluation.results.lesion_summaries`); empty when none has lesions."""
+def uptake_tables(inputs: Iterable[str | Path]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Tables III and IV (ours) of the evaluations in ``inputs`` (run directories or results files): their lesion
+    and organ summaries (:func:`lowdose_toolkit.evaluation.results.lesion_summaries`), ordered for
+    :func:`markdown`, :func:`organ_markdown` and :func:`uptake_figure` (stably, so each evaluation's organs stay
+    together); empty lists when none scored them."""
     from lowdose_toolkit.evaluation.results import lesion_summaries
 
-    rows = lesion_summaries(list(inputs))
-    return markdown(ordered(rows)) if rows else ""
-
-
-def organ_table(inputs: Iterable[str | Path]) -> str:
-    """Table IV (ours) as Markdown: :func:`organ_markdown` of the organ summaries of the evaluations in
-    ``inputs``; empty when none scored organs."""
-    from lowdose_toolkit.evaluation.results import lesion_summaries
-
-    rows = lesion_summaries(list(inputs), kind="organs")
-    return organ_markdown(ordered(rows)) if rows else ""  # stable: each evaluation's organs stay together
+    inputs = list(inputs)
+    return ordered(lesion_summaries(inputs)), ordered(lesion_summaries(inputs, kind="organs"))
 
 
 def print_summary(summary: list[Mapping[str, Any]], console: Any, title: str = "lesions") -> None:
@@ -425,6 +418,20 @@ def region_facts(spec: str, cases: list[Mapping[str, Any]]) -> dict[str, Any]:
     if organs:
         facts["organs"] = {"masks": spec, "summary": organs}
     return facts
+
+
+def region_report(facts: Mapping[str, Any]) -> str:
+    """The lesion table and, where organs were scored, the organ section of :func:`region_facts`, as Markdown."""
+    return markdown(facts["lesions"]["summary"]) + organ_section(facts.get("organs", {}).get("summary", []))
+
+
+def write_region_files(cases: list[Mapping[str, Any]], facts: Mapping[str, Any], out: Path) -> list[Path]:
+    """An evaluation's lesion and organ files in ``out``: :func:`write_cases` and the :func:`uptake_figure`
+    chart; the files written."""
+    written = write_cases(cases, out / CASES_CSV)
+    chart = write_uptake_chart(facts["lesions"]["summary"], facts.get("organs", {}).get("summary", []),
+                               out / UPTAKE_PNG)
+    return written + ([chart] if chart else [])
 
 
 def voxel_ml(affine: np.ndarray) -> float:

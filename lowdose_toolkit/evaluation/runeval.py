@@ -239,11 +239,8 @@ def evaluate_run(
         from lowdose_toolkit.evaluation import lesions as lesion_eval
 
         facts.update(lesion_eval.region_facts(lesions, lesion_cases))
-        text += ("\n### Lesions: bias against the full dose\n\n" + lesion_eval.markdown(facts["lesions"]["summary"]))
-        text += lesion_eval.organ_section(facts.get("organs", {}).get("summary", []))
-        lesion_eval.write_cases(lesion_cases, out / lesion_eval.CASES_CSV)
-        lesion_eval.write_uptake_chart(facts["lesions"]["summary"], facts.get("organs", {}).get("summary", []),
-                                       out / lesion_eval.UPTAKE_PNG)
+        text += "\n### Lesions: bias against the full dose\n\n" + lesion_eval.region_report(facts)
+        lesion_eval.write_region_files(lesion_cases, facts, out)
     with atomic_path(out / "results.md") as tmp:
         tmp.write_text(text)
     write_results(out, "run", rows, summary, settings, **facts)  # results.json, results.csv

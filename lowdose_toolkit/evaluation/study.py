@@ -161,10 +161,15 @@ def run_study(path: Path, out: Path, docs: Path | None = None, only: Sequence[st
         write_table_chart(table, out / stem)
     print_table(table_i)
     print_table(table_ii)
-    from lowdose_toolkit.evaluation.lesions import UPTAKE_PNG, markdown, ordered, organ_markdown, write_uptake_chart
-    from lowdose_toolkit.evaluation.results import lesion_summaries
+    from lowdose_toolkit.evaluation.lesions import (
+        UPTAKE_PNG,
+        markdown,
+        organ_markdown,
+        uptake_tables,
+        write_uptake_chart,
+    )
 
-    by_lesion, by_organ = ordered(lesion_summaries(inputs)), ordered(lesion_summaries(inputs, kind="organs"))
+    by_lesion, by_organ = uptake_tables(inputs)
     lesions = markdown(by_lesion) if by_lesion else ""
     organs = organ_markdown(by_organ) if by_organ else ""
     for text, name in ((lesions, "table_iii.md"), (organs, "table_iv.md")):
