@@ -315,6 +315,15 @@ def test_a_phantom_run_without_label_maps_is_scored_without_lesions(tmp_path: Pa
     printed = console.export_text()
     assert "lesions not scored" in printed and "no phantom label map beside" in printed
     assert "lesions" not in json.loads((tmp_path / "eval" / "results.json").read_text())
+    # The study's classical references (Gaussian) score the same lesions and organs, with their chart.
+    from lowdose_toolkit.evaluation.study import evaluate_classical
+
+    evaluate_classical(recorded, tmp_path / "run", {"classical": ["gaussian"], "bm4d_drfs": []},
+                       tmp_path / "classical", console)
+    classical = json.loads((tmp_path / "classical" / "results.json").read_text())
+    assert {s["method"] for s in classical["lesions"]["summary"]} == {"Low-Dose", "Gaussian"}
+    assert (tmp_path / "classical" / "lesions.csv").is_file()
+    assert (tmp_path / "classical" / "uptake.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # ------------------------------------------------------------------------------------------------ organs

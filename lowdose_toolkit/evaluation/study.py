@@ -219,7 +219,7 @@ def evaluate_classical(recipe: Mapping[str, Any], run_dir: Path, study: Mapping[
     from rich.progress import Progress
 
     from lowdose_toolkit.evaluation.classical import bm4d_denoise, gaussian, tune_gaussian_sigma
-    from lowdose_toolkit.evaluation.lesions import CASES_CSV, LesionMasks, auto_masks, region_facts, write_cases
+    from lowdose_toolkit.evaluation.lesions import LesionMasks, auto_masks, region_facts, write_region_files
     from lowdose_toolkit.evaluation.metrics import compute_all
     from lowdose_toolkit.evaluation.results import write_results
     from lowdose_toolkit.evaluation.runeval import LOW_DOSE, lesion_cases_of
@@ -263,7 +263,7 @@ def evaluate_classical(recipe: Mapping[str, Any], run_dir: Path, study: Mapping[
     facts: dict[str, Any] = {"gaussian_sigma_vox": sigmas}
     if masks is not None:
         facts.update(region_facts(lesions, lesion_cases))
-        write_cases(lesion_cases, out / CASES_CSV)
+        write_region_files(lesion_cases, facts, out)
     write_results(out, "classical", rows, aggregate(rows), settings, **facts)
 
 
