@@ -132,6 +132,30 @@ def _no_position(folder: Path) -> Path:
     return folder
 
 
+def _sheared(folder: Path) -> Path:
+    """A gantry-tilted stack: each slice 1 mm further along the column direction (tan 18.4 degrees)."""
+    def change(ds: pydicom.Dataset, k: int) -> None:
+        iop = [float(v) for v in ds.ImageOrientationPatient]
+        ds.ImagePositionPatient = [f"{v:.6f}" for v in np.add([float(v) for v in ds.ImagePositionPatient],
+                                                                np.multiply(iop[3:], 1.0 * k))]
+
+    return edit_series(good_series(folder), change)
+
+
+def _multi_frame(folder: Path) -> Path:
+    """An Enhanced PET file: the four slices as frames of one file."""
+    good_series(folder)
+    files = sorted(folder.iterdir())
+    ds = pydicom.dcmread(files[0])
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.130"
+    ds.NumberOfFrames = len(files)
+    ds.PixelData = b"".join(pydicom.dcmread(f).PixelData for f in files)
+    for f in files:
+        f.unlink()
+    ds.save_as(folder / "EPET.dcm", enforce_file_format=True)
+    return folder
+
+
 _S = SPACING[2]
 BAD_DICOM_SERIES: list[BadInput] = [
     BadInput("ct_series", _modality("CT"), r"Modality 'CT' where PET \('PT'\) is expected \(4 of 4 files"),
@@ -150,6 +174,12 @@ BAD_DICOM_SERIES: list[BadInput] = [
              r"ImageOrientationPatient \(.*\) differs from IM\d+\.dcm's \(.*\); the folder mixes differently "
              r"oriented slices, keep one series per folder"),
     BadInput("no_position", _no_position, r"IM0000\.dcm: no ImagePositionPatient, so the slice cannot be placed"),
+    BadInput("gantry_tilt", _sheared,
+             r"sheared slice stack \(a gantry tilt of 18\.4 degrees\): IM0000\.dcm sits 3 mm off the slice normal "
+             r"through IM0003\.dcm, more than half a pixel \(0\.75 mm\).*dcm2niix corrects gantry tilt"),
+    BadInput("multi_frame", _multi_frame,
+             r"EPET\.dcm: a multi-frame PET file \(4 frames, SOP class '1\.2\.840\.10008\.5\.1\.4\.1\.1\.130'\); "
+             r"ldt reads PET Image Storage, one slice per file"),
 ]
 
 

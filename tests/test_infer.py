@@ -749,3 +749,37 @@ def test_consistency_guard_follows_the_recipe_unless_told(trained: tuple[Path, P
     low = nib.load(source).get_fdata()
     # The guard gives local means back towards the input: the guarded output is nearer to it.
     assert not np.array_equal(guarded, plain) and np.abs(guarded - low).mean() < np.abs(plain - low).mean()
+
+
+def test_dicom_series_found_whatever_their_files_are_named(tmp_path: Path) -> None:
+    """Series whose files are named by UID (PACS exports) or written without the DICOM preamble are inputs, alone
+    or in a folder of series (they were 'no NIfTI files or DICOM series', or silently left out of the folder)."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from test_uldp import activity, write_series
+
+    from lowdose_toolkit.cli.infer import find_inputs
+    from lowdose_toolkit.data.io import load_array
+    from lowdose_toolkit.data.prepare import suv_from_dicom
+    from lowdose_toolkit.errors import UserError
+
+    scans = tmp_path / "scans"
+    write_series(scans / "a_named", activity(1))
+    write_series(scans / "b_uid", activity(2))
+    for k, path in enumerate(sorted((scans / "b_uid").iterdir())):
+        path.rename(path.with_name(f"1.3.12.2.1107.5.1.4.{k}.30000024010209"))
+    write_series(scans / "c_raw", activity(3))
+    for path in (scans / "c_raw").iterdir():
+        ds = pydicom.dcmread(path)
+        ds.preamble, ds.file_meta = None, FileMetaDataset()
+        pydicom.dcmwrite(path, ds, implicit_vr=True, little_endian=True, enforce_file_format=False)
+        assert path.read_bytes()[128:132] != b"DICM"
+    assert [v.path.name for v in find_inputs([str(scans)]).volumes] == ["a_named", "b_uid", "c_raw"]
+    for name in ("b_uid", "c_raw"):
+        assert [v.path.name for v in find_inputs([str(scans / name)]).volumes] == [name]
+        assert load_array(scans / name)[0].shape == load_array(scans / "a_named")[0].shape
+        assert suv_from_dicom(scans / name)["factor"] == pytest.approx(suv_from_dicom(scans / "a_named")["factor"])
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "README").write_text("not a scan")
+    with pytest.raises(UserError, match="the folder holds no NIfTI files or DICOM series"):
+        find_inputs([str(tmp_path / "notes")])

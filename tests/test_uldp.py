@@ -179,6 +179,30 @@ def test_suv_factor(src: Path, tmp_path: Path) -> None:
     assert "not BQML" in suv_from_dicom(tmp_path / "counts")["reason"]
 
 
+def test_suv_reads_the_series_not_the_first_file_by_name(tmp_path: Path) -> None:
+    """A multi-bed series re-created after the scan (SeriesTime 11:30) starts at its earliest AcquisitionTime,
+    whichever file has it (here not the first by name: it was the last bed's, 3 % off); a DICOMDIR beside the
+    slices (sorted first) is not read as the series' header."""
+    import pydicom
+
+    folder = tmp_path / "PET"
+    write_series(folder, activity(0), {"SeriesTime": "113000"})
+    for path in folder.iterdir():  # slices 0-1 (files IM0002-3) bed 1 at 10:15, slices 2-3 bed 2 at 10:20
+        ds = pydicom.dcmread(path)
+        ds.AcquisitionTime = "101500" if int(ds.InstanceNumber) <= 2 else "102000"
+        ds.save_as(path, enforce_file_format=True)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = "1.2.840.10008.1.3.10", generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dicomdir = Dataset()
+    dicomdir.file_meta, dicomdir.FileSetID = meta, "EXPORT"
+    dicomdir.save_as(folder / "DICOMDIR", enforce_file_format=True)
+    info = suv_from_dicom(folder)
+    assert info["factor"] == pytest.approx(72500.0 / (3.5e8 * 2 ** (-3600.0 / HALF_LIFE)), rel=1e-12)
+    assert info["scan_time"] == "2024-01-02T10:15:00" and info["file"].startswith("IM")
+    assert info["scan_time_source"] == "AcquisitionDate/Time of IM0003.dcm (the series' earliest)"
+
+
 def test_uldp_source_both_layouts(src: Path) -> None:
     before = snapshot(src)
     recs = UldpSource(str(src), drfs=[4, 10, 100]).records()

@@ -98,18 +98,10 @@ def _from_manifest(path: Path) -> list[Volume]:
     return volumes
 
 
-def _has_dicom(folder: Path) -> bool:
-    for child in folder.iterdir():
-        if child.is_file() and (child.suffix.lower() in (".dcm", ".ima") or child.suffix == ""):
-            with child.open("rb") as fh:
-                head = fh.read(132)
-            if head[128:132] == b"DICM":
-                return True
-    return False
-
-
 def find_inputs(inputs: list[str]) -> Inputs:
     """Files, folders (NIfTI inside, or a DICOM series), globs and manifest CSVs -> volumes, in order, once each."""
+    from lowdose_toolkit.data.io import is_dicom_folder
+
     found: list[Volume] = []
     folders: list[Path] = []
     for item in inputs:
@@ -126,14 +118,14 @@ def find_inputs(inputs: list[str]) -> Inputs:
                 if not is_nifti(path):
                     raise UserError(f"{path}: not a NIfTI file (.nii/.nii.gz), DICOM folder or manifest CSV")
                 found.append(Volume(path.resolve(), _absolute(path)))
-            elif _has_dicom(path):
+            elif is_dicom_folder(path):
                 found.append(Volume(path.resolve(), _absolute(path)))
             else:
                 folders.append(_absolute(path))
                 # hidden entries are skipped: a killed writer's temporary files are not scans
                 visible = [p for p in path.iterdir() if not p.name.startswith(".")]
                 niftis = sorted(p for p in visible if p.is_file() and is_nifti(p))
-                dicoms = sorted(p for p in visible if p.is_dir() and _has_dicom(p))
+                dicoms = sorted(p for p in visible if p.is_dir() and is_dicom_folder(p))
                 if not niftis and not dicoms:
                     raise UserError(f"{path}: the folder holds no NIfTI files or DICOM series")
                 found.extend(Volume(p.resolve(), _absolute(p)) for p in niftis + dicoms)

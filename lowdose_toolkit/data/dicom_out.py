@@ -112,11 +112,7 @@ def _read_headers(reference: Path) -> tuple[list[Path], list[Any]]:
         except Exception as exc:  # noqa: BLE001 - pydicom raises many types for a damaged header
             raise DataError(f"{path}: unreadable DICOM header ({type(exc).__name__}: {exc}); re-export the series"
                             ) from exc
-    frames = int(headers[0].get("NumberOfFrames") or 1)
-    if frames > 1:
-        raise DataError(f"{files[0]}: a multi-frame (enhanced) PET file; DICOM output is written for series of "
-                        "single-slice files only: pass --output-format nifti")
-    return files, headers
+    return files, headers  # single-slice files: check_dicom_series refuses multi-frame ones
 
 
 def _write(ds: Any, path: Path) -> None:

@@ -48,7 +48,8 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 AFFINE_ATOL = 1e-3  # mm; float32 headers of whole-body scans carry ~1e-4 mm of rounding
 PET_MODALITY = "PT"  # the DICOM Modality of PET images; other series are refused
 SLICE_TOLERANCE = 0.1  # a slice may sit this fraction of the slice spacing off its regular place
-_SERIES_TAGS = ["Modality", "Rows", "Columns", "ImagePositionPatient", "ImageOrientationPatient"]
+_SERIES_TAGS = ["Modality", "Rows", "Columns", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing",
+                "NumberOfFrames", "SOPClassUID"]
 _READ_ERRORS = (ImageFileError, HeaderDataError, HeaderTypeError, OSError, EOFError, ValueError, zlib.error)
 
 __all__ = [
@@ -57,6 +58,8 @@ __all__ = [
     "check_same_geometry",
     "checked_info",
     "declared_volume",
+    "dicom_files",
+    "is_dicom_folder",
     "is_nifti",
     "load_array",
     "read_dicom_series",
@@ -162,8 +165,35 @@ def read_nifti(path: str | os.PathLike[str]) -> tuple[torch.Tensor, np.ndarray]:
     return tensor, np.asarray(img.affine, dtype=np.float64)
 
 
-def _dicom_files(folder: Path) -> list[str]:
+def is_dicom_folder(folder: str | os.PathLike[str]) -> bool:
+    """Whether ``folder`` holds DICOM files, whatever they are named (``IM0001.dcm``, a UID, no extension):
+    a visible file with the DICOM preamble, or, in a folder without NIfTI files, one GDCM can read (files
+    written without the preamble)."""
     import SimpleITK as sitk
+
+    folder = Path(folder)
+    files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+    for path in files:
+        try:
+            with path.open("rb") as fh:
+                if fh.read(132)[128:132] == b"DICM":
+                    return True
+        except OSError:
+            continue
+    if not files or any(is_nifti(p) for p in files):
+        return False
+    try:
+        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    except RuntimeError:  # pragma: no cover - GDCM failing on a folder listing is rare
+        return False
+
+
+def dicom_files(folder: str | os.PathLike[str]) -> list[str]:
+    """The files of the one DICOM series in ``folder``, in GDCM's order (not checked: see
+    :func:`check_dicom_series`); a DataError naming the folder when it holds none or several."""
+    import SimpleITK as sitk
+
+    folder = Path(folder)
 
     try:
         series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
@@ -245,13 +275,14 @@ def check_dicom_series(folder: str | os.PathLike[str]) -> list[str]:
     ``PT``; slices of different sizes or orientations; a missing or malformed
     ``ImagePositionPatient``; and, from the positions along the slice normal, duplicate slices
     (closer than ``SLICE_TOLERANCE`` of the spacing), missing slices (a gap of about twice the
-    spacing or more) and otherwise irregular spacing. A slice missing at either end of a series
-    cannot be seen. A one-file series (multi-frame) is checked for its modality only.
+    spacing or more) and otherwise irregular spacing; slices drifting sideways off the slice normal by
+    more than half a pixel (a gantry tilt); multi-frame files (Enhanced PET). A slice missing at either
+    end of a series cannot be seen.
     """
     import pydicom
 
     folder = Path(folder)
-    files = _dicom_files(folder)
+    files = dicom_files(folder)
     headers = []
     for name in files:
         path = Path(name)
@@ -269,6 +300,14 @@ def check_dicom_series(folder: str | os.PathLike[str]) -> list[str]:
         raise DataError(
             f"{path}: {what} where PET ('{PET_MODALITY}') is expected ({len(others)} of {len(headers)} files "
             f"in {folder}); point to the PET series' folder"
+        )
+    frames = [(path, ds.get("NumberOfFrames")) for path, ds in headers if _frames(ds) > 1]
+    if frames:
+        path, count = frames[0]
+        raise DataError(
+            f"{path}: a multi-frame PET file ({count} frames, SOP class {str(headers[0][1].get('SOPClassUID', ''))!r}"
+            "); ldt reads PET Image Storage, one slice per file: convert the series (e.g. dcm2niix to NIfTI) "
+            "and give the result"
         )
     if len(headers) < 2:
         return files
@@ -300,6 +339,7 @@ def check_dicom_series(folder: str | os.PathLike[str]) -> list[str]:
                         "column directions; re-export the series")
     normal /= np.linalg.norm(normal)
     along = np.array([float(p @ normal) for p in positions])
+    _check_shear(folder, headers, positions, normal, along)
     order = np.argsort(along, kind="stable")
     z = along[order]
     names = [headers[i][0].name for i in order]
@@ -333,6 +373,34 @@ def check_dicom_series(folder: str | os.PathLike[str]) -> list[str]:
             "regular grid"
         )
     return files
+
+
+def _frames(ds: object) -> int:
+    try:
+        return int(ds.get("NumberOfFrames") or 1)  # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        return 1
+
+
+def _check_shear(folder: Path, headers: Sequence[tuple[Path, object]], positions: Sequence[np.ndarray],
+                 normal: np.ndarray, along: np.ndarray) -> None:
+    """Refuse a stack whose slices drift sideways off the slice normal (a gantry tilt) by more than half a
+    pixel: one affine would misplace them, and the volume's geometry would be silently wrong."""
+    offsets = np.array([p - positions[0] for p in positions])
+    sideways = offsets - np.outer(offsets @ normal, normal)
+    drift = np.linalg.norm(sideways, axis=1)
+    worst = int(np.argmax(drift))
+    spacing = _numbers(headers[worst][1], "PixelSpacing", 2, headers[worst][0])
+    pixel = float(np.min(spacing)) if spacing is not None else 1.0
+    if drift[worst] <= 0.5 * pixel:
+        return
+    angle = math.degrees(math.atan2(drift[worst], abs(along[worst] - along[0])))
+    raise DataError(
+        f"{folder}: sheared slice stack (a gantry tilt of {angle:.3g} degrees): {headers[worst][0].name} sits "
+        f"{drift[worst]:.3g} mm off the slice normal through {headers[0][0].name}, more than half a pixel "
+        f"({0.5 * pixel:.3g} mm), so no affine places every slice; resample the series to an untilted grid "
+        "(dcm2niix corrects gantry tilt) and give the result"
+    )
 
 
 def read_dicom_series(path: str | os.PathLike[str]) -> tuple[torch.Tensor, np.ndarray]:

@@ -220,15 +220,25 @@ def _parse_datetime(value: object) -> datetime | None:
     return date + time if date and time is not None else None
 
 
-def _first_dicom(folder: Path):
+def _series_headers(folder: Path, tags: Sequence[str] | None = None) -> list[tuple[Path, Any]]:
+    """The headers of the files of ``folder``'s one DICOM series (the files the volume is read from, whatever
+    else the folder holds: a DICOMDIR, notes), ``tags`` only if given; ``[]`` when GDCM finds no one series."""
     import pydicom
 
-    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+    from lowdose_toolkit.data.io import dicom_files
+
+    try:
+        files = dicom_files(folder)
+    except DataError:
+        return []
+    headers = []
+    for name in files:
         try:
-            return path, pydicom.dcmread(path, stop_before_pixels=True)
-        except Exception:  # not a DICOM file (DICOMDIR, notes...): try the next one
+            headers.append((Path(name), pydicom.dcmread(name, stop_before_pixels=True, force=True,
+                                                         specific_tags=list(tags) if tags else None)))
+        except Exception:  # noqa: BLE001 - a damaged file: the volume reader names it
             continue
-    return None, None
+    return headers
 
 
 def _text(ds: Any, keyword: str) -> str:
@@ -295,7 +305,8 @@ class _Header:
 
 
 def suv_from_dicom(folder: str | os.PathLike[str]) -> dict[str, Any]:
-    """Body-weight SUV factor of a PET series from its first file's header.
+    """Body-weight SUV factor of a PET series from its files' headers (the first's, and the earliest
+    acquisition time over all of them).
 
     A header that lacks what SUV needs (``Units`` other than ``BQML``, no weight, dose, half-life
     or times) gives no factor, with a ``reason``. A header whose values cannot be true raises
@@ -314,13 +325,23 @@ def suv_from_dicom(folder: str | os.PathLike[str]) -> dict[str, Any]:
         return {"factor": None, "reason": "pydicom is not installed (pip install pydicom)"}
     with warnings.catch_warnings():  # pydicom's "Invalid value for VR DA" lines: our error says more
         warnings.simplefilter("ignore", UserWarning)
-        path, ds = _first_dicom(folder)
-        if ds is None:
-            return {"factor": None, "reason": f"no readable DICOM file in {folder}"}
-        return _suv(path, ds)
+        headers = _series_headers(folder)
+        if not headers:
+            return {"factor": None, "reason": f"no readable DICOM series in {folder}"}
+        return _suv(*headers[0], headers)
 
 
-def _suv(path: Path, ds: Any) -> dict[str, Any]:
+def _acquisitions(headers: Sequence[tuple[Path, Any]]) -> tuple[datetime, str] | None:
+    """The earliest AcquisitionDate/Time over a series' files and the file that has it (a multi-bed scan's beds
+    start at different times; QIBA's scan start is the first), ``None`` when no file has one."""
+    times = [(when, path.name) for path, ds in headers
+             if (when := _Header(path, ds).when("AcquisitionDate", "AcquisitionTime")) is not None]
+    return min(times, key=lambda t: t[0]) if times else None  # the first in the series' order among equals
+
+
+def _suv(path: Path, ds: Any, series: Sequence[tuple[Path, Any]] = ()) -> dict[str, Any]:
+    """The SUV factor from ``path``'s header ``ds``, the scan start from the earliest acquisition time of the
+    ``series``' headers (default: ``ds``'s own)."""
     info: dict[str, Any] = {"factor": None, "file": path.name}
     header = _Header(path, ds)
 
@@ -352,13 +373,14 @@ def _suv(path: Path, ds: Any) -> dict[str, Any]:
         info["elapsed_s"] = 0.0
     else:
         series_dt = header.when("SeriesDate", "SeriesTime")
-        acq_dt = header.when("AcquisitionDate", "AcquisitionTime")
+        earliest = _acquisitions(series or [(path, ds)])
+        acq_dt, acq_file = earliest if earliest is not None else (None, path.name)
         if decay == "NONE":
-            scan, scan_source = acq_dt, "AcquisitionDate/Time"
+            scan, scan_source = acq_dt, f"AcquisitionDate/Time of {acq_file}"
         elif series_dt is not None and (acq_dt is None or series_dt <= acq_dt):
             scan, scan_source = series_dt, "SeriesDate/Time"
         else:
-            scan, scan_source = acq_dt, "AcquisitionDate/Time"
+            scan, scan_source = acq_dt, f"AcquisitionDate/Time of {acq_file} (the series' earliest)"
         if scan is None:
             return fail("SeriesTime and AcquisitionTime are missing")
         inj = header.parsed(rph, "RadiopharmaceuticalStartDateTime", _parse_datetime, "date and time")
@@ -404,12 +426,10 @@ def _float(value: object) -> float | None:
 
 def _series_uid(folder: Path) -> str | None:
     try:
-        _, ds = _first_dicom(folder)
+        headers = _series_headers(folder, ["SeriesInstanceUID"])
     except ImportError:
         return None
-    if ds is None:
-        return None
-    return str(ds.get("SeriesInstanceUID", "")) or None
+    return str(headers[0][1].get("SeriesInstanceUID", "")) or None if headers else None
 
 
 # --------------------------------------------------------------------------------------------- prepare

@@ -88,11 +88,10 @@ def input_units(path: str | Path) -> str:
         if path.is_dir():
             import pydicom
 
-            for file in sorted(p for p in path.iterdir() if p.is_file()):
-                try:
-                    ds = pydicom.dcmread(file, stop_before_pixels=True, specific_tags=["Units"])
-                except Exception:  # noqa: BLE001 - not a DICOM file: try the next one
-                    continue
+            from lowdose_toolkit.data.io import dicom_files
+
+            for file in dicom_files(path)[:1]:  # the series' own files, not a DICOMDIR or notes beside them
+                ds = pydicom.dcmread(file, stop_before_pixels=True, force=True, specific_tags=["Units"])
                 units = str(getattr(ds, "Units", "")).strip().upper()
                 return _DICOM_UNITS.get(units, f"DICOM Units {units}" if units else INPUT_UNITS)
             return INPUT_UNITS
