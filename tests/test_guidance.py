@@ -406,6 +406,26 @@ def test_infer_drf_conditions_a_guided_model_and_is_refused_otherwise(guided_run
     assert "--drf 7: the model was trained on DRFs [4, 100]" in capsys.readouterr().err
 
 
+def test_a_volume_thinner_than_the_head_reads_is_conditioned_per_window(guided_run: Path, tmp_path: Path) -> None:
+    """A slab of 6 slices (a 2-D-like crop) is under the noise_level head's 10 voxels a side: each window (padded
+    to the window size) is read instead, and the summary says so; with --drf the head is not needed. (Both
+    failed: 'NoiseLevelHead needs volumes of at least 10 voxels per side', even with --drf.)"""
+    import nibabel as nib
+    import numpy as np
+
+    source = nib.load(guided_run.parent / "data" / "sub00" / "drf_004.nii.gz")
+    thin = tmp_path / "thin.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(source.dataobj)[:, :, 8:14].astype(np.float32), source.affine), thin)
+    assert main(["infer", str(guided_run), str(thin), "--out", str(tmp_path / "a"), "--no-previews"]) == 0
+    row = json.loads((tmp_path / "a" / "summary.json").read_text())["volumes"][0]
+    assert row["status"] == "ok" and row["conditioned_on"].startswith(
+        "dose head per window (NoiseLevelHead needs volumes of at least 10 voxels per side, got (1, 1, ")
+    assert nib.load(tmp_path / "a" / "thin.nii.gz").shape == (24, 24, 6)
+    assert main(["infer", str(guided_run), str(thin), "--out", str(tmp_path / "b"), "--drf", "4", "--no-previews"]) == 0
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["volumes"][0]["conditioned_on"].startswith(
+        "DRF 4 (--drf)")
+
+
 def test_calibrated_head_classifies_whole_volumes_confidently() -> None:
     """Fitted on whole 'training' volumes of three subjects, it names the DRF of a fourth's, confidently."""
     from ldt_plugins.heads.noise_level import calibrate_head

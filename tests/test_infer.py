@@ -330,6 +330,7 @@ def test_interrupt_keeps_finished_outputs_whole(trained: tuple[Path, Path], tmp_
     assert main(["infer", str(run), str(inputs), "--out", str(out)]) == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "lists what was done; the same command with --skip-existing finishes" in err
+    assert "--resume" not in err  # a training's way on is not an inference's
     assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["a.nii.gz", "a.png", "summary.csv",
                                                                       "summary.json"]  # no lock file left
     np.testing.assert_array_equal(nib.load(out / "a.nii.gz").shape, nib.load(inputs / "a.nii.gz").shape)
@@ -783,3 +784,35 @@ def test_dicom_series_found_whatever_their_files_are_named(tmp_path: Path) -> No
     (tmp_path / "notes" / "README").write_text("not a scan")
     with pytest.raises(UserError, match="the folder holds no NIfTI files or DICOM series"):
         find_inputs([str(tmp_path / "notes")])
+
+
+def test_names_a_batch_meets_on_real_disks(trained: tuple[Path, Path], tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """A file name that is not UTF-8 (Latin-1 on a Linux disk) gets its outputs and the summary (the summary
+    failed to write: 'internal error: UnicodeEncodeError', no summary.csv); a name with brackets is a file, not a
+    pattern; an --out that cannot be written is one line naming it (exit 2), not an internal error."""
+    import json
+    import os
+
+    run, data = trained
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    latin1 = inputs / os.fsdecode(b"scan_\xe9t\xe9.nii.gz")
+    shutil.copy(data / "sub00" / "drf_100.nii.gz", latin1)
+    bracket = tmp_path / "PET [AC].nii.gz"
+    shutil.copy(data / "sub01" / "drf_004.nii.gz", bracket)
+    out = tmp_path / "out"
+    assert main(["infer", str(run), str(inputs), str(bracket), "--out", str(out), "--no-previews"]) == 0
+    assert (out / latin1.name).is_file() and (out / bracket.name).is_file()
+    assert os.fsencode(latin1.name) in (out / "summary.csv").read_bytes()
+    volumes = json.loads((out / "summary.json").read_text())["volumes"]
+    assert [v["input"] for v in volumes] == [str(latin1), str(bracket)] and {v["status"] for v in volumes} == {"ok"}
+    assert main(["infer", str(run), str(inputs), "--out", str(out), "--skip-existing", "--no-previews"]) == 0
+    assert json.loads((out / "summary.json").read_text())["volumes"][0]["status"] == "skipped"
+    capsys.readouterr()
+    blocker = tmp_path / "a_file"
+    blocker.write_text("in the way")
+    assert main(["infer", str(run), str(bracket), "--out", str(blocker / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{blocker / 'out'}: Not a directory; a file is in the way of a folder" in " ".join(err.split())
+    assert "internal error" not in err

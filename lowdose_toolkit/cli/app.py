@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if code == 130:  # typer turns Ctrl-C into exit 130 without a word
-            return _interrupted()
+            return _interrupted(args)
         return code
     except UserError as exc:
         if debug:
@@ -124,7 +125,15 @@ def main(argv: list[str] | None = None) -> int:
         _error(str(exc))
         return 2
     except KeyboardInterrupt:  # outside typer's own handling (e.g. while it starts)
-        return _interrupted()
+        return _interrupted(args)
+    except OSError as exc:
+        if debug or exc.errno not in _FILE_SYSTEM_FIXES or not exc.filename:
+            if debug:
+                raise
+            _error(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)")
+            return 1
+        _error(f"{exc.filename}: {exc.strerror}; {_FILE_SYSTEM_FIXES[exc.errno]}")
+        return 2
     except Exception as exc:  # noqa: BLE001 - the last line of defence for users
         if debug:
             raise
@@ -133,11 +142,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _interrupted() -> int:
-    """The one line for Ctrl-C (exit 130) or SIGTERM (exit 143)."""
+# A file system that refuses a write is the user's to fix, not an internal error: one line naming the path.
+_FILE_SYSTEM_FIXES = {
+    errno.EACCES: "choose a folder you can write to, or change its permissions",
+    errno.EPERM: "choose a folder you can write to, or change its permissions",
+    errno.EROFS: "the file system is read-only; choose a folder on a writable one",
+    errno.ENOSPC: "the disk is full; free space or choose a folder on another disk",
+    getattr(errno, "EDQUOT", errno.ENOSPC): "the disk quota is used up; free space or choose a folder on another disk",
+    errno.EEXIST: "a file is in the way of a folder; move it or choose another path",
+    errno.ENOTDIR: "a file is in the way of a folder; move it or choose another path",
+}
+
+
+def _interrupted(args: list[str]) -> int:
+    """The one line for Ctrl-C (exit 130) or SIGTERM (exit 143), with how the command goes on."""
     what, code = ("terminated (SIGTERM)", 143) if _terminated else ("interrupted", 130)
-    _error(f"{what}; files already written are complete (atomic writes); "
-           "`ldt run --resume RUN_DIR` continues a training")
+    command = next((a for a in args if not a.startswith("-")), "")
+    goes_on = "; `ldt run --resume RUN_DIR` continues the training" if command == "run" else ""
+    _error(f"{what}; files already written are complete (atomic writes){goes_on}")
     return code
 
 

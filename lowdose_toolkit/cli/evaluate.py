@@ -173,11 +173,11 @@ def run_pairs(
     extra = {} if masks is None else lesion_eval.region_facts(str(lesions), lesion_cases)
     lesion_files = ""
     if masks is not None:  # before results.json and cases.csv, whose presence means the evaluation is complete
-        from lowdose_toolkit.core.atomic import atomic_path
+        from lowdose_toolkit.core.atomic import TEXT, atomic_path
 
         written = lesion_eval.write_region_files(lesion_cases, extra, out)
         with atomic_path(out / "lesions.md") as tmp:
-            tmp.write_text(lesion_eval.region_report(extra))
+            tmp.write_text(lesion_eval.region_report(extra), **TEXT)
         lesion_files = "".join(f", {p.name}" for p in written) + ", lesions.md"
     paths = write_results(rows, out, settings, failures=failures, **extra)
     print_summary(aggregate(rows), console, title=f"{method}: {len(rows)} case(s)")
@@ -226,17 +226,17 @@ def table(
         print_table(tbl, console)
         written += [*write_table(tbl, out / stem), write_table_chart(tbl, out / stem)]
     lesions, organs = uptake_tables(inputs)
-    from lowdose_toolkit.core.atomic import atomic_path
+    from lowdose_toolkit.core.atomic import TEXT, atomic_path
 
     if lesions:  # Table III (ours): lesion uptake, where the evaluations quantified lesions
         print_lesions(lesions, console, title="Table III (ours): lesion uptake against the full dose (%)")
         with atomic_path(out / "table3.md") as tmp:
-            tmp.write_text(markdown(lesions))
+            tmp.write_text(markdown(lesions), **TEXT)
         written.append(out / "table3.md")
     if organs:  # Table IV (ours): organ uptake
         print_organs(organs, console, title="Table IV (ours): organ SUVmean against the full dose (%)")
         with atomic_path(out / "table4.md") as tmp:
-            tmp.write_text(organ_markdown(organs))
+            tmp.write_text(organ_markdown(organs), **TEXT)
         written.append(out / "table4.md")
     chart = write_uptake_chart(lesions, organs, out / UPTAKE_PNG)  # Tables III and IV as a chart
     written += [chart] if chart else []

@@ -105,7 +105,8 @@ def find_inputs(inputs: list[str]) -> Inputs:
     found: list[Volume] = []
     folders: list[Path] = []
     for item in inputs:
-        matches = [Path(m) for m in sorted(glob.glob(item))] if any(c in item for c in "*?[") else [Path(item)]
+        pattern = any(c in item for c in "*?[") and not Path(item).exists()  # 'PET [AC].nii.gz' is a name
+        matches = [Path(m) for m in sorted(glob.glob(item))] if pattern else [Path(item)]
         if not matches:
             raise UserError(f"{item}: the pattern matches no file")
         for path in matches:

@@ -12,6 +12,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+# How the toolkit writes text files: UTF-8, and a file name that is not UTF-8 (a Latin-1 name on a Linux disk)
+# as its own bytes, never an error that loses the file (a batch's summary).
+TEXT = {"encoding": "utf-8", "errors": "surrogateescape"}
+
 # fsync on a directory is refused by some file systems (and by Windows); the rename stays atomic.
 _DIR_FSYNC_UNSUPPORTED = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF, errno.EACCES, errno.EISDIR}
 

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lowdose_toolkit.core.atomic import atomic_path
+from lowdose_toolkit.core.atomic import TEXT, atomic_path
 from lowdose_toolkit.errors import DataError
 from lowdose_toolkit.records import FULL, SubjectRecord
 
@@ -131,7 +131,7 @@ def read_manifest(
     path = Path(path)
     require = tuple(dict.fromkeys([*require, "path"]))
     try:
-        with path.open(newline="") as fh:
+        with path.open(newline="", **TEXT) as fh:  # a path that is not UTF-8 reads back as written
             reader = csv.DictReader(fh)
             columns = [(c or "").strip() for c in reader.fieldnames or []]
             _header(path, columns, require, strict)
@@ -222,7 +222,7 @@ def write_manifest(records: Sequence[SubjectRecord], path: str | os.PathLike[str
             rel = p.relative_to(root) if p.is_relative_to(root) else p
             suv = "" if rec.suv_factor is None else repr(rec.suv_factor)
             rows.append({"subject": rec.subject, "drf": drf, "path": rel.as_posix(), "suv_factor": suv})
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
+    with atomic_path(path) as tmp, tmp.open("w", newline="", **TEXT) as fh:
         writer = csv.DictWriter(fh, fieldnames=list(COLUMNS))
         writer.writeheader()
         writer.writerows(rows)

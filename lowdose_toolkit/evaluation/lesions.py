@@ -451,7 +451,7 @@ def write_cases(rows: Iterable[Mapping[str, Any]], path: Path) -> list[Path]:
     :data:`ORGANS_CSV` beside it, atomically; return the files written."""
     import csv
 
-    from lowdose_toolkit.core.atomic import atomic_path
+    from lowdose_toolkit.core.atomic import TEXT, atomic_path
 
     rows = list(rows)
     organs = [r for r in rows if "organ" in r]
@@ -461,7 +461,7 @@ def write_cases(rows: Iterable[Mapping[str, Any]], path: Path) -> list[Path]:
     else:  # an earlier evaluation's organs do not belong beside these lesions
         path.with_name(ORGANS_CSV).unlink(missing_ok=True)
     for target, columns, members in files:
-        with atomic_path(target) as tmp, tmp.open("w", newline="") as fh:
+        with atomic_path(target) as tmp, tmp.open("w", newline="", **TEXT) as fh:
             writer = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
             writer.writeheader()
             for row in members:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lowdose_toolkit.core.atomic import atomic_path
+from lowdose_toolkit.core.atomic import TEXT, atomic_path
 from lowdose_toolkit.errors import UserError
 from lowdose_toolkit.evaluation.paper import (
     LOW_DOSE,
@@ -226,7 +226,7 @@ def write_table(table: PaperTable, path_stem: str | Path) -> tuple[Path, Path]:
     stem = Path(path_stem)
     md, csv_path = stem.with_name(stem.name + ".md"), stem.with_name(stem.name + ".csv")
     with atomic_path(md) as tmp:
-        tmp.write_text(table_markdown(table))
+        tmp.write_text(table_markdown(table), **TEXT)
     rows = _csv_rows(table)
     _write_csv(csv_path, rows, list(rows[0]) if rows else ["drf", "method", "n"])
     return md, csv_path

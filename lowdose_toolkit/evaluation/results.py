@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lowdose_toolkit.core.atomic import atomic_path
+from lowdose_toolkit.core.atomic import TEXT, atomic_path
 from lowdose_toolkit.errors import DataError, UserError
 
 __all__ = ["FORMAT", "KINDS", "RESULTS_NAME", "Results", "load_results", "read_cases_csv", "read_results",
@@ -75,7 +75,7 @@ def write_cases_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
     """Per-case rows as CSV, atomically: the columns of :data:`CSV_COLUMNS` that the rows have."""
     present = {k for row in rows for k in row} | set(CASE_KEYS)
     columns = [c for c in CSV_COLUMNS if c in present]
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
+    with atomic_path(path) as tmp, tmp.open("w", newline="", **TEXT) as fh:
         writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
@@ -110,7 +110,7 @@ def write_results(
            "summary": [{k: _json_safe(v) for k, v in s.items()} for s in summary], **extra}
     path = out_dir / RESULTS_NAME
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
+        tmp.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n", **TEXT)
     write_cases_csv(cases, out_dir / CASES_CSV[kind])  # last: its presence means the evaluation is complete
     return path
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from lowdose_toolkit.core.atomic import atomic_path
+from lowdose_toolkit.core.atomic import TEXT, atomic_path
 from lowdose_toolkit.errors import UserError
 
 LOW_DOSE = "Low-Dose"
@@ -242,6 +242,6 @@ def evaluate_run(
         text += "\n### Lesions: bias against the full dose\n\n" + lesion_eval.region_report(facts)
         lesion_eval.write_region_files(lesion_cases, facts, out)
     with atomic_path(out / "results.md") as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, **TEXT)
     write_results(out, "run", rows, summary, settings, **facts)  # results.json, results.csv
     return summary

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from lowdose_toolkit.core.atomic import atomic_path
+from lowdose_toolkit.core.atomic import TEXT, atomic_path
 from lowdose_toolkit.errors import RecipeError, UserError
 
 STUDY_KEYS = {"name", "description", "seed", "set", "methods", "classical", "figure_drf", "bm4d_drfs", "checkpoint"}
@@ -175,7 +175,7 @@ def run_study(path: Path, out: Path, docs: Path | None = None, only: Sequence[st
     for text, name in ((lesions, "table_iii.md"), (organs, "table_iv.md")):
         if text:
             with atomic_path(out / name) as tmp:
-                tmp.write_text(text)
+                tmp.write_text(text, **TEXT)
     write_uptake_chart(by_lesion, by_organ, out / UPTAKE_PNG)  # Tables III and IV as a chart
     _write_summary_csv(summary, out / "results.csv")
     figure = out / "figure2.png"
@@ -189,7 +189,7 @@ def run_study(path: Path, out: Path, docs: Path | None = None, only: Sequence[st
         old = json.loads(prior.read_text())
         record["seconds_per_method"] = {**old.get("seconds_per_method", {}), **timings}
     with atomic_path(prior) as tmp:
-        tmp.write_text(json.dumps(record, indent=2))
+        tmp.write_text(json.dumps(record, indent=2), **TEXT)
     if docs is not None:
         write_docs(study, record, table_i, table_ii, summary, figure, docs, lesions, organs)
     return summary
@@ -203,7 +203,7 @@ def _write_summary_csv(summary: Sequence[Mapping[str, Any]], path: Path) -> None
         writer.writerow([s["method"], s["drf"], f"{s['psnr_mean']:.4f}", f"{s['ssim_mean']:.5f}",
                          f"{100 * s['nrmse_mean']:.4f}"])
     with atomic_path(path) as tmp:
-        tmp.write_text(buf.getvalue())
+        tmp.write_text(buf.getvalue(), **TEXT)
 
 
 def _test_dataset(recipe: Mapping[str, Any], run_dir: Path, split: str = "test") -> Any:
@@ -346,7 +346,7 @@ def write_docs(study: Mapping[str, Any], record: Mapping[str, Any], table_i: Any
         READING_MARK,
     ]
     with atomic_path(results) as tmp:
-        tmp.write_text("\n".join(text) + (reading or "\n\n## Reading\n\n(to be written after the run)\n"))
+        tmp.write_text("\n".join(text) + (reading or "\n\n## Reading\n\n(to be written after the run)\n"), **TEXT)
     _write_summary_csv(summary, docs / "results.csv")
     for picture in (figure, figure.with_name(UPTAKE_PNG)):
         if picture.is_file():

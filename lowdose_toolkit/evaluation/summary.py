@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from lowdose_toolkit.core.atomic import atomic_path
+from lowdose_toolkit.core.atomic import TEXT, atomic_path
 from lowdose_toolkit.evaluation.results import CASES_CSV, METRICS
 from lowdose_toolkit.evaluation.results import write_results as write_results_json
 
@@ -113,12 +113,12 @@ def write_results(
     summary_cols = ("method", "drf", "n", *(f"{m}_{s}" for m in METRICS for s in ("mean", "std")))
     _write_csv(paths["summary"], summary, summary_cols)
     with atomic_path(paths["md"]) as tmp:
-        tmp.write_text(summary_markdown(summary, settings))
+        tmp.write_text(summary_markdown(summary, settings), **TEXT)
     return paths
 
 
 def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
+    with atomic_path(path) as tmp, tmp.open("w", newline="", **TEXT) as fh:
         writer = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
         writer.writeheader()
         for row in rows:

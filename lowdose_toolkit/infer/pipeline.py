@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from lowdose_toolkit.core.atomic import atomic_path
+from lowdose_toolkit.core.atomic import TEXT, atomic_path
 from lowdose_toolkit.data.naming import nifti_stem
 from lowdose_toolkit.errors import DataError, UserError
 from lowdose_toolkit.infer.predictor import Predictor
@@ -195,14 +195,17 @@ def denoise_all(predictor: Predictor, jobs: Sequence[Any], out: Path, console: A
             except Exception as exc:  # noqa: BLE001
                 no_preview(row, job, exc)
         dose = predictor.verdict(probs)
-        if dose and conditioned_on and predictor.code_used is not None:  # the head's continuous dose level
-            dose["conditioned_on"] = f"{conditioned_on}: dose level {predictor.applied['dose_level']:.1f} via the " \
+        how = conditioned_on
+        if how and drf_class is None and predictor.per_window:  # too small for the whole volume's reading
+            how = f"dose head per window ({predictor.per_window})"
+        if dose and how and predictor.code_used is not None:  # the head's continuous dose level
+            dose["conditioned_on"] = f"{how}: dose level {predictor.applied['dose_level']:.1f} via the " \
                                      f"{predictor.code_used}"
-        elif dose and conditioned_on:
+        elif dose and how:
             cls = drf_class if drf_class is not None else predictor.drfs.index(dose["predicted_drf"])
             code = predictor.code_drf(cls)
             mapped = code is not None and code != predictor.drfs[cls]
-            dose["conditioned_on"] = f"{conditioned_on} via the DRF {code} code" if mapped else conditioned_on
+            dose["conditioned_on"] = f"{how} via the DRF {code} code" if mapped else how
         dose.update({k: round(v, 4) for k, v in predictor.applied.items()})  # dose level, strength, consistency
         return pred, mips, dose
 
@@ -279,6 +282,6 @@ def write_summary(rows: Sequence[Mapping[str, Any]], out: Path, meta: Mapping[st
     writer.writeheader()
     writer.writerows(rows)
     with atomic_path(out / "summary.csv") as tmp:
-        tmp.write_text(buf.getvalue())
+        tmp.write_text(buf.getvalue(), **TEXT)
     with atomic_path(out / "summary.json") as tmp:
-        tmp.write_text(json.dumps({**meta, "volumes": list(rows)}, indent=2))
+        tmp.write_text(json.dumps({**meta, "volumes": list(rows)}, indent=2), **TEXT)

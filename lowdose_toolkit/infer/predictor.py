@@ -138,6 +138,7 @@ class Predictor:
     applied: dict[str, Any] = field(default_factory=dict, init=False, compare=False)
     #: The codes the last :meth:`predict` conditioned a guided model on, when it followed a continuous dose level.
     code_used: str | None = field(default=None, init=False, compare=False)
+    per_window: str | None = field(default=None, init=False, compare=False)  # why the last volume was read per window
     _exported_strength: OutputStrength | None = field(default=None, init=False, repr=False, compare=False)
     _exported_head: torch.nn.Module | bool | None = field(default=None, init=False, repr=False, compare=False)
     _compiled_window: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None = field(
@@ -249,13 +250,13 @@ class Predictor:
         if exported is not None and (drf_class is not None or not use_refiner):
             raise UserError(f"{exported.path}: an exported model runs its whole forward (head-driven conditioning, "
                             "refiner); predict with the checkpoint for a stated DRF or the coarse output")
-        whole = self.whole_volume_dose
+        whole, self.per_window = self.whole_volume_dose, None
         try:
             logits, level = self._volume_dose(low)  # the whole volume's class logits and dose level, where it can
-        except ValueError:  # a volume smaller than the head reads (noise_level: 10 voxels a side)
-            if whole:
-                raise
+        except ValueError as exc:  # a volume smaller than the head reads (noise_level: 10 voxels a side)
             logits, level = None, None  # the level is then the DRF of the windows' vote, as before
+            if whole:  # each window (padded to the window size) is read instead
+                whole, self.per_window = False, str(exc)
         condition, self.code_used = (logits if whole else None), None
         if whole and logits is not None and level is not None and drf_class is None and model is not None \
                 and model.guidance is not None:
