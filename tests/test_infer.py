@@ -809,6 +809,11 @@ def test_names_a_batch_meets_on_real_disks(trained: tuple[Path, Path], tmp_path:
     assert [v["input"] for v in volumes] == [str(latin1), str(bracket)] and {v["status"] for v in volumes} == {"ok"}
     assert main(["infer", str(run), str(inputs), "--out", str(out), "--skip-existing", "--no-previews"]) == 0
     assert json.loads((out / "summary.json").read_text())["volumes"][0]["status"] == "skipped"
+    (inputs / "moved.nii.gz").symlink_to(tmp_path / "gone.nii.gz")  # a link whose scan was moved away
+    assert main(["infer", str(run), str(inputs), "--out", str(tmp_path / "out2"), "--no-previews"]) == 1
+    rows = {Path(r["input"]).name: r for r in csv.DictReader((tmp_path / "out2" / "summary.csv").open(
+        encoding="utf-8", errors="surrogateescape"))}
+    assert rows["moved.nii.gz"]["status"] == "failed" and "gone.nii.gz" in rows["moved.nii.gz"]["error"]
     capsys.readouterr()
     blocker = tmp_path / "a_file"
     blocker.write_text("in the way")

@@ -90,6 +90,14 @@ def test_lesion_masks_find_read_and_check(tmp_path: Path) -> None:
         LesionMasks(masks).components("s1", full, (8, 8, 8), np.diag([3.0, 3.0, 3.0, 1.0]))
     with pytest.raises(DataError, match=r"no lesion mask for subject 's9' \(looked for s9.nii.gz"):
         LesionMasks(masks).components("s9", full, (8, 8, 8))
+    # Masks named as the scans are: BIDS 'sub-01' is the subject sub_01, any case of the suffix.
+    _save(masks / "sub-01.nii.gz", (labels > 0).astype(np.uint8))
+    _save(masks / "PAT02.NII.GZ", (labels > 0).astype(np.uint8))
+    for subject, name in (("sub_01", "sub-01.nii.gz"), ("PAT02", "PAT02.NII.GZ")):
+        assert LesionMasks(masks).path(subject, full).name == name
+    _save(masks / "sub 01.nii.gz", (labels > 0).astype(np.uint8))
+    with pytest.raises(DataError, match=r"2 lesion masks for subject 'sub_01' \(sub 01.nii.gz, sub-01.nii.gz\); keep"):
+        LesionMasks(masks).path("sub_01", full)
     (masks / "s3.nii.gz").write_bytes(b"not a mask")
     with pytest.raises(DataError, match=r"s3\.nii\.gz: unreadable NIfTI header .*re-export"):
         LesionMasks(masks).components("s3", full, (8, 8, 8))
@@ -98,6 +106,25 @@ def test_lesion_masks_find_read_and_check(tmp_path: Path) -> None:
         LesionMasks(masks).components("s4", full, (8, 8, 8))
     with pytest.raises(UserError, match=r"--lesions \S+/nowhere: not a folder; give a folder"):
         LesionMasks(tmp_path / "nowhere")
+
+
+def test_volumes_and_spacing_follow_the_headers_spatial_units(tmp_path: Path) -> None:
+    """A NIfTI whose xyzt_units are metres (4 x 4 x 3 mm voxels written as 0.004 x 0.004 x 0.003): a 27-voxel
+    lesion is 1.296 mL (it was 0.0) and the voxel size the guard reads is in mm."""
+    from lowdose_toolkit.data.io import read_info
+    from lowdose_toolkit.evaluation.lesions import volume_cases
+
+    affine = np.diag([0.004, 0.004, 0.003, 1.0])
+    ref = np.ones((8, 8, 8), np.float32)
+    ref[2:5, 2:5, 2:5] = 4.0
+    image = nib.Nifti1Image(ref, affine)
+    image.header.set_xyzt_units("meter", "sec")
+    full = tmp_path / "s1_full.nii.gz"
+    nib.save(image, full)
+    _save(tmp_path / "masks" / "s1.nii.gz", (ref > 1).astype(np.uint8), affine)
+    rows = volume_cases(LesionMasks(tmp_path / "masks"), "s1", 4, full, ref, {"m": ref}, affine)
+    assert [(r["voxels"], r["volume_ml"]) for r in rows] == [(27, 1.296)]
+    assert read_info(full).spacing == pytest.approx((4.0, 4.0, 3.0))
 
 
 def test_evaluate_pairs_with_lesion_masks(tmp_path: Path, capsys) -> None:
@@ -383,6 +410,12 @@ def test_phantom_masks_score_organs_beside_lesions(tmp_path: Path, capsys) -> No
                  "--out", str(out), "--lesions", str(tmp_path / "masks")]) == 0
     assert "organs" not in capsys.readouterr().out and not (out / "organs.csv").exists()
     assert "organs" not in json.loads((out / "results.json").read_text())
+    # A labels.json naming values no mask holds (another map's numbering) says so; it was a silent empty table.
+    (tmp_path / "masks" / "labels.json").write_text(json.dumps({"lesion": 1, "spleen": 9}))
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "sim" / "manifest.csv"),
+                 "--out", str(tmp_path / "eval2"), "--lesions", str(tmp_path / "masks")]) == 0
+    assert (f"warning {tmp_path / 'masks' / 'labels.json'}: no mask holds 'spleen' (9); check those label values"
+            in " ".join(capsys.readouterr().out.split()))
     rows = [{"method": "m", "drf": 4, "organ": "liver", "mean_bias_pct": v, "max_bias_pct": 0.0} for v in (1.0, -3.0)]
     assert organ_markdown(organ_summary(rows)) == "| DRF | Method | liver |\n|---|---|---|\n| 4 | m | -1.0 ± 2.8 |\n"
 
@@ -402,11 +435,11 @@ def test_a_masks_folder_names_its_labels(tmp_path: Path) -> None:
     masks = tmp_path / "masks"
     _save(masks / "s1.nii.gz", labels)
     full = tmp_path / "full.nii.gz"
-    plain = volume_cases(LesionMasks(masks), "s1", 4, full, ref, {"m": ref}, AFFINE)
+    plain = volume_cases(LesionMasks(masks), "s1", 4, full, ref, {"m": ref}, AFFINE, "mm")
     assert {r.get("organ") for r in plain} == {None} and len(plain) == 2  # touching organs: one component
     (masks / "labels.json").write_text(json.dumps({"lesion": 1, "liver": 5, "kidney": [2, 3]}))
     named = LesionMasks(masks)
-    rows = volume_cases(named, "s1", 4, full, ref, {"m": ref * 1.1}, AFFINE)
+    rows = volume_cases(named, "s1", 4, full, ref, {"m": ref * 1.1}, AFFINE, "mm")
     lesions = [r for r in rows if "lesion" in r]
     organs = {r["organ"]: r for r in rows if "organ" in r}
     assert len(lesions) == 1 and lesions[0]["voxels"] == 1

@@ -89,6 +89,13 @@ def test_ssim_2d_and_float32_torch_input() -> None:
     )
     got = metrics.ssim(torch.from_numpy(r32)[None, None], torch.from_numpy(p32)[None])
     assert got == pytest.approx(expected, abs=1e-6)
+    # A 2-D image as NIfTI stores it, [X, Y, 1] (and masked): the 2-D figures (it was 'SSIM needs every
+    # dimension >= 7 voxels, got shape (40, 33, 1)', and the pair failed).
+    mask = metrics.body_mask(ref, threshold_fraction=0.05)
+    for got, want in ((metrics.compute_all(ref[..., None], pred[..., None]), metrics.compute_all(ref, pred)),
+                      (metrics.compute_all(ref[:, None], pred[:, None], mask=mask[:, None]),
+                       metrics.compute_all(ref, pred, mask=mask))):
+        assert got == pytest.approx(want, abs=1e-12)
 
 
 @pytest.mark.usefixtures("slabs")

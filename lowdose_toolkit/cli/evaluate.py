@@ -171,6 +171,11 @@ def run_pairs(
     if mask:
         settings["mask_threshold"] = mask_threshold
     extra = {} if masks is None else lesion_eval.region_facts(str(lesions), lesion_cases)
+    unfound = None if masks is None or not rows else masks.unfound(lesion_cases)
+    if unfound:
+        from rich.markup import escape
+
+        console.print(f"[yellow]warning[/] {escape(unfound)}", soft_wrap=True)
     lesion_files = ""
     if masks is not None:  # before results.json and cases.csv, whose presence means the evaluation is complete
         from lowdose_toolkit.core.atomic import TEXT, atomic_path

@@ -125,7 +125,9 @@ def find_inputs(inputs: list[str]) -> Inputs:
                 folders.append(_absolute(path))
                 # hidden entries are skipped: a killed writer's temporary files are not scans
                 visible = [p for p in path.iterdir() if not p.name.startswith(".")]
-                niftis = sorted(p for p in visible if p.is_file() and is_nifti(p))
+                # a broken link to a scan is listed, so that it fails in the summary instead of vanishing
+                niftis = sorted(p for p in visible if (p.is_file() or (p.is_symlink() and not p.exists()))
+                                and is_nifti(p))
                 dicoms = sorted(p for p in visible if p.is_dir() and is_dicom_folder(p))
                 if not niftis and not dicoms:
                     raise UserError(f"{path}: the folder holds no NIfTI files or DICOM series")

@@ -61,6 +61,8 @@ __all__ = [
     "dicom_files",
     "is_dicom_folder",
     "is_nifti",
+    "mm_per_unit",
+    "spatial_units",
     "load_array",
     "read_dicom_series",
     "read_image",
@@ -103,13 +105,31 @@ class ImageInfo:
 
     @property
     def spacing(self) -> tuple[float, float, float]:
-        """Voxel size in mm along ``i, j, k`` (column norms of the affine)."""
-        sx, sy, sz = np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
+        """Voxel size in mm along ``i, j, k`` (column norms of the affine, in the header's spatial units)."""
+        sx, sy, sz = np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0)) * mm_per_unit(self.units)
         return float(sx), float(sy), float(sz)
 
     def __repr__(self) -> str:
         sp = tuple(round(s, 4) for s in self.spacing)
         return f"ImageInfo({self.path.name!r}, shape={self.shape}, spacing={sp}, format={self.format!r})"
+
+
+MM_PER_UNIT = {"meter": 1000.0, "mm": 1.0, "micron": 0.001}  # NIfTI xyzt_units; anything else: mm
+
+
+def mm_per_unit(units: str) -> float:
+    """Millimetres per spatial unit of a NIfTI header (``get_xyzt_units()[0]``); unknown units count as mm,
+    as nibabel and most viewers read them."""
+    return MM_PER_UNIT.get(units, 1.0)
+
+
+def spatial_units(path: str | os.PathLike[str]) -> str:
+    """An image's spatial units from its header alone: a NIfTI's ``xyzt_units``, ``"mm"`` for DICOM."""
+    path = Path(path)
+    if _kind(path) == "dicom":
+        return "mm"
+    header = _nifti_header(path)[0].header
+    return (header.get_xyzt_units()[0] if hasattr(header, "get_xyzt_units") else "") or "unknown"
 
 
 def _one_line(exc: BaseException) -> str:

@@ -305,6 +305,19 @@ class LesionMasks:
         # one subject's (lesion components, n, organ index) (pairs come by reference)
         self._last: tuple[str, tuple[np.ndarray, int], np.ndarray | None] | None = None
 
+    def unfound(self, cases: Iterable[Mapping[str, Any]]) -> str | None:
+        """A warning naming the regions a folder's ``labels.json`` names that no scored mask held (a label value
+        mistyped, or another map's numbering), ``None`` when every one was found or there is no labels.json."""
+        if self.folder is None or self.labels is None:
+            return None
+        found = {"lesion" if "lesion" in row else row.get("organ") for row in cases}
+        missing = [f"{name!r} ({', '.join(map(str, values))})" for name, values in self.labels.items()
+                   if name not in found]
+        if not missing:
+            return None
+        return (f"{self.folder / LABELS_JSON}: no mask holds {' or '.join(missing)}; check those label values "
+                "against the masks'")
+
     @property
     def organ_names(self) -> list[str]:
         """The organs scored (numbered 1.. in :meth:`organs`); none for a folder of plain lesion masks."""
@@ -320,8 +333,19 @@ class LesionMasks:
         for name in (f"{subject}.nii.gz", f"{subject}.nii"):
             if (self.folder / name).is_file():
                 return self.folder / name
-        raise DataError(f"{self.folder}: no lesion mask for subject {subject!r} (looked for {subject}.nii.gz and "
-                        f"{subject}.nii)")
+        from lowdose_toolkit.data.naming import is_nifti
+        from lowdose_toolkit.evaluation.pairing import subject_of
+
+        # A mask named as its scan's subject is ('sub-01.nii.gz' for the subject sub_01, 'pat01.NII.GZ')
+        named = sorted(p for p in self.folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                       and is_nifti(p) and subject_of(p.name) == subject)
+        if len(named) == 1:
+            return named[0]
+        if named:
+            raise DataError(f"{self.folder}: {len(named)} lesion masks for subject {subject!r} "
+                            f"({', '.join(p.name for p in named)}); keep one")
+        raise DataError(f"{self.folder}: no lesion mask for subject {subject!r} (looked for {subject}.nii.gz, "
+                        f"{subject}.nii or a name that reads as that subject, e.g. {subject.replace('_', '-')}.nii.gz)")
 
     def components(self, subject: str, full: Path, shape: tuple[int, ...], affine: np.ndarray | None = None
                    ) -> tuple[np.ndarray, int]:
@@ -399,14 +423,19 @@ def auto_masks(recipe: Mapping[str, Any]) -> str | None:
 
 
 def volume_cases(masks: LesionMasks, subject: str, drf: int | None, full: Path, ref: np.ndarray,
-                 images: Mapping[str, np.ndarray], affine: np.ndarray) -> list[dict[str, Any]]:
+                 images: Mapping[str, np.ndarray], affine: np.ndarray, units: str | None = None
+                 ) -> list[dict[str, Any]]:
     """:func:`lesion_rows` and :func:`organ_rows` of one volume (``subject``'s masks from ``masks``, checked
-    against the reference ``full``'s grid), each row with its ``subject`` and ``drf``."""
+    against the reference ``full``'s grid), each row with its ``subject`` and ``drf``; volumes in mL from the
+    affine in the spatial ``units`` (default: ``full``'s header's)."""
     components, _ = masks.components(subject, full, tuple(ref.shape), affine)
-    rows = lesion_rows(ref, images, components, voxel_ml(affine))
+    from lowdose_toolkit.data.io import mm_per_unit, spatial_units
+
+    ml = voxel_ml(affine) * mm_per_unit(units or spatial_units(full)) ** 3  # a header in metres or microns
+    rows = lesion_rows(ref, images, components, ml)
     organs = masks.organs(subject, full, tuple(ref.shape), affine)
     if organs is not None:
-        rows += organ_rows(ref, images, organs, masks.organ_names, voxel_ml(affine))
+        rows += organ_rows(ref, images, organs, masks.organ_names, ml)
     return [{"subject": subject, "drf": drf, **row} for row in rows]
 
 
@@ -435,7 +464,7 @@ def write_region_files(cases: list[Mapping[str, Any]], facts: Mapping[str, Any],
 
 
 def voxel_ml(affine: np.ndarray) -> float:
-    """The volume of one voxel of ``affine`` in mL."""
+    """The volume of one voxel of ``affine`` (in mm) in mL."""
     return float(abs(np.linalg.det(np.asarray(affine, np.float64)[:3, :3]))) / 1000.0
 
 

@@ -68,10 +68,13 @@ ArrayLike: TypeAlias = torch.Tensor | np.ndarray
 
 
 def _as_volume(x: ArrayLike, name: str) -> torch.Tensor:
-    """Return ``x`` as a tensor without copying, leading singleton axes dropped down to 3D."""
+    """Return ``x`` as a tensor without copying, leading singleton axes dropped down to 3D, and a single
+    slice stored as a volume (``[X, Y, 1]``, as NIfTI holds 2-D images) as 2-D."""
     t = torch.as_tensor(x)
     while t.ndim > 3 and t.shape[0] == 1:
         t = t[0]
+    if t.ndim == 3 and sum(n == 1 for n in t.shape) == 1:
+        t = t.squeeze(list(t.shape).index(1))
     if t.ndim not in (2, 3):
         raise UserError(f"{name} must be a 2D or 3D volume, got shape {tuple(t.shape)}")
     if t.is_complex() or t.dtype == torch.bool:
@@ -97,8 +100,8 @@ def _prepare(
     m = None
     if mask is not None:
         m = torch.as_tensor(mask)
-        while m.ndim > r.ndim and m.shape[0] == 1:
-            m = m[0]
+        if m.ndim != r.ndim and [n for n in m.shape if n != 1] == [n for n in r.shape if n != 1]:
+            m = m.reshape(r.shape)  # the volumes' singleton axes dropped (a channel axis, a 2-D image's slice)
         if m.dtype != torch.bool:
             raise UserError(f"mask must be boolean, got dtype {m.dtype}")
         if m.shape != r.shape:

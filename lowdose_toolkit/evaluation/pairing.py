@@ -67,7 +67,7 @@ def parse_drf(name: str) -> int | None:
     return None
 
 
-def _subject_of(name: str) -> str:
+def subject_of(name: str) -> str:
     """The name without extension, DRF and full-dose tokens; separators collapsed to ``_``."""
     stem = strip_nifti_suffix(name)
     for pattern in _DRF_PATTERNS:
@@ -86,7 +86,7 @@ def _scan_folder(folder: Path) -> list[_Entry]:
     entries = []
     for p in files:
         rel = p.relative_to(folder).as_posix()
-        entries.append(_Entry(_subject_of(rel), parse_drf(rel), p, rel, bool(_FULL_PATTERN.search(rel))))
+        entries.append(_Entry(subject_of(rel), parse_drf(rel), p, rel, bool(_FULL_PATTERN.search(rel))))
     return entries
 
 

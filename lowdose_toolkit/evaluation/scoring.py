@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from lowdose_toolkit.errors import DataError
+from lowdose_toolkit.errors import DataError, UserError
 from lowdose_toolkit.evaluation.pairing import Pair
 
 __all__ = ["evaluate_pairs"]
@@ -129,8 +129,8 @@ def evaluate_pairs(
                 image = _load(pair.pred)
                 m = compute_all(ref, torch.from_numpy(image), ssim_range=ssim_range, mask=ref_mask)
             except Exception as exc:  # noqa: BLE001 - a truncated or corrupt file fails its pair, not the rest
-                detail = str(exc) if isinstance(exc, DataError) else f"cannot read: {type(exc).__name__}: {exc}"
-                named = isinstance(exc, DataError) and (str(pair.pred) in detail or str(pair.ref) in detail)
+                detail = str(exc) if isinstance(exc, UserError) else f"cannot read: {type(exc).__name__}: {exc}"
+                named = isinstance(exc, UserError) and (str(pair.pred) in detail or str(pair.ref) in detail)
                 fail(pair, detail if named else f"{pair.pred} vs {pair.ref}: {detail}")  # each file named once
                 bar.advance(task)
                 continue

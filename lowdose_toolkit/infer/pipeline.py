@@ -255,6 +255,9 @@ def denoise_all(predictor: Predictor, jobs: Sequence[Any], out: Path, console: A
                         fail(row, job, exc)
                         recover()
                         progress.advance(task)
+                if last_write is not None:  # the bar ends at N/N while it is still drawn
+                    wait([last_write])
+                progress.update(task, completed=len(jobs))
             except BaseException:  # Ctrl-C: drop the queued read; the running write finishes (atomically)
                 for pending in reads.values():
                     pending.cancel()
