@@ -89,9 +89,19 @@ def input_units(path: str | Path) -> str:
             import pydicom
 
             from lowdose_toolkit.data.io import dicom_files
+            from lowdose_toolkit.errors import DataError
 
-            for file in dicom_files(path)[:1]:  # the series' own files, not a DICOMDIR or notes beside them
-                ds = pydicom.dcmread(file, stop_before_pixels=True, force=True, specific_tags=["Units"])
+            try:  # the series' own files, not a DICOMDIR or notes beside them
+                files = [Path(f) for f in dicom_files(path)]
+            except DataError:
+                files = sorted(p for p in path.iterdir() if p.is_file())
+            for file in files:
+                try:
+                    ds = pydicom.dcmread(file, stop_before_pixels=True, specific_tags=["Units", "Modality"])
+                except Exception:  # noqa: BLE001 - not a DICOM file: try the next one
+                    continue
+                if "Units" not in ds and ds.get("Modality") != "PT":  # a DICOMDIR
+                    continue
                 units = str(getattr(ds, "Units", "")).strip().upper()
                 return _DICOM_UNITS.get(units, f"DICOM Units {units}" if units else INPUT_UNITS)
             return INPUT_UNITS
