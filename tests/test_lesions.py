@@ -482,3 +482,57 @@ def test_table_iv_takes_each_runs_organs_and_the_input_once(tmp_path: Path) -> N
     assert main(["table", str(tmp_path / "A"), str(tmp_path / "B"), "--out", str(tmp_path / "tables")]) == 0
     assert (tmp_path / "tables" / "table4.md").read_text() == table
     assert (tmp_path / "tables" / "uptake.png").is_file()  # Table IV as a chart (no lesions: organ panels only)
+
+
+# ------------------------------------------------------------------------------------------------ SUVpeak
+
+
+@pytest.mark.parametrize("spacing", [(6.0, 6.0, 6.0), (2.0, 2.0, 2.0), (1.65, 1.65, 2.89), (4.0, 4.0, 1.0)])
+def test_the_peak_sphere_holds_one_millilitre_on_any_voxels(spacing: tuple[float, float, float]) -> None:
+    from lowdose_toolkit.evaluation.peak import peak_kernel, sphere_shares
+
+    shares = sphere_shares(spacing)
+    assert float(shares.sum()) * np.prod(spacing) == pytest.approx(1000.0, rel=0.01)  # mm³
+    assert all(n % 2 == 1 for n in shares.shape) and shares[tuple(n // 2 for n in shares.shape)] == 1.0
+    assert float(peak_kernel(spacing).sum()) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_region_peak_is_the_best_sphere_mean_centred_in_the_region() -> None:
+    """Against a direct sum over the kernel at every region voxel (edge voxels repeated beyond the volume)."""
+    from lowdose_toolkit.evaluation.peak import peak_kernel, region_peak
+
+    rng = np.random.default_rng(3)
+    image = rng.gamma(2.0, 1.0, (14, 13, 12))
+    region = np.zeros(image.shape, bool)
+    region[0:4, 5:9, 9:12] = True  # at two faces of the volume
+    region[2, 8, 8] = True
+    kernel = peak_kernel((2.5, 3.0, 2.0))
+    h = [k // 2 for k in kernel.shape]
+    padded = np.pad(image, [(n, n) for n in h], mode="edge")
+    best = max(float((padded[i:i + kernel.shape[0], j:j + kernel.shape[1], k:k + kernel.shape[2]] * kernel).sum())
+               for i, j, k in zip(*np.nonzero(region), strict=True))
+    box = tuple(slice(int(a.min()), int(a.max()) + 1) for a in np.nonzero(region))
+    assert region_peak(image, box, region[box], kernel) == pytest.approx(best, rel=1e-12)
+
+
+def test_suvpeak_is_robust_to_the_noise_that_raises_suvmax() -> None:
+    """A 2 cm lesion (SUV 8 in 1): the full dose's peak is its uptake; a noisy copy raises SUVmax far more than
+    SUVpeak; the rows, the summary, the Markdown table and the chart carry SUVpeak beside SUVmean and SUVmax."""
+    from lowdose_toolkit.core.figures import texts
+    from lowdose_toolkit.evaluation.lesions import markdown, summarize, uptake_figure
+
+    spacing = (2.0, 2.0, 2.0)
+    ref = np.ones((32, 32, 32), np.float32)
+    ball = _ball(ref.shape, (16, 16, 16), 5.0)  # radius 10 mm
+    ref[ball] = 8.0
+    noisy = (ref * (1 + 0.3 * np.random.default_rng(0).standard_normal(ref.shape))).astype(np.float32)
+    rows = lesion_rows(ref, {"Low-Dose": noisy}, label_components(ball)[0], 0.008, spacing)
+    (row,) = rows
+    assert row["ref_peak"] == pytest.approx(8.0, rel=1e-6) and row["ref_max"] == 8.0
+    assert row["max_bias_pct"] > 60 and abs(row["peak_bias_pct"]) < row["max_bias_pct"] / 4
+    summary = summarize([{**row, "drf": 4}])
+    assert summary[0]["peak_bias_pct"] == pytest.approx(row["peak_bias_pct"])
+    assert "| SUVpeak bias (%) | mean abs (%) |" in markdown(summary).splitlines()[0]
+    assert "lesions: SUVpeak bias (%)" in texts(uptake_figure(summary, []))
+    older = [{k: v for k, v in s.items() if "peak" not in k} for s in summary]  # a results.json from before
+    assert "SUVpeak" not in markdown(older) and "lesions: SUVpeak bias (%)" not in texts(uptake_figure(older, []))

@@ -26,7 +26,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,8 @@ LABELS_JSON = "labels.json"
 MAX_ORGANS = 255
 #: The per-lesion measures summarised per method and DRF (their mean, and the mean of their absolute values).
 MEASURES = ("mean_bias_pct", "max_bias_pct")
+#: Summarised where every row has it: the lesions' SUVpeak (organs have none).
+PEAK_MEASURE = "peak_bias_pct"
 
 
 def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
@@ -57,11 +59,15 @@ def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def lesion_rows(ref: np.ndarray, images: Mapping[str, np.ndarray], components: np.ndarray,
-                voxel_ml: float) -> list[dict[str, Any]]:
+                voxel_ml: float, spacing: Sequence[float] | None = None) -> list[dict[str, Any]]:
     """One row per lesion and image: ``method, lesion, voxels, volume_ml, ref_mean, ref_max, mean, max,
-    mean_bias_pct, max_bias_pct`` (activities in the arrays' units). A lesion whose reference mean is not
-    positive has no relative bias and is left out."""
-    return _region_rows(ref, images, components, voxel_ml, "lesion", None)
+    mean_bias_pct, max_bias_pct`` (activities in the arrays' units) and, given the voxel ``spacing`` (mm), the
+    SUVpeak's ``ref_peak, peak, peak_bias_pct`` (:mod:`lowdose_toolkit.evaluation.peak`). A lesion whose
+    reference mean is not positive has no relative bias and is left out."""
+    from lowdose_toolkit.evaluation.peak import peak_kernel
+
+    kernel = None if spacing is None else peak_kernel(spacing)
+    return _region_rows(ref, images, components, voxel_ml, "lesion", None, kernel)
 
 
 def organ_rows(ref: np.ndarray, images: Mapping[str, np.ndarray], organs: np.ndarray, names: list[str],
@@ -72,7 +78,7 @@ def organ_rows(ref: np.ndarray, images: Mapping[str, np.ndarray], organs: np.nda
 
 
 def _region_rows(ref: np.ndarray, images: Mapping[str, np.ndarray], regions: np.ndarray, voxel_ml: float,
-                 key: str, names: list[str] | None) -> list[dict[str, Any]]:
+                 key: str, names: list[str] | None, kernel: np.ndarray | None = None) -> list[dict[str, Any]]:
     ref = np.asarray(ref, np.float32)
     if regions.shape != ref.shape:
         raise DataError(f"{key} mask is {regions.shape} but the reference is {ref.shape}; masks must be on "
@@ -83,22 +89,29 @@ def _region_rows(ref: np.ndarray, images: Mapping[str, np.ndarray], regions: np.
     # volume is 87 M voxels; a lesion's box a few hundred). A label absent from the volume (a crop) has no row.
     boxes = [(k, box, regions[box] == k) for k, box in enumerate(ndimage.find_objects(regions), start=1)
              if box is not None]
+    from lowdose_toolkit.evaluation.peak import region_peak
+
     refs = [(float(v.mean(dtype=np.float64)), float(v.max())) for v in (ref[box][inside] for _, box, inside in boxes)]
+    ref_peaks = [None if kernel is None else region_peak(ref, box, inside, kernel) for _, box, inside in boxes]
     rows: list[dict[str, Any]] = []
     for method, image in images.items():
         image = np.asarray(image, np.float32)
         if image.shape != ref.shape:
             raise DataError(f"{method}: image is {image.shape} but the reference is {ref.shape}")
-        for (k, box, inside), (ref_mean, ref_max) in zip(boxes, refs, strict=True):
+        for (k, box, inside), (ref_mean, ref_max), ref_peak in zip(boxes, refs, ref_peaks, strict=True):
             if not ref_mean > 0:
                 continue
             values = image[box][inside]
             mean, top, voxels = float(values.mean(dtype=np.float64)), float(values.max()), int(inside.sum())
-            rows.append({"method": method, key: k if names is None else names[k - 1],
-                         "voxels": voxels, "volume_ml": round(voxels * voxel_ml, 3),
-                         "ref_mean": ref_mean, "ref_max": ref_max, "mean": mean, "max": top,
-                         "mean_bias_pct": 100.0 * (mean - ref_mean) / ref_mean,
-                         "max_bias_pct": 100.0 * (top - ref_max) / ref_max})
+            row = {"method": method, key: k if names is None else names[k - 1],
+                   "voxels": voxels, "volume_ml": round(voxels * voxel_ml, 3),
+                   "ref_mean": ref_mean, "ref_max": ref_max, "mean": mean, "max": top,
+                   "mean_bias_pct": 100.0 * (mean - ref_mean) / ref_mean,
+                   "max_bias_pct": 100.0 * (top - ref_max) / ref_max}
+            if ref_peak is not None and ref_peak > 0:
+                peak = region_peak(image, box, inside, kernel)
+                row.update(ref_peak=ref_peak, peak=peak, peak_bias_pct=100.0 * (peak - ref_peak) / ref_peak)
+            rows.append(row)
     return rows
 
 
@@ -127,7 +140,9 @@ def _summaries(rows: list[Mapping[str, Any]], keys: tuple[str, ...], count: str)
     out = []
     for values, members in groups.items():
         entry: dict[str, Any] = {**dict(zip(keys, values, strict=True)), count: len(members)}
-        for measure in MEASURES:
+        for measure in (*MEASURES, PEAK_MEASURE):
+            if measure == PEAK_MEASURE and not all(measure in r for r in members):
+                continue
             v = np.array([r[measure] for r in members], np.float64)
             entry[measure] = float(v.mean())
             entry[f"{measure}_std"] = float(v.std(ddof=1)) if v.size > 1 else 0.0
@@ -145,14 +160,20 @@ def _order(e: Mapping[str, Any]) -> tuple[Any, ...]:
     return e["drf"] is None, e["drf"] or 0, e["method"] != LOW_DOSE, e["method"]
 
 
+def _lesion_measures(summary: Iterable[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """``(measure, label)`` of the lesion columns: SUVmean, SUVmax and, where every row has it, SUVpeak."""
+    peak = all(PEAK_MEASURE in s for s in summary)
+    return [("mean_bias_pct", "SUVmean"), ("max_bias_pct", "SUVmax")] + ([(PEAK_MEASURE, "SUVpeak")] if peak else [])
+
+
 def markdown(summary: list[Mapping[str, Any]]) -> str:
     """The lesion summary as a Markdown table (bias in percent of the full dose's value)."""
-    lines = ["| DRF | Method | lesions | SUVmean bias (%) | mean abs (%) | SUVmax bias (%) | mean abs (%) |",
-             "|---|---|---|---|---|---|---|"]
+    measures = _lesion_measures(summary)
+    lines = ["| DRF | Method | lesions | " + " | ".join(f"{label} bias (%) | mean abs (%)" for _, label in measures)
+             + " |", "|---|---|---|" + "---|---|" * len(measures)]
     for s in summary:
-        lines.append(f"| {s['drf'] if s['drf'] is not None else '—'} | {s['method']} | {s['lesions']} | "
-                     f"{s['mean_bias_pct']:+.1f} ± {s['mean_bias_pct_std']:.1f} | {s['abs_mean_bias_pct']:.1f} | "
-                     f"{s['max_bias_pct']:+.1f} ± {s['max_bias_pct_std']:.1f} | {s['abs_max_bias_pct']:.1f} |")
+        lines.append(f"| {s['drf'] if s['drf'] is not None else '—'} | {s['method']} | {s['lesions']} | " + " | ".join(
+            f"{s[m]:+.1f} ± {s[f'{m}_std']:.1f} | {s[f'abs_{m}']:.1f}" for m, _ in measures) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -171,13 +192,14 @@ def print_summary(summary: list[Mapping[str, Any]], console: Any, title: str = "
     """The lesion summary as a rich table."""
     from rich.table import Table
 
+    measures = _lesion_measures(summary)
     table = Table(title=title)
-    for name in ("DRF", "Method", "lesions", "SUVmean bias %", "|SUVmean| %", "SUVmax bias %", "|SUVmax| %"):
+    for name in ("DRF", "Method", "lesions", *(f"{x}{label}{y}" for _, label in measures
+                                                for x, y in (("", " bias %"), ("|", "| %")))):
         table.add_column(name, justify="left" if name == "Method" else "right")
     for s in summary:
         table.add_row(str(s["drf"] if s["drf"] is not None else "-"), s["method"], str(s["lesions"]),
-                      f"{s['mean_bias_pct']:+.1f}", f"{s['abs_mean_bias_pct']:.1f}",
-                      f"{s['max_bias_pct']:+.1f}", f"{s['abs_max_bias_pct']:.1f}")
+                      *(cell for m, _ in measures for cell in (f"{s[m]:+.1f}", f"{s[f'abs_{m}']:.1f}")))
     console.print(table)
 
 
@@ -229,12 +251,13 @@ UPTAKE_PNG = "uptake.png"
 
 
 def uptake_figure(lesions: list[Mapping[str, Any]], organs: list[Mapping[str, Any]]) -> Any:
-    """Uptake against the full dose as a chart: per panel (the lesions' SUVmean and SUVmax bias, then each organ's
-    SUVmean bias), the mean bias (%) of each method across the DRFs, the input's ± std band in grey, and 0."""
+    """Uptake against the full dose as a chart: per panel (the lesions' SUVmean, SUVmax and SUVpeak bias, then
+    each organ's SUVmean bias), the mean bias (%) of each method across the DRFs, the input's ± std band in grey,
+    and 0."""
     from lowdose_toolkit.core.figures import new_figure, plain, styled
 
-    panels = [("lesions: SUVmean bias (%)", [s for s in lesions], "mean_bias_pct"),
-              ("lesions: SUVmax bias (%)", [s for s in lesions], "max_bias_pct")] if lesions else []
+    panels = [(f"lesions: {label} bias (%)", list(lesions), measure)
+              for measure, label in _lesion_measures(lesions)] if lesions else []
     for organ in dict.fromkeys(s["organ"] for s in organs):
         panels.append((f"{organ}: SUVmean bias (%)", [s for s in organs if s["organ"] == organ], "mean_bias_pct"))
     methods = list(dict.fromkeys(s["method"] for _, rows, _ in panels for s in rows))
@@ -431,11 +454,12 @@ def volume_cases(masks: LesionMasks, subject: str, drf: int | None, full: Path, 
     components, _ = masks.components(subject, full, tuple(ref.shape), affine)
     from lowdose_toolkit.data.io import mm_per_unit, spatial_units
 
-    ml = voxel_ml(affine) * mm_per_unit(units or spatial_units(full)) ** 3  # a header in metres or microns
-    rows = lesion_rows(ref, images, components, ml)
+    mm = mm_per_unit(units or spatial_units(full))  # a header in metres or microns
+    spacing = np.sqrt((np.asarray(affine, np.float64)[:3, :3] ** 2).sum(axis=0)) * mm
+    rows = lesion_rows(ref, images, components, voxel_ml(affine) * mm**3, spacing)
     organs = masks.organs(subject, full, tuple(ref.shape), affine)
     if organs is not None:
-        rows += organ_rows(ref, images, organs, masks.organ_names, ml)
+        rows += organ_rows(ref, images, organs, masks.organ_names, voxel_ml(affine) * mm**3)
     return [{"subject": subject, "drf": drf, **row} for row in rows]
 
 
@@ -471,8 +495,8 @@ def voxel_ml(affine: np.ndarray) -> float:
 CASES_CSV = "lesions.csv"
 ORGANS_CSV = "organs.csv"
 CASE_COLUMNS = ("method", "subject", "drf", "lesion", "voxels", "volume_ml", "ref_mean", "ref_max", "mean", "max",
-                "mean_bias_pct", "max_bias_pct")
-ORGAN_COLUMNS = tuple("organ" if c == "lesion" else c for c in CASE_COLUMNS)
+                "mean_bias_pct", "max_bias_pct", "ref_peak", "peak", "peak_bias_pct")
+ORGAN_COLUMNS = tuple("organ" if c == "lesion" else c for c in CASE_COLUMNS if "peak" not in c)
 
 
 def write_cases(rows: Iterable[Mapping[str, Any]], path: Path) -> list[Path]:
