@@ -126,17 +126,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:  # outside typer's own handling (e.g. while it starts)
         return _interrupted(args)
-    except OSError as exc:
-        if debug or exc.errno not in _FILE_SYSTEM_FIXES or not exc.filename:
-            if debug:
-                raise
-            _error(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)")
-            return 1
-        _error(f"{exc.filename}: {exc.strerror}; {_FILE_SYSTEM_FIXES[exc.errno]}")
-        return 2
     except Exception as exc:  # noqa: BLE001 - the last line of defence for users
         if debug:
             raise
+        if isinstance(exc, OSError) and exc.filename and exc.errno in _FILE_SYSTEM_FIXES:
+            _error(f"{exc.filename}: {exc.strerror}; {_FILE_SYSTEM_FIXES[exc.errno]}")
+            return 2
         _error(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)")
         return 1
     return 0

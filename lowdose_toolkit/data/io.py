@@ -63,6 +63,7 @@ __all__ = [
     "is_nifti",
     "mm_per_unit",
     "spatial_units",
+    "voxel_spacing",
     "load_array",
     "read_dicom_series",
     "read_image",
@@ -106,8 +107,7 @@ class ImageInfo:
     @property
     def spacing(self) -> tuple[float, float, float]:
         """Voxel size in mm along ``i, j, k`` (column norms of the affine, in the header's spatial units)."""
-        sx, sy, sz = np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0)) * mm_per_unit(self.units)
-        return float(sx), float(sy), float(sz)
+        return voxel_spacing(self.affine, self.units)
 
     def __repr__(self) -> str:
         sp = tuple(round(s, 4) for s in self.spacing)
@@ -121,6 +121,12 @@ def mm_per_unit(units: str) -> float:
     """Millimetres per spatial unit of a NIfTI header (``get_xyzt_units()[0]``); unknown units count as mm,
     as nibabel and most viewers read them."""
     return MM_PER_UNIT.get(units, 1.0)
+
+
+def voxel_spacing(affine: np.ndarray, units: str = "mm") -> tuple[float, float, float]:
+    """The voxel size in mm along ``i, j, k`` of ``affine`` (column norms) in the spatial ``units``."""
+    sx, sy, sz = np.sqrt((np.asarray(affine, np.float64)[:3, :3] ** 2).sum(axis=0)) * mm_per_unit(units)
+    return float(sx), float(sy), float(sz)
 
 
 def spatial_units(path: str | os.PathLike[str]) -> str:

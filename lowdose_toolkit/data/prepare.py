@@ -220,9 +220,10 @@ def _parse_datetime(value: object) -> datetime | None:
     return date + time if date and time is not None else None
 
 
-def _series_headers(folder: Path, tags: Sequence[str] | None = None) -> list[tuple[Path, Any]]:
+def _series_headers(folder: Path, rest: Sequence[str] = ()) -> list[tuple[Path, Any]]:
     """The headers of the files of ``folder``'s one DICOM series (the files the volume is read from, whatever
-    else the folder holds: a DICOMDIR, notes), ``tags`` only if given; ``[]`` when GDCM finds no one series."""
+    else the folder holds: a DICOMDIR, notes): the first readable file's whole header, then only the tags
+    ``rest`` of each other file (no other file read without them); ``[]`` when GDCM finds no one series."""
     import pydicom
 
     from lowdose_toolkit.data.io import dicom_files
@@ -231,11 +232,13 @@ def _series_headers(folder: Path, tags: Sequence[str] | None = None) -> list[tup
         files = dicom_files(folder)
     except DataError:
         return []
-    headers = []
+    headers: list[tuple[Path, Any]] = []
     for name in files:
+        if headers and not rest:
+            break
         try:
             headers.append((Path(name), pydicom.dcmread(name, stop_before_pixels=True, force=True,
-                                                         specific_tags=list(tags) if tags else None)))
+                                                         specific_tags=list(rest) if headers else None)))
         except Exception:  # noqa: BLE001 - a damaged file: the volume reader names it
             continue
     return headers
@@ -325,7 +328,7 @@ def suv_from_dicom(folder: str | os.PathLike[str]) -> dict[str, Any]:
         return {"factor": None, "reason": "pydicom is not installed (pip install pydicom)"}
     with warnings.catch_warnings():  # pydicom's "Invalid value for VR DA" lines: our error says more
         warnings.simplefilter("ignore", UserWarning)
-        headers = _series_headers(folder)
+        headers = _series_headers(folder, ["AcquisitionDate", "AcquisitionTime", "StudyDate"])
         if not headers:
             return {"factor": None, "reason": f"no readable DICOM series in {folder}"}
         return _suv(*headers[0], headers)
@@ -426,7 +429,7 @@ def _float(value: object) -> float | None:
 
 def _series_uid(folder: Path) -> str | None:
     try:
-        headers = _series_headers(folder, ["SeriesInstanceUID"])
+        headers = _series_headers(folder)
     except ImportError:
         return None
     return str(headers[0][1].get("SeriesInstanceUID", "")) or None if headers else None

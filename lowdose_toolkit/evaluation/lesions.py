@@ -452,11 +452,11 @@ def volume_cases(masks: LesionMasks, subject: str, drf: int | None, full: Path, 
     against the reference ``full``'s grid), each row with its ``subject`` and ``drf``; volumes in mL from the
     affine in the spatial ``units`` (default: ``full``'s header's)."""
     components, _ = masks.components(subject, full, tuple(ref.shape), affine)
-    from lowdose_toolkit.data.io import mm_per_unit, spatial_units
+    from lowdose_toolkit.data.io import mm_per_unit, spatial_units, voxel_spacing
 
-    mm = mm_per_unit(units or spatial_units(full))  # a header in metres or microns
-    spacing = np.sqrt((np.asarray(affine, np.float64)[:3, :3] ** 2).sum(axis=0)) * mm
-    rows = lesion_rows(ref, images, components, voxel_ml(affine) * mm**3, spacing)
+    units = units or spatial_units(full)  # a header in metres or microns
+    mm = mm_per_unit(units)
+    rows = lesion_rows(ref, images, components, voxel_ml(affine) * mm**3, voxel_spacing(affine, units))
     organs = masks.organs(subject, full, tuple(ref.shape), affine)
     if organs is not None:
         rows += organ_rows(ref, images, organs, masks.organ_names, voxel_ml(affine) * mm**3)
